@@ -1,0 +1,20 @@
+"""Fitters: ``lsq`` (least squares) and the learned fitters, behind one interface."""
+
+from __future__ import annotations
+
+from mixmap.fitting.base import FitResult, Fitter, resolve_device
+from mixmap.fitting.lsq import LeastSquaresFitter
+
+FITTERS: dict[str, type[Fitter]] = {LeastSquaresFitter.name: LeastSquaresFitter}
+
+
+def get_fitter(method: str, model, **options) -> Fitter:
+    """An instance of fitter ``method`` for ``model`` with the given hyper-parameters."""
+    try:
+        cls = FITTERS[method]
+    except KeyError:
+        raise ValueError(f"unknown method {method!r}; choose one of: {', '.join(FITTERS)}") from None
+    return cls(model, **options)
+
+
+__all__ = ["FITTERS", "FitResult", "Fitter", "LeastSquaresFitter", "get_fitter", "resolve_device"]

@@ -1,0 +1,154 @@
+"""The fitter interface shared by least squares and the learned fitters, and its result."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from mixmap.acquisition import Acquisition
+from mixmap.models import SignalModel, get_model
+
+
+@dataclass
+class FitResult:
+    """Parameter estimates for every voxel (rows), in output units.
+
+    Attributes
+    ----------
+    params
+        name -> (n_voxels,) array, or (n_voxels, 3) for a direction. S0 is in the input's
+        intensity units, diffusivities in µm²/ms.
+    std
+        name -> (n_voxels,) posterior (or asymptotic, for least squares) standard deviation.
+    cluster_probs
+        (n_voxels, K) mixture-component probabilities q(y|x), for mixture fitters.
+    history
+        One dict per epoch/iteration of named loss terms (empty for closed-form fitters).
+    settings
+        Everything needed to rerun: method, model, hyper-parameters, seed, device.
+    """
+
+    model: str
+    method: str
+    params: dict[str, np.ndarray]
+    std: dict[str, np.ndarray] = field(default_factory=dict)
+    cluster_probs: np.ndarray | None = None
+    history: list[dict] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)
+    noise_sigma: float | None = None  # estimated noise level, input intensity units
+
+    @property
+    def n_voxels(self) -> int:
+        return int(next(iter(self.params.values())).shape[0])
+
+    @property
+    def clusters(self) -> np.ndarray | None:
+        """Most likely mixture component per voxel, or None."""
+        if self.cluster_probs is None:
+            return None
+        return self.cluster_probs.argmax(1)
+
+    def maps(self) -> dict[str, np.ndarray]:
+        """Everything to write as maps: name -> (n,) or (n, k) arrays (BIDS param names)."""
+        out = {name: v for name, v in self.params.items()}
+        for name, v in self.std.items():
+            out[f"{name}:std"] = v
+        if self.cluster_probs is not None:
+            out["cluster"] = self.clusters.astype(np.float32)
+            out["clusterprob"] = self.cluster_probs
+        return out
+
+
+def resolve_device(device: str | torch.device = "cpu") -> torch.device:
+    """``auto`` picks CUDA, then MPS, then CPU; an unavailable device is a clear error."""
+    name = str(device)
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available; use --device cpu or auto")
+    if name == "mps" and not (
+        getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
+    ):
+        raise ValueError("--device mps: no Apple GPU is available; use --device cpu or auto")
+    return torch.device(name)
+
+
+def signal_scale(signals: np.ndarray, acquisition: Acquisition) -> float:
+    """Intensity scale that S0 bounds are relative to: the 95th percentile over voxels of the
+    mean b=0 signal (of the largest signal where the scheme has no b=0)."""
+    if acquisition.n_b0:
+        s0 = signals[:, acquisition.b0_mask].mean(1)
+    else:
+        s0 = signals.max(1)
+    scale = float(np.percentile(s0, 95)) if s0.size else 1.0
+    return scale if np.isfinite(scale) and scale > 0 else 1.0
+
+
+def noise_sigma_from_b0(signals: np.ndarray, acquisition: Acquisition) -> float | None:
+    """Noise standard deviation pooled over voxels from repeated b=0 volumes (None if < 2).
+
+    Uses the median over voxels of the unbiased per-voxel variance, so that a few voxels with
+    motion or artefacts do not inflate it.
+    """
+    b0 = acquisition.b0_mask
+    if b0.sum() < 2 or signals.shape[0] == 0:
+        return None
+    var = signals[:, b0].astype(np.float64).var(1, ddof=1)
+    # The median of a scaled chi-square with k dof is below its mean; correct for that.
+    k = int(b0.sum()) - 1
+    from scipy.stats import chi2
+
+    return float(np.sqrt(np.median(var) * k / chi2.ppf(0.5, k)))
+
+
+class Fitter:
+    """Base class: hyper-parameters in ``__init__``, ``fit(signals, acquisition)``.
+
+    ``signals`` is a (n_voxels, n_meas) array of masked voxels in the input's units.
+    """
+
+    name: str = ""
+
+    def __init__(
+        self,
+        model: SignalModel | str,
+        *,
+        device: str = "cpu",
+        seed: int = 0,
+        quiet: bool = True,
+    ) -> None:
+        self.model = get_model(model) if isinstance(model, str) else model
+        self.device = str(device)
+        self.seed = int(seed)
+        self.quiet = bool(quiet)
+
+    def settings(self) -> dict:
+        """Hyper-parameters as JSON-ready data (sidecars, model files)."""
+        return {"method": self.name, "model": self.model.name, "seed": self.seed,
+                "device": self.device}
+
+    def fit(self, signals: np.ndarray, acquisition: Acquisition) -> FitResult:
+        raise NotImplementedError
+
+    # shared input checks ------------------------------------------------------------
+    def _check_inputs(self, signals: np.ndarray, acquisition: Acquisition) -> np.ndarray:
+        signals = np.asarray(signals, dtype=np.float32)
+        if signals.ndim != 2:
+            raise ValueError(f"signals must be (n_voxels, n_meas), got shape {signals.shape}")
+        if signals.shape[1] != acquisition.n:
+            raise ValueError(
+                f"signals have {signals.shape[1]} measurements but the acquisition has "
+                f"{acquisition.n}"
+            )
+        if signals.shape[0] == 0:
+            raise ValueError("no voxels to fit (empty mask?)")
+        if not np.all(np.isfinite(signals)):
+            raise ValueError("signals contain NaN or Inf; mask those voxels out first")
+        self.model.check_acquisition(acquisition)
+        return signals

@@ -1,0 +1,171 @@
+"""Loading DWI scans: 4-D NIfTI + FSL gradient files + optional mask -> rows of masked voxels."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from mixmap.acquisition import Acquisition
+
+log = logging.getLogger(__name__)
+
+
+class InputError(ValueError):
+    """Input that cannot be used; the message names the file and the fix."""
+
+
+@dataclass
+class DWIData:
+    """Masked voxels of a scan, ready to fit.
+
+    Attributes
+    ----------
+    signals
+        (n_voxels, n_meas) float32, rows in C order of the mask's True voxels.
+    mask
+        3-D bool array on the DWI grid: the voxels that were fitted.
+    affine, header
+        Of the input image; maps are written with both.
+    acquisition
+        The validated gradient table.
+    path
+        The DWI file.
+    n_dropped
+        Voxels inside the given mask removed because they hold NaN or Inf.
+    """
+
+    signals: np.ndarray
+    mask: np.ndarray
+    affine: np.ndarray
+    header: nib.Nifti1Header
+    acquisition: Acquisition
+    path: Path
+    n_dropped: int = 0
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.mask.shape)  # type: ignore[return-value]
+
+
+def load_image(path: str | Path, what: str = "image"):
+    """Open a NIfTI with a clear error for a missing file or another format."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: file not found; check the {what} path")
+    try:
+        return nib.load(str(path))
+    except Exception as exc:  # nibabel raises several types for unreadable files
+        raise InputError(
+            f"{path}: not a readable NIfTI image ({type(exc).__name__}); give a .nii or .nii.gz "
+            f"{what}"
+        ) from None
+
+
+def load_dwi(
+    dwi: str | Path,
+    bvals: str | Path,
+    bvecs: str | Path | None,
+    mask: str | Path | None = None,
+) -> DWIData:
+    """Load a 4-D DWI and its gradient files into rows of masked voxels.
+
+    The image is read slice by slice through nibabel's array proxy, so the whole 4-D array is
+    never held in float64. Without a mask, every voxel whose mean b=0 signal (mean signal if the
+    scheme has no b=0) is positive is fitted. Voxels with NaN or Inf are dropped and counted.
+    """
+    dwi = Path(dwi)
+    img = load_image(dwi, "DWI")
+    if len(img.shape) != 4:
+        raise InputError(
+            f"{dwi}: {len(img.shape)}-D image of shape {tuple(img.shape)}; a DWI needs 4 axes "
+            f"(x, y, z, volume), one volume per b-value"
+        )
+    acq = Acquisition.from_fsl(bvals, bvecs)
+    n_vol = img.shape[3]
+    if acq.n != n_vol:
+        raise InputError(
+            f"{dwi}: {n_vol} volumes but {bvals} has {acq.n} b-values; give one b-value and one "
+            f"bvec per volume"
+        )
+    grid = tuple(int(s) for s in img.shape[:3])
+    given_mask = None
+    if mask is not None:
+        mimg = load_image(mask, "mask")
+        mshape = tuple(int(s) for s in mimg.shape)
+        if len(mshape) == 4 and mshape[3] == 1:
+            mshape = mshape[:3]
+        if mshape != grid:
+            raise InputError(
+                f"{mask}: mask grid {mshape} does not match the DWI grid {grid} of {dwi}; "
+                f"resample the mask onto the DWI"
+            )
+        if not np.allclose(mimg.affine, img.affine, atol=1e-3):
+            log.warning("%s: mask affine differs from the DWI's; using it voxel by voxel", mask)
+        given_mask = np.asarray(mimg.dataobj).reshape(grid) > 0
+        if not given_mask.any():
+            raise InputError(f"{mask}: the mask selects no voxels; give a mask of the brain")
+
+    b0 = acq.b0_mask
+    rows: list[np.ndarray] = []
+    final_mask = np.zeros(grid, dtype=bool)
+    n_dropped = 0
+    proxy = img.dataobj
+    for z in range(grid[2]):
+        slab = np.asarray(proxy[:, :, z, :], dtype=np.float32)  # (x, y, m)
+        if given_mask is not None:
+            sel = given_mask[:, :, z].copy()
+        else:
+            ref = slab[..., b0].mean(-1) if b0.any() else slab.mean(-1)
+            with np.errstate(invalid="ignore"):
+                sel = ref > 0
+        finite = np.isfinite(slab).all(-1)
+        n_dropped += int((sel & ~finite).sum()) if given_mask is not None else 0
+        sel &= finite
+        final_mask[:, :, z] = sel
+        rows.append(slab[sel])
+    signals = np.concatenate(rows, 0) if rows else np.zeros((0, n_vol), np.float32)
+    if n_dropped:
+        log.warning("%s: %d masked voxels hold NaN or Inf and were left out (NaN in the maps)",
+                    dwi, n_dropped)
+    if signals.shape[0] == 0:
+        raise InputError(
+            f"{dwi}: no voxel to fit (no finite voxel with positive signal"
+            f"{' inside the mask' if mask is not None else ''}); check the image and mask"
+        )
+    ref = signals[:, b0].mean(1) if b0.any() else signals.mean(1)
+    if np.all(ref <= 0):
+        raise InputError(
+            f"{dwi}: the signal is zero or negative in every fitted voxel; give magnitude "
+            f"DWI data"
+        )
+    return DWIData(signals, final_mask, img.affine, img.header, acq, dwi, n_dropped)
+
+
+def vectors_to_volume(
+    values: np.ndarray, mask: np.ndarray, fill: float = np.nan
+) -> np.ndarray:
+    """Scatter rows (n,) or (n, k) back into a (x, y, z) or (x, y, z, k) float32 volume."""
+    values = np.asarray(values)
+    shape = mask.shape + values.shape[1:]
+    vol = np.full(shape, fill, dtype=np.float32)
+    vol[mask] = values
+    return vol
+
+
+def bids_entities(path: str | Path) -> str:
+    """The BIDS entities of a file name (``sub-01_ses-2_dwi.nii.gz`` -> ``sub-01_ses-2``), or ''
+    for a name that is not BIDS-like."""
+    name = Path(path).name
+    for ext in (".nii.gz", ".nii"):
+        if name.endswith(ext):
+            name = name[: -len(ext)]
+    parts = name.split("_")
+    if parts and "-" not in parts[-1]:
+        parts = parts[:-1]  # the suffix (dwi)
+    if not parts or not all("-" in p for p in parts) or not parts[0].startswith("sub-"):
+        return ""
+    return "_".join(parts)

@@ -1,0 +1,203 @@
+"""Writing results: BIDS-derivative map names, JSON sidecars, atomic writes, no overwriting."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from mixmap import __version__
+from mixmap.io.nifti import bids_entities, vectors_to_volume
+
+
+class OutputExistsError(FileExistsError):
+    """An output file exists and ``--force`` was not given."""
+
+
+class AtomicOutput:
+    """Stage files in a hidden folder inside ``out_dir`` and move each into place only when the
+    whole block succeeded; on any error nothing is left behind. Each final move is an atomic
+    rename, so a reader (or a killed run) never sees a half-written file.
+
+    >>> with AtomicOutput("out", force=False) as w:
+    ...     w.nifti("a.nii.gz", array, affine)
+    """
+
+    def __init__(self, out_dir: str | Path, *, force: bool = False) -> None:
+        self.out_dir = Path(out_dir)
+        self.force = force
+        self._staged: list[str] = []
+        self._tmp: Path | None = None
+
+    def __enter__(self) -> AtomicOutput:
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise OutputExistsError(
+                f"{self.out_dir}: exists and is not a folder; choose another --out"
+            )
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._tmp = Path(tempfile.mkdtemp(prefix=".mixmap-tmp-", dir=self.out_dir))
+        return self
+
+    def _target(self, rel: str) -> Path:
+        target = self.out_dir / rel
+        if target.exists() and not self.force:
+            raise OutputExistsError(
+                f"{target}: already exists; use --force to overwrite it or choose another --out"
+            )
+        self._staged.append(rel)
+        staged = self._tmp / rel
+        staged.parent.mkdir(parents=True, exist_ok=True)
+        return staged
+
+    def nifti(self, rel: str, data: np.ndarray, affine: np.ndarray, header=None) -> None:
+        hdr = header.copy() if header is not None else None
+        img = nib.Nifti1Image(np.asarray(data), affine, hdr)
+        img.set_data_dtype(np.asarray(data).dtype)
+        if hdr is not None:
+            img.header.set_xyzt_units(*header.get_xyzt_units())
+        img.header["scl_slope"], img.header["scl_inter"] = 1.0, 0.0
+        if np.asarray(data).dtype.kind == "f":
+            finite = np.asarray(data)[np.isfinite(data)]
+            img.header["cal_min"] = float(finite.min()) if finite.size else 0.0
+            img.header["cal_max"] = float(finite.max()) if finite.size else 0.0
+        nib.save(img, str(self._target(rel)))
+
+    def text(self, rel: str, content: str) -> None:
+        self._target(rel).write_text(content, encoding="utf-8")
+
+    def json(self, rel: str, data: dict) -> None:
+        self.text(rel, json.dumps(data, indent=2, ensure_ascii=False, default=_jsonable) + "\n")
+
+    def bytes(self, rel: str, data: bytes) -> None:
+        self._target(rel).write_bytes(data)
+
+    def figure(self, rel: str, fig, **kwargs) -> None:
+        buf = io.BytesIO()
+        fig.savefig(buf, format=Path(rel).suffix.lstrip(".") or "png", **kwargs)
+        self.bytes(rel, buf.getvalue())
+
+    def path(self, rel: str) -> Path:
+        """A staged path for writers that need a file name (moved into place on success)."""
+        return self._target(rel)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                for rel in self._staged:
+                    dst = self.out_dir / rel
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(self._tmp / rel, dst)
+        finally:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+def map_name(entities: str, model: str, param: str, desc: str | None = None) -> str:
+    """``<entities>_model-<model>_param-<param>[_desc-<desc>]_dwimap.nii.gz``."""
+    parts = [entities] if entities else []
+    parts += [f"model-{_label(model)}", f"param-{_label(param)}"]
+    if desc:
+        parts.append(f"desc-{_label(desc)}")
+    return "_".join(parts) + "_dwimap.nii.gz"
+
+
+def _label(s: str) -> str:
+    """BIDS labels are alphanumeric: ``ball-stick`` -> ``ballstick``."""
+    return "".join(ch for ch in s if ch.isalnum())
+
+
+def existing_maps(out_dir: str | Path, entities: str, model: str) -> list[Path]:
+    """Maps of this model already in ``out_dir`` (checked before a long fit starts)."""
+    out = Path(out_dir)
+    if not out.is_dir():
+        return []
+    prefix = (entities + "_" if entities else "") + f"model-{_label(model)}_"
+    return sorted(p for p in out.iterdir() if p.name.startswith(prefix))
+
+
+def command_line() -> str:
+    return " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
+
+
+def _jsonable(x):
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, Path):
+        return str(x)
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def save_maps(
+    result,
+    dwi,
+    out_dir: str | Path,
+    *,
+    force: bool = False,
+    extra: dict | None = None,
+) -> list[Path]:
+    """Write every map of a :class:`~mixmap.fitting.FitResult` with the DWI's affine and
+    header: float32, NaN outside the mask, one JSON sidecar per map (units, model, method,
+    settings, version), plus ``fit.json`` (the whole run) and, for learned fitters, the loss
+    curve as ``loss.csv``. Returns the written map paths.
+    """
+    from mixmap.models import get_model
+
+    model = get_model(result.model)
+    entities = _entities_of(dwi)
+    header = dwi.header.copy()
+    header.set_data_dtype(np.float32)
+    common = {
+        "Model": result.model,
+        "Method": result.method,
+        "Settings": result.settings,
+        "MixmapVersion": __version__,
+        "Sources": [str(dwi.path)],
+        "CommandLine": command_line(),
+        **(extra or {}),
+    }
+    written: list[Path] = []
+    with AtomicOutput(out_dir, force=force) as w:
+        for key, values in result.maps().items():
+            param, _, desc = key.partition(":")
+            if param in ("cluster", "clusterprob"):
+                unit, text = "1", (
+                    "most likely mixture component" if param == "cluster"
+                    else "probability of each mixture component q(y|x)"
+                )
+            else:
+                p = model.parameter(param)
+                unit, text = p.unit, p.description
+                if desc == "std":
+                    text = f"standard deviation of {param}: " + (
+                        "posterior" if result.method != "lsq" else "asymptotic (Cramér-Rao)"
+                    )
+            name = map_name(entities, result.model, param, desc or None)
+            vol = vectors_to_volume(np.asarray(values, dtype=np.float32), dwi.mask)
+            w.nifti(name, vol, dwi.affine, header)
+            w.json(name.replace(".nii.gz", ".json"),
+                   {"Parameter": param, "Units": unit, "Description": text, **common})
+            written.append(Path(out_dir) / name)
+        summary = {**common, "NoiseSigma": result.noise_sigma,
+                   "NumberOfVoxels": result.n_voxels, "Acquisition": dwi.acquisition.describe()}
+        w.json((entities + "_" if entities else "") + f"model-{_label(result.model)}_fit.json",
+               summary)
+        if result.history:
+            keys = list(result.history[0])
+            rows = [",".join(keys)] + [
+                ",".join(f"{h.get(k, float('nan')):.6g}" for k in keys) for h in result.history
+            ]
+            w.text((entities + "_" if entities else "") + f"model-{_label(result.model)}_loss.csv",
+                   "\n".join(rows) + "\n")
+    return written
+
+
+def _entities_of(dwi) -> str:
+    return bids_entities(dwi.path)

@@ -1,0 +1,27 @@
+"""Signal models. A new model is one file here plus one line in :data:`MODELS`."""
+
+from __future__ import annotations
+
+from mixmap.models.ball_stick import BallStick
+from mixmap.models.base import Params, SignalModel, UnsupportedAcquisition
+from mixmap.models.ivim import IVIM
+from mixmap.models.msdki import MSDKI
+
+MODELS: dict[str, type[SignalModel]] = {
+    MSDKI.name: MSDKI,
+    BallStick.name: BallStick,
+    IVIM.name: IVIM,
+}
+
+
+def get_model(name: str) -> SignalModel:
+    """An instance of the registered model ``name`` (a clear error lists the choices)."""
+    try:
+        return MODELS[name]()
+    except KeyError:
+        raise ValueError(
+            f"unknown model {name!r}; choose one of: {', '.join(MODELS)}"
+        ) from None
+
+
+__all__ = ["MODELS", "Params", "SignalModel", "UnsupportedAcquisition", "get_model"]

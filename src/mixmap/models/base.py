@@ -1,0 +1,164 @@
+"""The signal-model interface: parameters declared as data and a torch forward pass."""
+
+from __future__ import annotations
+
+import torch
+
+from mixmap.acquisition import Acquisition
+from mixmap.parameters import Parameter
+
+Params = dict[str, torch.Tensor]
+
+
+class UnsupportedAcquisition(ValueError):
+    """The acquisition cannot determine this model's parameters."""
+
+
+class SignalModel:
+    """A closed-form signal model φ(params, acquisition) -> signal.
+
+    Subclasses set :attr:`name`, :attr:`parameters` and implement :meth:`forward`. They may
+    override :meth:`initial_estimates` (a good start for least squares) and
+    :meth:`check_acquisition`; the defaults work for any model.
+    """
+
+    name: str = ""
+    description: str = ""
+    parameters: tuple[Parameter, ...] = ()
+    #: True when the signal depends on b only (not on the gradient direction): least squares
+    #: then fits the shell means weighted by their counts, which has the same minimiser.
+    direction_independent: bool = False
+
+    # ---------------------------------------------------------------- declared structure
+    @property
+    def parameter_names(self) -> list[str]:
+        return [p.name for p in self.parameters]
+
+    def parameter(self, name: str) -> Parameter:
+        for p in self.parameters:
+            if p.name == name:
+                return p
+        raise KeyError(f"model {self.name} has no parameter {name!r}")
+
+    @property
+    def n_unbounded(self) -> int:
+        """Number of unbounded numbers a network must output for one voxel."""
+        return sum(p.size for p in self.parameters)
+
+    def split(self, u: torch.Tensor) -> Params:
+        """Split a (..., n_unbounded) tensor into bounded parameters (scalars squeezed)."""
+        out: Params = {}
+        i = 0
+        for p in self.parameters:
+            chunk = u[..., i : i + p.size]
+            out[p.name] = p.to_bounded(chunk if p.is_direction else chunk[..., 0])
+            i += p.size
+        return out
+
+    def join(self, params: Params) -> torch.Tensor:
+        """Inverse of :meth:`split`: bounded parameters -> (..., n_unbounded)."""
+        cols = []
+        for p in self.parameters:
+            v = p.to_unbounded(params[p.name])
+            cols.append(v if p.is_direction else v[..., None])
+        return torch.cat(cols, dim=-1)
+
+    # ---------------------------------------------------------------- physics
+    def forward(self, params: Params, acquisition: Acquisition) -> torch.Tensor:
+        """Signal for each voxel and measurement, shape (n_voxels, n_meas)."""
+        raise NotImplementedError
+
+    def __call__(self, params: Params, acquisition: Acquisition) -> torch.Tensor:
+        return self.forward(params, acquisition)
+
+    def check_acquisition(self, acquisition: Acquisition) -> None:
+        """Raise :class:`UnsupportedAcquisition` if the scheme cannot determine the model."""
+
+    # ---------------------------------------------------------------- fitting support
+    def initial_estimates(self, signals: torch.Tensor, acquisition: Acquisition) -> Params:
+        """A start for least squares from (n, m) signals scaled so that S0 is about 1.
+
+        The default works for any model: evaluate a fixed quasi-random set of parameter
+        values inside the bounds and keep, per voxel, the one with the least squared error
+        (S0 solved in closed form for each candidate).
+        """
+        return grid_search(self, signals, acquisition, self.candidate_grid(signals.device))
+
+    def candidate_grid(self, device, n: int = 2048) -> Params:
+        """Quasi-random candidates covering the bounds (S0 fixed to 1, solved later)."""
+        eng = torch.quasirandom.SobolEngine(self.n_unbounded, scramble=True, seed=0)
+        u = eng.draw(n).to(device)
+        out: Params = {}
+        i = 0
+        for p in self.parameters:
+            if p.is_direction:
+                v = torch.special.ndtri(u[:, i : i + 3].clamp(1e-4, 1 - 1e-4))
+                out[p.name] = v / v.norm(dim=-1, keepdim=True)
+            else:
+                out[p.name] = p.lower + (p.upper - p.lower) * u[:, i]
+            i += p.size
+        out["S0"] = torch.ones(n, device=device)
+        return out
+
+
+def grid_search(
+    model: SignalModel,
+    signals: torch.Tensor,
+    acquisition: Acquisition,
+    candidates: Params,
+    chunk: int = 4096,
+) -> Params:
+    """Best candidate per voxel by least squares with S0 >= 0 solved in closed form.
+
+    ``candidates`` holds C parameter sets with S0 = 1; their signals form a (C, m) basis and
+    each voxel picks the one whose scaled copy fits best.
+    """
+    basis = model.forward(candidates, acquisition)  # (C, m)
+    bb = (basis * basis).sum(-1)  # (C,)
+    best_idx = []
+    best_s0 = []
+    for start in range(0, signals.shape[0], chunk):
+        y = signals[start : start + chunk]
+        yb = y @ basis.T  # (n, C)
+        s0 = (yb / bb).clamp_min(0)
+        # residual |y|^2 - 2 s0 yb + s0^2 bb, up to the |y|^2 constant
+        cost = -2 * s0 * yb + s0**2 * bb
+        idx = cost.argmin(dim=1)
+        best_idx.append(idx)
+        best_s0.append(s0.gather(1, idx[:, None])[:, 0])
+    idx = torch.cat(best_idx)
+    out = {k: v[idx] for k, v in candidates.items()}
+    out["S0"] = torch.cat(best_s0)
+    return out
+
+
+def safe_exp(x: torch.Tensor, cap: float = 15.0) -> torch.Tensor:
+    """exp(x) with x softly limited below ``cap``: identical to exp for x well under the cap
+    (error < 1e-5 relative at x = cap - 11), finite with a usable gradient everywhere."""
+    return torch.exp(cap - torch.nn.functional.softplus(cap - x))
+
+
+def sphere_directions(n: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """(n, 3) directions on a hemisphere (Fibonacci lattice), for direction grids."""
+    from mixmap.acquisition import fibonacci_sphere
+
+    return torch.as_tensor(fibonacci_sphere(n, hemisphere=True), dtype=dtype, device=device)
+
+
+def log_linear_b0(signals: torch.Tensor, acquisition: Acquisition) -> torch.Tensor:
+    """Mean b=0 signal per voxel (or the largest signal where the scheme has no b=0)."""
+    b0 = torch.as_tensor(acquisition.b0_mask, device=signals.device)
+    if bool(b0.any()):
+        return signals[:, b0].mean(1)
+    return signals.max(1).values
+
+
+__all__ = [
+    "Params",
+    "SignalModel",
+    "UnsupportedAcquisition",
+    "grid_search",
+    "safe_exp",
+    "sphere_directions",
+    "log_linear_b0",
+]
