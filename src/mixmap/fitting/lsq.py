@@ -226,7 +226,8 @@ def _working_scheme(model: SignalModel, acq: Acquisition):
             return y, w.to(y), torch.zeros(y.shape[0], dtype=y.dtype, device=y.device)
 
         return acq, identity
-    shells = acq.shells()
+    # Group only measurements with the same b (to 1 s/mm²), so the reduction is exact.
+    shells = acq.shells(tolerance=1e-3)
     reduced = Acquisition(np.array([s.bval for s in shells]), np.zeros((len(shells), 3)),
                           source=acq.source)
     groups = [torch.as_tensor(s.indices) for s in shells]

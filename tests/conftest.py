@@ -1,0 +1,25 @@
+"""Shared fixtures: tiny simulated scans written as NIfTI, and torch limited to 2 threads."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mixmap.simulate import simulate, write_simulation
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_msdki_dir(tmp_path_factory):
+    """A 400-voxel paper-msdki scan at SNR 30 on the HCP scheme, written by write_simulation."""
+    out = tmp_path_factory.mktemp("sim_msdki")
+    sim = simulate("paper-msdki", "hcp", snr=30, n_voxels=400, seed=1)
+    write_simulation(sim, out, force=True)
+    return out
+
+
+@pytest.fixture()
+def rng():
+    return np.random.default_rng(0)

@@ -1,0 +1,113 @@
+"""Recovery tests for least squares: simulate, fit, assert error bounds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mixmap.acquisition import Acquisition, hcp_scheme
+from mixmap.fitting import LeastSquaresFitter, get_fitter
+from mixmap.simulate import simulate
+
+
+def rmse(a, b):
+    return float(np.sqrt(np.mean((a - b) ** 2)))
+
+
+def test_msdki_recovers_tissue_clusters():
+    sim = simulate("paper-msdki", "hcp", snr=50, n_voxels=1500, seed=3)
+    res = LeastSquaresFitter("msdki").fit(sim.signals, sim.acquisition)
+    tissue = sim.labels < 2  # WM and GM: informative at every b
+    assert rmse(res.params["D"][tissue], sim.truth["D"][tissue]) < 0.02
+    assert rmse(res.params["K"][tissue], sim.truth["K"][tissue]) < 0.06
+    assert rmse(res.params["S0"], sim.truth["S0"]) < 0.01
+    assert res.noise_sigma == pytest.approx(1 / 50, rel=0.05)
+
+
+def test_msdki_matches_dipy_or_better():
+    pytest.importorskip("dipy")
+    from mixmap.demo import dipy_msdki
+
+    sim = simulate("paper-msdki", "hcp", snr=20, n_voxels=3000, seed=4)
+    ours = LeastSquaresFitter("msdki").fit(sim.signals, sim.acquisition).params
+    theirs = dipy_msdki(sim.signals, sim.acquisition)
+    assert rmse(ours["D"], sim.truth["D"]) <= rmse(theirs["D"], sim.truth["D"])
+    # In the informative clusters both are near the noise limit; in the CSF-like cluster the
+    # b >= 2000 signal is pure noise and dipy's log-linear fit gets a smaller K error (we
+    # report that loss in docs/RESULTS.md), so K is compared where the data determine it.
+    for c in (0, 1):
+        sel = sim.labels == c
+        for p in ("D", "K"):
+            assert rmse(ours[p][sel], sim.truth[p][sel]) <= 1.05 * rmse(
+                theirs[p][sel], sim.truth[p][sel])
+
+
+def test_std_maps_are_calibrated():
+    """The asymptotic std should match the actual scatter of the estimates where the problem is
+    well posed (white/grey-matter-like voxels at SNR 50)."""
+    sim = simulate("paper-msdki", "hcp", snr=50, n_voxels=2000, seed=5)
+    res = LeastSquaresFitter("msdki").fit(sim.signals, sim.acquisition)
+    tissue = sim.labels < 2
+    z = (res.params["D"] - sim.truth["D"])[tissue] / res.std["D"][tissue]
+    assert 0.8 < np.std(z) < 1.25
+
+
+def test_ball_stick_recovers_parameters_and_direction():
+    sim = simulate("ball-stick", "hcp", snr=30, n_voxels=600, seed=6)
+    res = LeastSquaresFitter("ball-stick").fit(sim.signals, sim.acquisition)
+    wm = sim.labels == 0
+    assert rmse(res.params["f"], sim.truth["f"]) < 0.02
+    assert rmse(res.params["Diso"][wm], sim.truth["Diso"][wm]) < 0.1
+    assert rmse(res.params["Dpar"][wm], sim.truth["Dpar"][wm]) < 0.1
+    cos = np.abs((res.params["n"] * sim.truth["n"]).sum(1))
+    ang = np.degrees(np.arccos(np.clip(cos, 0, 1)))
+    assert np.median(ang[wm]) < 2.0
+    np.testing.assert_allclose(np.linalg.norm(res.params["n"], axis=1), 1, atol=1e-5)
+
+
+def test_ivim_recovers_with_generic_start():
+    """IVIM declares no initial estimate of its own: the generic grid start must be enough."""
+    b = np.array([0, 0, 10, 20, 40, 60, 100, 150, 200, 300, 500, 700, 1000], float)
+    acq = Acquisition.from_arrays(b, None, units="s/mm2")
+    import torch
+
+    from mixmap.models import get_model
+
+    rng = np.random.default_rng(0)
+    n = 500
+    truth = {"S0": np.ones(n), "f": rng.uniform(0.05, 0.3, n), "D": rng.uniform(0.5, 2.0, n),
+             "Dstar": rng.uniform(15, 60, n)}
+    clean = get_model("ivim").forward({k: torch.as_tensor(v) for k, v in truth.items()}, acq)
+    y = clean.numpy() + rng.normal(0, 1 / 200, clean.shape)
+    res = LeastSquaresFitter("ivim").fit(y.astype(np.float32), acq)
+    assert rmse(res.params["D"], truth["D"]) < 0.05
+    assert rmse(res.params["f"], truth["f"]) < 0.03
+
+
+def test_scale_invariance():
+    """Multiplying the data by 1000 multiplies S0 and leaves everything else unchanged."""
+    sim = simulate("paper-msdki", "hcp", snr=40, n_voxels=300, seed=7)
+    a = LeastSquaresFitter("msdki").fit(sim.signals, sim.acquisition).params
+    b = LeastSquaresFitter("msdki").fit(sim.signals * 1000, sim.acquisition).params
+    np.testing.assert_allclose(b["S0"], 1000 * a["S0"], rtol=1e-3)
+    np.testing.assert_allclose(b["D"], a["D"], atol=1e-3)
+
+
+def test_chunking_gives_same_result():
+    sim = simulate("paper-msdki", "hcp", snr=20, n_voxels=500, seed=8)
+    a = LeastSquaresFitter("msdki").fit(sim.signals, sim.acquisition).params
+    b = LeastSquaresFitter("msdki", chunk_size=128).fit(sim.signals, sim.acquisition).params
+    np.testing.assert_allclose(a["D"], b["D"], atol=1e-4)
+
+
+def test_bad_inputs_to_fit():
+    acq = hcp_scheme()
+    f = get_fitter("lsq", "msdki")
+    with pytest.raises(ValueError, match="288"):
+        f.fit(np.ones((3, 10), np.float32), acq)
+    with pytest.raises(ValueError, match="NaN"):
+        f.fit(np.full((3, 288), np.nan, np.float32), acq)
+    with pytest.raises(ValueError, match="no voxels"):
+        f.fit(np.ones((0, 288), np.float32), acq)
+    with pytest.raises(ValueError, match="unknown method"):
+        get_fitter("magic", "msdki")

@@ -1,0 +1,149 @@
+"""Contract tests: every registered signal model passes the same checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mixmap.acquisition import hcp_scheme
+from mixmap.models import MODELS, UnsupportedAcquisition, get_model
+
+ACQ = hcp_scheme()
+
+
+def random_params(model, n, seed=0, dtype=torch.float32):
+    """Parameter values strictly inside the bounds."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(n, model.n_unbounded, generator=g, dtype=dtype)
+    return model.split(u)
+
+
+@pytest.fixture(params=sorted(MODELS))
+def model(request):
+    return get_model(request.param)
+
+
+def test_forward_shape_and_finite(model):
+    params = random_params(model, 50)
+    s = model.forward(params, ACQ)
+    assert s.shape == (50, ACQ.n)
+    assert torch.isfinite(s).all()
+
+
+def test_signal_at_b0_is_S0(model):
+    params = random_params(model, 20)
+    s = model.forward(params, ACQ)
+    b0 = torch.as_tensor(ACQ.b0_mask)
+    torch.testing.assert_close(s[:, b0], params["S0"][:, None].expand(-1, int(b0.sum())))
+
+
+def test_signal_proportional_to_S0(model):
+    params = random_params(model, 10)
+    doubled = {**params, "S0": 2 * params["S0"]}
+    torch.testing.assert_close(model.forward(doubled, ACQ), 2 * model.forward(params, ACQ))
+
+
+def test_bounds_transform_round_trip(model):
+    params = random_params(model, 30, dtype=torch.float64)
+    back = model.split(model.join(params))
+    for p in model.parameters:
+        torch.testing.assert_close(back[p.name], params[p.name], rtol=1e-6, atol=1e-8)
+        assert p.contains(params[p.name]).all()
+
+
+def test_extreme_unbounded_values_stay_in_bounds_and_finite(model):
+    u = torch.tensor([[-50.0] * model.n_unbounded, [50.0] * model.n_unbounded])
+    params = model.split(u)
+    for p in model.parameters:
+        if not p.is_direction:
+            assert ((params[p.name] >= p.lower) & (params[p.name] <= p.upper)).all()
+    s = model.forward(params, ACQ)
+    assert torch.isfinite(s).all()
+
+
+def test_gradcheck_float64(model):
+    params = random_params(model, 3, seed=1, dtype=torch.float64)
+    u = model.join(params).detach().requires_grad_(True)
+
+    def f(uu):
+        return model.forward(model.split(uu), ACQ)
+
+    assert torch.autograd.gradcheck(f, (u,), eps=1e-6, atol=1e-5)
+
+
+def test_parameters_declared(model):
+    names = model.parameter_names
+    assert names[0] == "S0" and model.parameter("S0").scaled
+    assert len(set(names)) == len(names)
+    for p in model.parameters:
+        assert p.unit and p.description
+
+
+def test_initial_estimates_inside_bounds(model):
+    params = random_params(model, 200, seed=2)
+    y = model.forward(params, ACQ)
+    init = model.initial_estimates(y, ACQ)
+    for p in model.parameters:
+        assert p.contains(init[p.name]).all(), p.name
+
+
+# ----------------------------------------------------------------- numpy reference values
+def test_msdki_reference_value():
+    m = get_model("msdki")
+    p = {"S0": torch.tensor([2.0]), "D": torch.tensor([1.2]), "K": torch.tensor([0.8])}
+    b = ACQ.bvals
+    expected = 2.0 * np.exp(-b * 1.2 + b**2 * 1.2**2 * 0.8 / 6)
+    np.testing.assert_allclose(m.forward(p, ACQ)[0].numpy(), expected, rtol=1e-5)
+
+
+def test_msdki_stays_finite_where_exponent_blows_up():
+    """D·K at the upper bounds gives an exponent near 100 at b=3: must stay finite with a
+    usable gradient, and equal exp() where the exponent is modest (signal above S0 allowed)."""
+    m = get_model("msdki")
+    D = torch.tensor([4.0, 1.3], requires_grad=True)
+    p = {"S0": torch.ones(2), "D": D, "K": torch.tensor([4.0, 2.0])}
+    s = m.forward(p, ACQ)
+    assert torch.isfinite(s).all()
+    s.sum().backward()
+    assert torch.isfinite(D.grad).all() and D.grad.abs().sum() > 0
+    b = torch.as_tensor(ACQ.bvals, dtype=torch.float32)
+    exact = torch.exp(-b * 1.3 + b**2 * 1.3**2 * 2.0 / 6)
+    assert exact.max() > 1.0  # the white-matter-like case where S(b=3000) > S0
+    torch.testing.assert_close(s[1].detach(), exact, rtol=1e-4, atol=1e-6)
+
+
+def test_ball_stick_reference_value():
+    m = get_model("ball-stick")
+    n = np.array([0.0, 0.6, 0.8])
+    p = {"S0": torch.tensor([1.5]), "f": torch.tensor([0.4]), "Dpar": torch.tensor([1.8]),
+         "Diso": torch.tensor([0.9]), "n": torch.tensor(n[None], dtype=torch.float32)}
+    b, g = ACQ.bvals, ACQ.bvecs
+    expected = 1.5 * (0.4 * np.exp(-b * 1.8 * (g @ n) ** 2) + 0.6 * np.exp(-b * 0.9))
+    np.testing.assert_allclose(m.forward(p, ACQ)[0].numpy(), expected, rtol=1e-5)
+
+
+def test_ivim_reference_value():
+    m = get_model("ivim")
+    p = {"S0": torch.tensor([1.0]), "f": torch.tensor([0.1]), "D": torch.tensor([0.8]),
+         "Dstar": torch.tensor([20.0])}
+    b = ACQ.bvals
+    expected = 0.1 * np.exp(-b * 20) + 0.9 * np.exp(-b * 0.8)
+    np.testing.assert_allclose(m.forward(p, ACQ)[0].numpy(), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_unsupported_acquisitions_are_named():
+    from mixmap.acquisition import Acquisition
+
+    one_shell = Acquisition.from_arrays([0, 1000, 1000, 1000],
+                                        np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]]))
+    with pytest.raises(UnsupportedAcquisition, match="MSDKI needs at least 2"):
+        get_model("msdki").check_acquisition(one_shell)
+    no_dirs = Acquisition.from_arrays([0, 1000, 2000])
+    with pytest.raises(UnsupportedAcquisition, match="ball-stick needs at least 6"):
+        get_model("ball-stick").check_acquisition(no_dirs)
+
+
+def test_unknown_model_lists_choices():
+    with pytest.raises(ValueError, match="choose one of: msdki, ball-stick, ivim"):
+        get_model("dti2")
