@@ -54,6 +54,8 @@ class Acquisition:
     bvals: np.ndarray  # (n_meas,) float64, ms/µm²
     bvecs: np.ndarray  # (n_meas, 3) float64, unit norm, zero at b=0
     source: str = "arrays"
+    #: What was detected and changed while reading (units, orientation, normalisation).
+    notes: tuple[str, ...] = ()
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     # ------------------------------------------------------------------ construction
@@ -88,6 +90,7 @@ class Acquisition:
                 f"{where}negative b-value {bvals.min():g}; b-values must be >= 0 s/mm²"
             )
         bvals = np.clip(bvals, 0, None)
+        notes: list[str] = []
         if units == "auto":
             if bvals.max() < MS_UM2_THRESHOLD:
                 log.info(
@@ -97,8 +100,11 @@ class Acquisition:
                     MS_UM2_THRESHOLD,
                 )
                 units = "ms/um2"
+                notes.append(f"b-values read as ms/µm² (largest {bvals.max():g} < "
+                             f"{MS_UM2_THRESHOLD:g})")
             else:
                 units = "s/mm2"
+                notes.append("b-values in s/mm²")
         if units == "s/mm2":
             bvals = bvals / 1000.0
         elif units != "ms/um2":
@@ -114,11 +120,12 @@ class Acquisition:
                     f"{where}gradient directions have shape {vecs.shape}; expected 3 rows "
                     f"(FSL bvec) or 3 columns, one direction per volume"
                 )
-            if vecs.shape[0] == 3 and vecs.shape[1] != 3:
+            if vecs.shape[0] == 3:
+                # FSL writes 3 rows (x, y, z); a 3x3 table is read that way too.
                 vecs = vecs.T
-            elif vecs.shape == (3, 3):
-                # Ambiguous 3x3: FSL writes 3 rows, so read it as rows = x, y, z.
-                vecs = vecs.T
+                notes.append("bvecs as 3 rows (FSL)")
+            else:
+                notes.append("bvecs as 3 columns")
             if vecs.shape[0] != n:
                 raise AcquisitionError(
                     f"{where}{vecs.shape[0]} gradient directions but {n} b-values; "
@@ -136,9 +143,12 @@ class Acquisition:
                     f"{where}gradient direction {i} has norm {norms[i]:.3g}, not 1; "
                     f"give unit vectors (or b-value-scaled bvecs normalised to 1)"
                 )
+            if np.any(dw):
+                dev = float(np.abs(norms[dw] - 1).max())
+                notes.append(f"bvec norms within {dev:.2g} of 1, normalised")
             vecs[dw] /= norms[dw, None]
             vecs[~dw] = 0.0
-        return cls(bvals=bvals, bvecs=vecs, source=source)
+        return cls(bvals=bvals, bvecs=vecs, source=source, notes=tuple(notes))
 
     @classmethod
     def from_fsl(cls, bval_file: str | Path, bvec_file: str | Path | None = None) -> Acquisition:
@@ -225,7 +235,8 @@ class Acquisition:
     def subset(self, indices: np.ndarray) -> Acquisition:
         """The acquisition restricted to some measurements (e.g. half of the directions)."""
         idx = np.asarray(indices)
-        return Acquisition(self.bvals[idx], self.bvecs[idx], source=self.source)
+        return Acquisition(self.bvals[idx], self.bvecs[idx], source=self.source,
+                           notes=self.notes)
 
     def save_fsl(self, bval_file: str | Path, bvec_file: str | Path) -> None:
         """Write FSL files (b in s/mm², 3 rows of directions)."""

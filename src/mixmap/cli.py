@@ -47,7 +47,7 @@ def _user_errors():
     from mixmap.models import UnsupportedAcquisition
 
     return (AcquisitionError, InputError, OutputExistsError, UnsupportedAcquisition,
-            FileNotFoundError, ValueError)
+            FileNotFoundError, FileExistsError, ValueError)
 
 
 def handle_errors(fn):
@@ -267,6 +267,33 @@ def apply(
     written = save_maps(result, data, out, force=force, extra={"TrainedModel": str(model_file)})
     if not quiet:
         typer.echo(f"wrote {len(written)} maps to {out}/")
+
+
+# ---------------------------------------------------------------------------------- check
+@app.command()
+@handle_errors
+def check(
+    dwi: Path = typer.Argument(..., help="4-D DWI NIfTI."),
+    bvals: Path = typer.Option(..., help="FSL bval file."),
+    bvecs: Path = typer.Option(..., help="FSL bvec file."),
+    mask: Path | None = typer.Option(None, help="3-D brain mask on the DWI grid."),
+    model: str | None = typer.Option(None, help="Check this model only."),
+) -> None:
+    """Validate a dataset before fitting: shape, voxel size, b=0 count, shells, units, bvec
+    orientation, SNR estimate, mask coverage, fittable models. Exit 0 when fittable.
+
+    Example: mixmap check dwi.nii.gz --bvals dwi.bval --bvecs dwi.bvec --mask mask.nii.gz
+    """
+    from mixmap.check import check_dataset
+    from mixmap.models import get_model
+
+    _setup_logging(True)
+    if model:
+        get_model(model)
+    report = check_dataset(dwi, bvals, bvecs, mask, model)
+    typer.echo(report.text())
+    if not report.ok:
+        raise typer.Exit(1)
 
 
 # ---------------------------------------------------------------------------------- evaluate

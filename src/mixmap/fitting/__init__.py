@@ -13,7 +13,8 @@ def get_fitter(method: str, model, **options) -> Fitter:
     try:
         cls = FITTERS[method]
     except KeyError:
-        raise ValueError(f"unknown method {method!r}; choose one of: {', '.join(FITTERS)}") from None
+        choices = ", ".join(FITTERS)
+        raise ValueError(f"unknown method {method!r}; choose one of: {choices}") from None
     return cls(model, **options)
 
 

@@ -107,8 +107,7 @@ class LeastSquaresFitter(Fitter):
         with torch.no_grad():
             init = model.initial_estimates(y, acq)
         u = model.join(init).detach()
-        n, m = y.shape
-        P = u.shape[1]
+        n = y.shape[0]
         dir_slices = _direction_slices(model)
 
         def signal(uu: torch.Tensor) -> torch.Tensor:
@@ -118,7 +117,6 @@ class LeastSquaresFitter(Fitter):
         with torch.no_grad():
             cost = cost_of_sub(model, u, y, acq, sw)
         active = torch.ones(n, dtype=torch.bool, device=y.device)
-        eye = torch.eye(P, device=y.device, dtype=torch.float64)
         for _ in range(self.max_iter):
             idx = active.nonzero()[:, 0]
             if idx.numel() == 0:

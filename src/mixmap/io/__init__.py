@@ -1,6 +1,13 @@
 """Input and output: NIfTI scans and gradient files, maps with BIDS-derivative names."""
 
-from mixmap.io.nifti import DWIData, InputError, bids_entities, load_dwi, load_image, vectors_to_volume
+from mixmap.io.nifti import (
+    DWIData,
+    InputError,
+    bids_entities,
+    load_dwi,
+    load_image,
+    vectors_to_volume,
+)
 from mixmap.io.output import (
     AtomicOutput,
     OutputExistsError,

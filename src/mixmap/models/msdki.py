@@ -72,4 +72,5 @@ class MSDKI(SignalModel):
             lo, hi = par.lower + margin * span, par.upper - margin * span
             return torch.nan_to_num(x, nan=(lo + hi) / 2).clamp(lo, hi)
 
-        return {"S0": inside(S0, p["S0"]), "D": inside(D, p["D"], 0.01), "K": inside(K, p["K"], 0.01)}
+        return {"S0": inside(S0, p["S0"]), "D": inside(D, p["D"], 0.01),
+                "K": inside(K, p["K"], 0.01)}

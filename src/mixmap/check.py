@@ -1,0 +1,89 @@
+"""``mixmap check``: inspect a dataset before fitting; say whether, and with what, it fits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mixmap.fitting.base import noise_sigma_from_b0
+from mixmap.io import load_dwi
+from mixmap.models import MODELS, UnsupportedAcquisition
+
+
+@dataclass
+class CheckReport:
+    lines: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    supported_models: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def text(self) -> str:
+        out = list(self.lines)
+        out.append("fittable models: " + (", ".join(self.supported_models) or "none"))
+        if self.problems:
+            out += ["problems:"] + [f"  - {p}" for p in self.problems]
+        else:
+            out.append("OK: the dataset can be fitted")
+        return "\n".join(out)
+
+
+def check_dataset(
+    dwi: str | Path,
+    bvals: str | Path,
+    bvecs: str | Path | None,
+    mask: str | Path | None = None,
+    model: str | None = None,
+) -> CheckReport:
+    """Load the dataset the way ``mixmap fit`` does and describe it.
+
+    Errors that make the dataset unusable (unreadable files, count mismatches ...) propagate
+    as the same one-line errors ``fit`` gives; problems that only rule out some models are
+    listed in the report.
+    """
+    data = load_dwi(dwi, bvals, bvecs, mask)
+    acq = data.acquisition
+    rep = CheckReport()
+    zooms = tuple(float(z) for z in data.header.get_zooms()[:3])
+    rep.lines.append(f"image: {data.path}  grid {data.shape} × {acq.n} volumes, "
+                     f"voxel {zooms[0]:.3g}×{zooms[1]:.3g}×{zooms[2]:.3g} mm")
+    rep.lines.append(f"gradients: {'; '.join(acq.notes)}")
+    shells = ", ".join(f"b={round(s.bval * 1000)}×{s.n}" for s in acq.shells())
+    rep.lines.append(f"b=0 volumes: {acq.n_b0}; shells (s/mm² × volumes): {shells}")
+    n_grid = int(np.prod(data.shape))
+    rep.lines.append(
+        f"voxels fitted: {data.signals.shape[0]} of {n_grid} "
+        f"({100 * data.signals.shape[0] / n_grid:.1f} %)"
+        + (f" from mask {mask}" if mask else " (no mask: voxels with positive b=0 signal)")
+    )
+    if data.n_dropped:
+        rep.lines.append(f"voxels left out for NaN/Inf: {data.n_dropped}")
+    neg = float((data.signals < 0).mean())
+    if neg > 0:
+        rep.lines.append(f"negative values: {100 * neg:.2f} % of the fitted data")
+    sigma = noise_sigma_from_b0(data.signals, acq)
+    if sigma is not None and sigma > 0:
+        s0 = float(np.median(data.signals[:, acq.b0_mask].mean(1)))
+        rep.lines.append(f"noise σ from {acq.n_b0} b=0 volumes: {sigma:.4g}; "
+                         f"SNR at b=0 ≈ {s0 / sigma:.1f}")
+    else:
+        rep.lines.append("noise: fewer than 2 b=0 volumes, σ will be estimated from residuals")
+    if acq.n_b0 == 0:
+        rep.lines.append("no b=0 volume: S0 is fitted freely as a model parameter")
+    names = [model] if model else list(MODELS)
+    for name in names:
+        try:
+            MODELS[name]().check_acquisition(acq)
+            rep.supported_models.append(name)
+        except UnsupportedAcquisition as exc:
+            if model:
+                rep.problems.append(str(exc))
+            else:
+                rep.lines.append(f"{name}: not fittable: {exc}")
+    if not rep.supported_models and not rep.problems:
+        rep.problems.append("no registered model can be fitted with this acquisition")
+    return rep

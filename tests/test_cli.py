@@ -1,0 +1,248 @@
+"""End-to-end CLI tests on tiny NIfTI files, and the bad-input matrix: each bad input gives exit
+status 2, one line on stderr naming the file and the fix, no traceback, and no partial output."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from mixmap.cli import app
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture()
+def scan(tiny_msdki_dir, tmp_path):
+    """A private copy of the tiny simulated scan, safe to damage."""
+    d = tmp_path / "scan"
+    shutil.copytree(tiny_msdki_dir, d)
+    return d
+
+
+def fit_args(d, out, *extra, model="msdki", method="lsq"):
+    return ("fit", d / "dwi.nii.gz", "--bvals", d / "dwi.bval", "--bvecs", d / "dwi.bvec",
+            "--mask", d / "mask.nii.gz", "--model", model, "--method", method, "--out", out,
+            "--quiet", *extra)
+
+
+def test_models_lists_parameters():
+    r = run("models")
+    assert r.exit_code == 0
+    assert "msdki" in r.output and "ball-stick" in r.output and "ivim" in r.output
+    assert "µm²/ms" in r.output
+    data = json.loads(run("models", "--json").output)
+    assert data["msdki"]["parameters"][1]["name"] == "D"
+
+
+def test_help_has_examples():
+    for cmd in ("fit", "simulate", "evaluate", "check", "apply", "demo"):
+        r = run(cmd, "--help")
+        assert r.exit_code == 0 and "Example" in r.output, cmd
+
+
+def test_simulate_fit_writes_bids_maps_with_affine_and_nan(scan, tmp_path):
+    out = tmp_path / "maps"
+    r = run(*fit_args(scan, out))
+    assert r.exit_code == 0, r.output
+    names = sorted(p.name for p in out.iterdir())
+    assert "model-msdki_param-D_dwimap.nii.gz" in names
+    assert "model-msdki_param-D_desc-std_dwimap.nii.gz" in names
+    assert "model-msdki_param-D_dwimap.json" in names
+    assert not [n for n in names if n.startswith(".mixmap-tmp")]
+    src = nib.load(scan / "dwi.nii.gz")
+    img = nib.load(out / "model-msdki_param-D_dwimap.nii.gz")
+    np.testing.assert_array_equal(img.affine, src.affine)
+    assert img.get_data_dtype() == np.float32
+    mask = np.asarray(nib.load(scan / "mask.nii.gz").dataobj) > 0
+    vol = img.get_fdata()
+    assert np.isnan(vol[~mask]).all() and np.isfinite(vol[mask]).all()
+    truth = nib.load(scan / "truth" / "param-D.nii.gz").get_fdata()
+    tissue = (nib.load(scan / "truth" / "param-cluster.nii.gz").get_fdata() < 2) & mask
+    assert np.sqrt(np.mean((vol[tissue] - truth[tissue]) ** 2)) < 0.05
+    side = json.loads((out / "model-msdki_param-D_dwimap.json").read_text())
+    assert side["Units"] == "µm²/ms" and side["Method"] == "lsq" and side["MixmapVersion"]
+
+
+def test_bids_entities_in_output_names(scan, tmp_path):
+    bids = tmp_path / "sub-01_ses-2_dwi.nii.gz"
+    shutil.copy(scan / "dwi.nii.gz", bids)
+    out = tmp_path / "maps"
+    r = run("fit", bids, "--bvals", scan / "dwi.bval", "--bvecs", scan / "dwi.bvec",
+            "--mask", scan / "mask.nii.gz", "--model", "msdki", "--out", out, "--quiet")
+    assert r.exit_code == 0, r.output
+    assert (out / "sub-01_ses-2_model-msdki_param-K_dwimap.nii.gz").exists()
+
+
+def test_existing_output_refused_without_force(scan, tmp_path):
+    out = tmp_path / "maps"
+    assert run(*fit_args(scan, out)).exit_code == 0
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    r = run(*fit_args(scan, out))
+    assert r.exit_code == 2
+    assert "already holds msdki maps; use --force" in r.output
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    assert run(*fit_args(scan, out, "--force")).exit_code == 0
+
+
+def test_evaluate_against_truth(scan, tmp_path):
+    out = tmp_path / "maps"
+    assert run(*fit_args(scan, out)).exit_code == 0
+    r = run("evaluate", out, "--truth", scan, "--out", tmp_path / "report.json")
+    assert r.exit_code == 0, r.output
+    assert "RMSE" in r.output
+    assert json.loads((tmp_path / "report.json").read_text())
+
+
+def test_check_reports_dataset(scan):
+    r = run("check", scan / "dwi.nii.gz", "--bvals", scan / "dwi.bval", "--bvecs",
+            scan / "dwi.bvec", "--mask", scan / "mask.nii.gz")
+    assert r.exit_code == 0, r.output
+    assert "b=0 volumes: 18" in r.output and "b=1000×90" in r.output
+    assert "SNR at b=0" in r.output and "OK" in r.output
+
+
+def test_check_fails_for_unsupported_model(scan, tmp_path):
+    bval = tmp_path / "one.bval"
+    b = np.loadtxt(scan / "dwi.bval")
+    bval.write_text(" ".join(str(int(x)) if x < 1500 else "1000" for x in b))
+    r = run("check", scan / "dwi.nii.gz", "--bvals", bval, "--bvecs", scan / "dwi.bvec",
+            "--model", "msdki")
+    assert r.exit_code == 1 and "MSDKI needs at least 2" in r.output
+
+
+# ------------------------------------------------------------------------- bad-input matrix
+def _write_nifti(path, data, affine=None):
+    nib.save(nib.Nifti1Image(np.asarray(data), np.eye(4) if affine is None else affine), path)
+    return path
+
+
+def _bad_cases(d, tmp):
+    dwi = nib.load(d / "dwi.nii.gz")
+    data = np.asarray(dwi.dataobj)
+    cases = {}
+    cases["missing file"] = ({"dwi": tmp / "nope.nii.gz"}, "nope.nii.gz: file not found")
+    (tmp / "text.nii.gz").write_text("not an image")
+    cases["not a nifti"] = ({"dwi": tmp / "text.nii.gz"}, "not a readable NIfTI")
+    cases["3-D image"] = ({"dwi": _write_nifti(tmp / "3d.nii.gz", data[..., 0])},
+                          "needs 4 axes")
+    b = np.loadtxt(d / "dwi.bval")
+    np.savetxt(tmp / "short.bval", b[None, :-1], fmt="%g")
+    v = np.loadtxt(d / "dwi.bvec")
+    np.savetxt(tmp / "short.bvec", v[:, :-1], fmt="%g")
+    cases["bval count"] = ({"bvals": tmp / "short.bval", "bvecs": tmp / "short.bvec"},
+                           "288 volumes but")
+    cases["bvec count"] = ({"bvecs": tmp / "short.bvec"}, "287 gradient directions but 288")
+    np.savetxt(tmp / "two.bvec", v[:2], fmt="%g")
+    cases["bvec shape"] = ({"bvecs": tmp / "two.bvec"}, "expected 3 rows")
+    np.savetxt(tmp / "scaled.bvec", v * 3, fmt="%g")
+    cases["bvec norms"] = ({"bvecs": tmp / "scaled.bvec"}, "not 1; give unit vectors")
+    neg = b.copy()
+    neg[1] = -1000
+    np.savetxt(tmp / "neg.bval", neg[None], fmt="%g")
+    cases["negative b"] = ({"bvals": tmp / "neg.bval"}, "negative b-value")
+    cases["mask grid"] = ({"mask": _write_nifti(tmp / "m.nii.gz", np.ones((3, 3, 3), np.uint8))},
+                          "does not match the DWI grid")
+    cases["empty mask"] = ({"mask": _write_nifti(tmp / "e.nii.gz",
+                                                 np.zeros(data.shape[:3], np.uint8), dwi.affine)},
+                           "selects no voxels")
+    cases["all zero"] = ({"dwi": _write_nifti(tmp / "zero.nii.gz", np.zeros_like(data), dwi.affine),
+                          "mask": None}, "no voxel to fit")
+    cases["negative signal"] = (
+        {"dwi": _write_nifti(tmp / "neg.nii.gz", -np.abs(data) - 1, dwi.affine)},
+        "zero or negative in every fitted voxel")
+    one = b.copy()
+    one[one > 1500] = 1000
+    np.savetxt(tmp / "one.bval", one[None], fmt="%g")
+    cases["one shell for msdki"] = ({"bvals": tmp / "one.bval"}, "MSDKI needs at least 2")
+    cases["unknown model"] = ({"model": "dti9"}, "unknown model 'dti9'")
+    cases["option for another method"] = ({"extra": ("--epochs", "3")},
+                                          "--epochs does not apply to --method lsq")
+    return cases
+
+
+CASE_NAMES = ["missing file", "not a nifti", "3-D image", "bval count", "bvec count",
+              "bvec shape", "bvec norms", "negative b", "mask grid", "empty mask", "all zero",
+              "negative signal", "one shell for msdki", "unknown model",
+              "option for another method"]
+
+
+@pytest.mark.parametrize("case", CASE_NAMES)
+def test_bad_input_matrix(case, scan, tmp_path):
+    changes, message = _bad_cases(scan, tmp_path)[case]
+    args = {"dwi": scan / "dwi.nii.gz", "bvals": scan / "dwi.bval", "bvecs": scan / "dwi.bvec",
+            "mask": scan / "mask.nii.gz", "model": "msdki", "extra": ()}
+    args.update(changes)
+    out = tmp_path / "out"
+    cmd = ["fit", args["dwi"], "--bvals", args["bvals"], "--bvecs", args["bvecs"],
+           "--model", args["model"], "--out", out, "--quiet", *args["extra"]]
+    if args["mask"] is not None:
+        cmd += ["--mask", args["mask"]]
+    r = run(*cmd)
+    assert r.exit_code == 2, r.output
+    assert message in r.output
+    lines = [ln for ln in r.output.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("mixmap fit: error:"), r.output
+    assert "Traceback" not in r.output
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_nan_voxels_are_masked_out_and_counted(scan, tmp_path, caplog):
+    img = nib.load(scan / "dwi.nii.gz")
+    data = np.asarray(img.dataobj).copy()
+    data[0, 0, 0, 5] = np.nan
+    data[1, 0, 0, :] = np.inf
+    _write_nifti(tmp_path / "nan.nii.gz", data, img.affine)
+    out = tmp_path / "maps"
+    r = run("fit", tmp_path / "nan.nii.gz", "--bvals", scan / "dwi.bval", "--bvecs",
+            scan / "dwi.bvec", "--mask", scan / "mask.nii.gz", "--out", out)
+    assert r.exit_code == 0, r.output
+    vol = nib.load(out / "model-msdki_param-D_dwimap.nii.gz").get_fdata()
+    assert np.isnan(vol[0, 0, 0]) and np.isnan(vol[1, 0, 0]) and np.isfinite(vol[2, 0, 0])
+    side = json.loads((out / "model-msdki_fit.json").read_text())
+    assert side["DroppedVoxels"] == 2
+
+
+def test_bvals_in_ms_um2_are_converted(scan, tmp_path):
+    b = np.loadtxt(scan / "dwi.bval") / 1000
+    np.savetxt(tmp_path / "ms.bval", b[None], fmt="%g")
+    out_a, out_b = tmp_path / "a", tmp_path / "b"
+    assert run(*fit_args(scan, out_a)).exit_code == 0
+    r = run("fit", scan / "dwi.nii.gz", "--bvals", tmp_path / "ms.bval", "--bvecs",
+            scan / "dwi.bvec", "--mask", scan / "mask.nii.gz", "--out", out_b, "--quiet")
+    assert r.exit_code == 0, r.output
+    a = nib.load(out_a / "model-msdki_param-D_dwimap.nii.gz").get_fdata()
+    bb = nib.load(out_b / "model-msdki_param-D_dwimap.nii.gz").get_fdata()
+    np.testing.assert_allclose(a, bb, rtol=1e-5)
+
+
+def test_simulate_cli_and_refuses_overwrite(tmp_path):
+    out = tmp_path / "sim"
+    r = run("simulate", out, "--preset", "ball-stick", "--n-voxels", "50", "--snr", "30",
+            "--quiet")
+    assert r.exit_code == 0, r.output
+    assert (out / "truth" / "param-n.nii.gz").exists()
+    assert nib.load(out / "truth" / "param-n.nii.gz").shape[-1] == 3
+    r = run("simulate", out, "--n-voxels", "50")
+    assert r.exit_code == 2 and "already exists; use --force" in r.output
+    r = run("simulate", tmp_path / "x", "--preset", "nope")
+    assert r.exit_code == 2 and "unknown preset" in r.output
+
+
+def test_ball_stick_fit_cli_writes_direction_map(tmp_path):
+    sim = tmp_path / "sim"
+    assert run("simulate", sim, "--preset", "ball-stick", "--n-voxels", "100",
+               "--quiet").exit_code == 0
+    out = tmp_path / "maps"
+    r = run(*fit_args(sim, out, model="ball-stick"))
+    assert r.exit_code == 0, r.output
+    n = nib.load(out / "model-ballstick_param-n_dwimap.nii.gz")
+    assert n.shape[-1] == 3
