@@ -168,6 +168,22 @@ def build_fitter(method: str, model: str, options: dict):
     return get_fitter(method, model, **given)
 
 
+def input_checksums(**paths: Path | None) -> dict[str, str]:
+    """sha256 of each input file, recorded in the sidecar so a run can be traced and rerun."""
+    import hashlib
+
+    out = {}
+    for key, path in paths.items():
+        if path is None:
+            continue
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        out[key] = f"{Path(path).name} sha256:{h.hexdigest()}"
+    return out
+
+
 @app.command()
 @handle_errors
 def fit(
@@ -225,7 +241,8 @@ def fit(
     data = load_dwi(dwi, bvals, bvecs, mask)
     log.info("%s: %d voxels × %d measurements", dwi, *data.signals.shape)
     result = fitter.fit(data.signals, data.acquisition)
-    extra = {"DroppedVoxels": data.n_dropped, "Seed": seed}
+    extra = {"DroppedVoxels": data.n_dropped, "Seed": seed,
+             "InputChecksums": input_checksums(dwi=dwi, bvals=bvals, bvecs=bvecs, mask=mask)}
     written = save_maps(result, data, out, force=force, extra=extra)
     if save_model and hasattr(fitter, "save"):
         from mixmap.io import AtomicOutput
@@ -264,7 +281,10 @@ def apply(
     data = load_dwi(dwi, bvals, bvecs, mask)
     result = fitter.apply(data.signals, data.acquisition,
                           allow_other_acquisition=allow_other_acquisition)
-    written = save_maps(result, data, out, force=force, extra={"TrainedModel": str(model_file)})
+    extra = {"TrainedModel": str(model_file),
+             "InputChecksums": input_checksums(model=model_file, dwi=dwi, bvals=bvals,
+                                               bvecs=bvecs, mask=mask)}
+    written = save_maps(result, data, out, force=force, extra=extra)
     if not quiet:
         typer.echo(f"wrote {len(written)} maps to {out}/")
 
