@@ -67,6 +67,7 @@ class Acquisition:
         *,
         units: str = "auto",
         source: str = "arrays",
+        bvec_source: str | None = None,
     ) -> Acquisition:
         """From b-values and directions.
 
@@ -111,13 +112,14 @@ class Acquisition:
             raise AcquisitionError(f"unknown b-value units {units!r}; use 's/mm2' or 'ms/um2'")
 
         n = bvals.size
+        vwhere = f"{bvec_source}: " if bvec_source else where
         if bvecs is None:
             vecs = np.zeros((n, 3))
         else:
             vecs = np.asarray(bvecs, dtype=np.float64)
             if vecs.ndim != 2 or 3 not in vecs.shape:
                 raise AcquisitionError(
-                    f"{where}gradient directions have shape {vecs.shape}; expected 3 rows "
+                    f"{vwhere}gradient directions have shape {vecs.shape}; expected 3 rows "
                     f"(FSL bvec) or 3 columns, one direction per volume"
                 )
             if vecs.shape[0] == 3:
@@ -128,11 +130,11 @@ class Acquisition:
                 notes.append("bvecs as 3 columns")
             if vecs.shape[0] != n:
                 raise AcquisitionError(
-                    f"{where}{vecs.shape[0]} gradient directions but {n} b-values; "
+                    f"{vwhere}{vecs.shape[0]} gradient directions but {n} b-values; "
                     f"give one bvec column per b-value"
                 )
             if not np.all(np.isfinite(vecs)):
-                raise AcquisitionError(f"{where}bvecs contain NaN or Inf; fix the bvec file")
+                raise AcquisitionError(f"{vwhere}bvecs contain NaN or Inf; fix the bvec file")
             vecs = vecs.copy()
             dw = bvals > B0_THRESHOLD
             norms = np.linalg.norm(vecs, axis=1)
@@ -140,7 +142,7 @@ class Acquisition:
             if np.any(bad):
                 i = int(np.flatnonzero(bad)[0])
                 raise AcquisitionError(
-                    f"{where}gradient direction {i} has norm {norms[i]:.3g}, not 1; "
+                    f"{vwhere}gradient direction {i} has norm {norms[i]:.3g}, not 1; "
                     f"give unit vectors (or b-value-scaled bvecs normalised to 1)"
                 )
             if np.any(dw):
@@ -164,7 +166,8 @@ class Acquisition:
                     f"{bvec_file}: one row of {bvecs.size} numbers; a bvec file needs 3 rows "
                     f"(x, y, z) with one column per volume"
                 )
-        return cls.from_arrays(bvals, bvecs, source=str(bval_file))
+        return cls.from_arrays(bvals, bvecs, source=str(bval_file),
+                               bvec_source=str(bvec_file) if bvec_file is not None else None)
 
     @classmethod
     def from_gradient_table(cls, gtab) -> Acquisition:

@@ -168,6 +168,17 @@ def build_fitter(method: str, model: str, options: dict):
     return get_fitter(method, model, **given)
 
 
+def _check_supported(model: str, acquisition, bvals: Path) -> None:
+    from mixmap.models import UnsupportedAcquisition, get_model
+
+    try:
+        get_model(model).check_acquisition(acquisition)
+    except UnsupportedAcquisition as exc:
+        raise UnsupportedAcquisition(
+            f"{bvals}: {exc}; choose a model this scheme supports (see `mixmap check`)"
+        ) from None
+
+
 def input_checksums(**paths: Path | None) -> dict[str, str]:
     """sha256 of each input file, recorded in the sidecar so a run can be traced and rerun."""
     import hashlib
@@ -235,10 +246,11 @@ def fit(
     clash = existing_maps(out, bids_entities(dwi), model)
     if clash and not force:
         raise FileExistsError(
-            f"{clash[0]}: {out} already holds {model} maps; use --force to overwrite them or "
-            f"choose another --out"
+            f"{out}: already holds {model} maps ({clash[0].name} ...); use --force to overwrite "
+            f"them or choose another --out"
         )
     data = load_dwi(dwi, bvals, bvecs, mask)
+    _check_supported(model, data.acquisition, bvals)
     log.info("%s: %d voxels × %d measurements", dwi, *data.signals.shape)
     result = fitter.fit(data.signals, data.acquisition)
     extra = {"DroppedVoxels": data.n_dropped, "Seed": seed,
@@ -279,6 +291,7 @@ def apply(
     _setup_logging(quiet)
     fitter = load_fitter(model_file, device=device.value)
     data = load_dwi(dwi, bvals, bvecs, mask)
+    _check_supported(fitter.model.name, data.acquisition, bvals)
     result = fitter.apply(data.signals, data.acquisition,
                           allow_other_acquisition=allow_other_acquisition)
     extra = {"TrainedModel": str(model_file),

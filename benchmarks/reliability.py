@@ -1,0 +1,96 @@
+"""Reliability report: every bad input of the matrix run through the real `mixmap fit` command,
+the message it printed, and what it left behind; plus a killed and an interrupted run.
+
+    python benchmarks/reliability.py        # rewrites docs/RELIABILITY.md
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from mixmap.report import markdown_table
+from mixmap.simulate import simulate, write_simulation
+from mixmap.testing import bad_input_cases, left_behind
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def mixmap(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mixmap.cli", *args], capture_output=True,
+                          text=True)
+
+
+def signalled_run(scan: Path, out: Path, sig: int) -> tuple[int, str, list[str]]:
+    cmd = [sys.executable, "-m", "mixmap.cli", "fit", str(scan / "dwi.nii.gz"),
+           "--bvals", str(scan / "dwi.bval"), "--bvecs", str(scan / "dwi.bvec"),
+           "--mask", str(scan / "mask.nii.gz"), "--model", "ball-stick", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stderr.readline()  # data loaded, fit started
+    time.sleep(0.5)
+    proc.send_signal(sig)
+    _, err = proc.communicate()
+    return proc.returncode, err.strip().splitlines()[-1] if err.strip() else "", left_behind(out)
+
+
+def main() -> None:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        scan = tmp / "scan"
+        write_simulation(simulate("paper-msdki", "hcp", snr=20, n_voxels=400, seed=0), scan)
+        for case in bad_input_cases(scan, tmp):
+            r = mixmap("fit", *case.args)
+            msg = r.stderr.strip().replace(str(tmp) + "/", "")
+            lines = len(msg.splitlines())
+            left = left_behind(case.out)
+            ok = r.returncode == 2 and case.message in msg and lines == 1 and not left
+            rows.append([case.name, r.returncode, f"`{msg}`", "nothing" if not left else left,
+                         "yes" if ok else "**NO**"])
+        out = tmp / "maps"
+        first = mixmap("fit", str(scan / "dwi.nii.gz"), "--bvals", str(scan / "dwi.bval"),
+                       "--bvecs", str(scan / "dwi.bvec"), "--mask", str(scan / "mask.nii.gz"),
+                       "--out", str(out), "--quiet")
+        assert first.returncode == 0, first.stderr
+        before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+        again = mixmap("fit", str(scan / "dwi.nii.gz"), "--bvals", str(scan / "dwi.bval"),
+                       "--bvecs", str(scan / "dwi.bvec"), "--mask", str(scan / "mask.nii.gz"),
+                       "--out", str(out), "--quiet")
+        unchanged = {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+        msg = again.stderr.strip().replace(str(tmp) + "/", "")
+        rows.append(["output folder already holds maps", again.returncode, f"`{msg}`",
+                     "earlier maps untouched" if unchanged else "**changed**",
+                     "yes" if again.returncode == 2 and unchanged else "**NO**"])
+        big = tmp / "big"
+        write_simulation(simulate("ball-stick", "hcp", snr=20, n_voxels=20000, seed=0), big)
+        for sig, name in ((signal.SIGKILL, "killed (SIGKILL) during the fit"),
+                          (signal.SIGINT, "interrupted (Ctrl-C) during the fit")):
+            code, last, left = signalled_run(big, tmp / f"out-{name[:6]}", sig)
+            maps = [f for f in left if f.endswith("_dwimap.nii.gz")]
+            rows.append([name, code, f"`{last}`" if last else "(no message: killed)",
+                         "nothing" if not maps else maps,
+                         "yes" if not maps else "**NO**"])
+    table = markdown_table(["input", "exit", "message (stderr)", "left behind", "as required"],
+                           rows)
+    text = (
+        "# Reliability\n\nProduced by `python benchmarks/reliability.py` (the same cases run in "
+        "`make test`: tests/test_cli.py::test_bad_input_matrix, tests/test_reliability.py). "
+        "Each bad input must give exit status 2, one line naming the file and the fix, no "
+        "traceback, and leave no output.\n\n" + table + "\n\n"
+        "NaN/Inf voxels are not an error: they are left out of the fit, counted in the log and "
+        "in `DroppedVoxels` of `*_fit.json`, and NaN in the maps "
+        "(tests/test_cli.py::test_nan_voxels_are_masked_out_and_counted).\n"
+    )
+    (ROOT / "docs").mkdir(exist_ok=True)
+    (ROOT / "docs" / "RELIABILITY.md").write_text(text, encoding="utf-8")
+    print(text)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    main()
