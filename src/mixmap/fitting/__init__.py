@@ -4,8 +4,13 @@ from __future__ import annotations
 
 from mixmap.fitting.base import FitResult, Fitter, resolve_device
 from mixmap.fitting.lsq import LeastSquaresFitter
+from mixmap.fitting.selfsup import SelfSupervisedFitter
+from mixmap.fitting.vae import GaussianVAEFitter, MixtureVAEFitter
 
 FITTERS: dict[str, type[Fitter]] = {LeastSquaresFitter.name: LeastSquaresFitter}
+FITTERS[SelfSupervisedFitter.name] = SelfSupervisedFitter
+FITTERS[GaussianVAEFitter.name] = GaussianVAEFitter
+FITTERS[MixtureVAEFitter.name] = MixtureVAEFitter
 
 
 def get_fitter(method: str, model, **options) -> Fitter:

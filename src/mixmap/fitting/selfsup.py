@@ -1,0 +1,482 @@
+"""Self-supervised fitting: what every learned fitter shares, and the paper's voxelwise
+baseline ``ssl``.
+
+Shared by the learned fitters (:class:`LearnedFitter`): data preparation in working units, a
+mini-batch Adam loop with a NaN/explosion guard and an ELBO-plateau stopping rule, save / apply.
+
+Working units: signals are divided by the scan's :func:`~mixmap.fitting.base.signal_scale`, so
+S0 is about 1 and the bounds of scaled parameters apply; scaled parameters are multiplied back
+on output, exactly as least squares does. For a direction-independent model with a Gaussian
+likelihood the physics is evaluated on the shell means, with weights and the within-shell
+scatter kept, which gives the same likelihood as all measurements at a fraction of the cost.
+
+The paper's voxelwise self-supervised baseline (``ssl``; Lim et al. 2022 style).
+
+A fully connected network maps each voxel's signals to unbounded parameters: 3 hidden layers as
+wide as the number of measurements, ReLU, a linear output of ``model.n_unbounded`` numbers, then
+the parameters' bounded transform and the physics; the loss is the mean squared error between
+the predicted and measured signals. No prior, no uncertainty: every voxel is on its own, the
+network only shares the mapping.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from mixmap.acquisition import Acquisition
+from mixmap.fitting.base import (
+    FitResult,
+    Fitter,
+    noise_sigma_from_b0,
+    resolve_device,
+    signal_scale,
+)
+from mixmap.models import SignalModel
+from mixmap.nn.encoders import mlp
+
+log = logging.getLogger(__name__)
+
+#: Bad steps (non-finite loss or gradient, or a diverged epoch) tolerated before giving up.
+MAX_BAD_STEPS = 12
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss kept becoming NaN/Inf although steps were undone and the learning rate lowered."""
+
+
+@dataclass
+class Scheme:
+    """The acquisition as the physics sees it: all measurements or shell means with weights."""
+
+    full: Acquisition
+    work: Acquisition
+    weights: torch.Tensor | None  # (m',) measurements per column, None for all measurements
+    groups: list[torch.Tensor] | None
+
+    @property
+    def n_meas(self) -> int:
+        return self.full.n
+
+    @classmethod
+    def build(cls, model: SignalModel, acq: Acquisition, reduce: bool, device) -> Scheme:
+        if not (reduce and model.direction_independent):
+            return cls(acq, acq, None, None)
+        shells = acq.shells()
+        work = Acquisition(np.array([s.bval for s in shells]), np.zeros((len(shells), 3)),
+                           source=acq.source)
+        weights = torch.tensor([float(s.n) for s in shells], device=device)
+        groups = [torch.as_tensor(s.indices, device=device) for s in shells]
+        return cls(acq, work, weights, groups)
+
+    def working_signals(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(n, m) -> working signals (n, m') and within-shell scatter (n,) (None if unreduced)."""
+        if self.groups is None:
+            return y, None
+        means = torch.stack([y[:, g].mean(1) for g in self.groups], 1)
+        within = sum(((y[:, g] - means[:, i : i + 1]) ** 2).sum(1)
+                     for i, g in enumerate(self.groups))
+        return means, within
+
+
+@dataclass
+class Data:
+    """Every voxel of a fit in working units: signals, working signals, encoder features."""
+
+    y: torch.Tensor  # (n, m)
+    yw: torch.Tensor  # (n, m')
+    extra_ss: torch.Tensor | None  # (n,)
+    feats: torch.Tensor  # (n, f)
+    anchor: torch.Tensor | None = None  # (n, P) least-squares estimate, unbounded coordinates
+
+    def rows(self, idx) -> Data:
+        return Data(self.y[idx], self.yw[idx],
+                    None if self.extra_ss is None else self.extra_ss[idx], self.feats[idx],
+                    None if self.anchor is None else self.anchor[idx])
+
+    @property
+    def n(self) -> int:
+        return int(self.y.shape[0])
+
+
+def lsq_features(model: SignalModel, y_scaled: np.ndarray, acq: Acquisition) -> np.ndarray:
+    """Least-squares estimate per voxel in unbounded coordinates, clipped to ±8 (an encoder
+    input: the fit stays self-supervised, no truth is used)."""
+    from mixmap.fitting.lsq import LeastSquaresFitter
+
+    res = LeastSquaresFitter(model, max_iter=30).fit(y_scaled, acq)
+    scale = res.settings["signal_scale"]
+    params = {}
+    for p in model.parameters:
+        v = torch.as_tensor(res.params[p.name], dtype=torch.float32)
+        params[p.name] = v / scale if p.scaled else v
+    return model.join(params).clamp(-8, 8).numpy()
+
+
+def _finite_or_none(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
+
+
+class LearnedFitter(Fitter):
+    """Base of the trained fitters. Subclasses build the network (:meth:`_build`), give the
+    loss of a mini-batch (:meth:`_loss`) and the maps (:meth:`_predict`)."""
+
+    #: Hyper-parameter names saved with the weights and passed back to ``__init__`` on load.
+    hyper_names: tuple[str, ...] = ()
+
+    def __init__(self, model, *, device: str = "cpu", seed: int = 0, quiet: bool = True) -> None:
+        super().__init__(model, device=device, seed=seed, quiet=quiet)
+        self.net: nn.Module | None = None
+        self.trained: dict | None = None  # what the trained network depends on
+
+    # ---------------------------------------------------------------- hooks
+    def _build(self, acq: Acquisition, sigma: float | None) -> nn.Module:
+        raise NotImplementedError
+
+    def _uses_lsq_features(self) -> bool:
+        return False
+
+    def _reduce(self) -> bool:
+        """Whether the physics may run on shell means (Gaussian likelihood only)."""
+        return True
+
+    def _loss(self, batch: Data, scheme: Scheme, epoch: int) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    def _end_epoch(self, data: Data, scheme: Scheme, epoch: int) -> None:
+        """Called after each accepted epoch (e.g. a closed-form prior update)."""
+
+    def _predict(self, data: Data, scheme: Scheme, gen: torch.Generator):
+        """-> (params (bounded, working units), std, cluster_probs or None) as numpy."""
+        raise NotImplementedError
+
+    def hyper(self) -> dict:
+        return {k: getattr(self, k) for k in self.hyper_names}
+
+    def settings(self) -> dict:
+        return {**super().settings(), **self.hyper()}
+
+    # ---------------------------------------------------------------- fit / apply
+    def fit(self, signals: np.ndarray, acquisition: Acquisition) -> FitResult:
+        signals = self._check_inputs(signals, acquisition)
+        device = resolve_device(self.device)
+        scale = signal_scale(signals, acquisition)
+        sigma_in = noise_sigma_from_b0(signals, acquisition)
+        sigma_w = None if sigma_in is None else sigma_in / scale
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            net = self._build(acquisition, sigma_w).to(device)
+            self.net = net
+            scheme = Scheme.build(self.model, acquisition, self._reduce(), device)
+            data = self._prepare(signals / scale, acquisition, scheme, device, calibrate=True)
+            history = self._train(data, scheme)
+        result = self._result(data, scheme, scale)
+        self.trained = {
+            "fingerprint": acquisition.fingerprint(),
+            "bvals": acquisition.bvals.tolist(),
+            "bvecs": acquisition.bvecs.tolist(),
+            "signal_scale": scale,
+            "noise_sigma": result.noise_sigma,
+            "noise_sigma_source": "b0" if sigma_in is not None else "learned",
+        }
+        result.history = history
+        return result
+
+    def apply(self, signals: np.ndarray, acquisition: Acquisition, *,
+              allow_other_acquisition: bool = False) -> FitResult:
+        """Map new voxels with the trained network (no training).
+
+        The scan's own signal scale (and noise level, when it has >= 2 b=0 volumes) is used,
+        so a scan with another intensity scaling maps the same. A different acquisition is
+        refused unless ``allow_other_acquisition``.
+        """
+        if self.net is None or self.trained is None:
+            raise RuntimeError(f"{self.name}: fit() or load_fitter() first; nothing is trained")
+        signals = self._check_inputs(signals, acquisition)
+        if acquisition.fingerprint() != self.trained["fingerprint"]:
+            if not allow_other_acquisition:
+                raise ValueError(
+                    f"the acquisition (fingerprint {acquisition.fingerprint()}, "
+                    f"{acquisition.n} measurements) differs from the one this model was trained "
+                    f"on (fingerprint {self.trained['fingerprint']}, "
+                    f"{len(self.trained['bvals'])} measurements); retrain on this scan, or pass "
+                    f"allow_other_acquisition=True (--allow-other-acquisition) to apply it anyway"
+                )
+            self._adapt_features(acquisition)
+        device = resolve_device(self.device)
+        self.net.to(device)
+        scale = signal_scale(signals, acquisition)
+        sigma_in = noise_sigma_from_b0(signals, acquisition)
+        if sigma_in is not None and self.trained["noise_sigma_source"] == "b0":
+            self._set_sigma_working(sigma_in / scale)
+        scheme = Scheme.build(self.model, acquisition, self._reduce(), device)
+        data = self._prepare(signals / scale, acquisition, scheme, device, calibrate=False)
+        result = self._result(data, scheme, scale)
+        result.settings["applied"] = True
+        return result
+
+    def _result(self, data: Data, scheme: Scheme, scale: float) -> FitResult:
+        gen = torch.Generator().manual_seed(self.seed + 1)
+        self.net.eval()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed + 1)
+            params, std, probs = self._predict(data, scheme, gen)
+        for p in self.model.parameters:
+            if p.scaled:
+                params[p.name] = params[p.name] * scale
+                if p.name in std:
+                    std[p.name] = std[p.name] * scale
+        return FitResult(
+            model=self.model.name,
+            method=self.name,
+            params={k: np.asarray(v, dtype=np.float32) for k, v in params.items()},
+            std={k: np.asarray(v, dtype=np.float32) for k, v in std.items()},
+            cluster_probs=None if probs is None else np.asarray(probs, dtype=np.float32),
+            settings={**self.settings(), "signal_scale": scale},
+            noise_sigma=_finite_or_none(self._sigma_working() * scale),
+        )
+
+    def _sigma_working(self) -> float:
+        noise = getattr(self.net, "noise", None)
+        return float(noise.sigma.detach()) if noise is not None else float("nan")
+
+    def _set_sigma_working(self, sigma: float) -> None:
+        noise = getattr(self.net, "noise", None)
+        if noise is not None and not noise.learned:
+            noise.log_sigma.fill_(math.log(sigma))
+
+    def _adapt_features(self, acquisition: Acquisition) -> None:
+        """Rebuild the feature map for another acquisition, keeping the trained standardisation."""
+        from mixmap.nn.encoders import FeatureMap
+
+        old = self.net.features
+        new = FeatureMap(self.model, acquisition, extra=old.n_features - old.raw_size)
+        if new.n_features != old.n_features:
+            raise ValueError(
+                f"the trained encoder takes {old.n_features} inputs but this acquisition gives "
+                f"{new.n_features}; it cannot be applied to this scheme, retrain instead"
+            )
+        new.shift.copy_(old.shift)
+        new.spread.copy_(old.spread)
+        new.calibrated.fill_(True)
+        self.net.features = new.to(old.shift.device)
+
+    def _prepare(self, ys: np.ndarray, acq: Acquisition, scheme: Scheme, device,
+                 calibrate: bool) -> Data:
+        y = torch.as_tensor(ys, dtype=torch.float32, device=device)
+        extra = None
+        if self._uses_lsq_features():
+            extra = torch.as_tensor(lsq_features(self.model, ys, acq), device=device)
+        with torch.no_grad():
+            if calibrate:
+                self.net.features.calibrate(y, extra)
+            feats = self.net.features(y, extra)
+            yw, extra_ss = scheme.working_signals(y)
+        return Data(y, yw, extra_ss, feats, extra)
+
+    # ---------------------------------------------------------------- training loop
+    def _train(self, data: Data, scheme: Scheme) -> list[dict]:
+        net = self.net
+        net.train()
+        lr = float(self.lr)
+        opt = torch.optim.Adam(net.parameters(), lr=lr)
+        gen = torch.Generator().manual_seed(self.seed)
+        n = data.n
+        bs = max(1, min(int(self.batch_size), n))
+        history: list[dict] = []
+        best, since_best, bad = math.inf, 0, 0
+        snapshot = None
+        bar = tqdm(range(int(self.epochs)), desc=self.name, disable=self.quiet, leave=False)
+        for epoch in bar:
+            snapshot = (copy.deepcopy(net.state_dict()), copy.deepcopy(opt.state_dict()))
+            perm = torch.randperm(n, generator=gen).to(data.y.device)
+            sums: dict[str, float] = {}
+            seen = 0
+            for start in range(0, n, bs):
+                idx = perm[start : start + bs]
+                loss, terms = self._loss(data.rows(idx), scheme, epoch)
+                ok = bool(torch.isfinite(loss))
+                if ok:
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    ok = all(torch.isfinite(p.grad).all() for p in net.parameters()
+                             if p.grad is not None)
+                if not ok:  # undo: no step is taken; lower the learning rate
+                    bad += 1
+                    lr = self._lower_lr(opt, bad, "a non-finite loss or gradient")
+                    continue
+                opt.step()
+                k = int(idx.numel())
+                seen += k
+                for name, v in terms.items():
+                    sums[name] = sums.get(name, 0.0) + float(v) * k
+            row = {"epoch": epoch, **{k: v / max(seen, 1) for k, v in sums.items()}}
+            diverged = (not all(torch.isfinite(p).all() for p in net.parameters())
+                        or not math.isfinite(row.get("loss", math.nan))
+                        or (math.isfinite(best) and row["loss"] > best + 10 * (1 + abs(best))))
+            if diverged:
+                net.load_state_dict(snapshot[0])
+                opt.load_state_dict(snapshot[1])
+                bad += 1
+                lr = self._lower_lr(opt, bad, "an exploding epoch loss")
+                continue
+            row["lr"] = lr
+            history.append(row)
+            self._end_epoch(data, scheme, epoch)
+            bar.set_postfix(loss=f"{row['loss']:.4g}")
+            if row["loss"] < best - self.tol * (1 + abs(best)):
+                best, since_best = row["loss"], 0
+            else:
+                since_best += 1
+            if epoch + 1 >= self.min_epochs and since_best >= self.patience:
+                break
+        bar.close()
+        return history
+
+    def _lower_lr(self, opt, bad: int, what: str) -> float:
+        lr = opt.param_groups[0]["lr"] / 2
+        if bad > MAX_BAD_STEPS:
+            raise TrainingDiverged(
+                f"{self.name}: training diverged ({what}, {bad} times) although each bad step "
+                f"was undone and the learning rate lowered to {lr:.2g}; try a smaller --lr, a "
+                f"smaller --batch-size, or check the input signals for outliers"
+            )
+        for g in opt.param_groups:
+            g["lr"] = lr
+        log.warning("%s: %s; step undone, learning rate lowered to %.3g", self.name, what, lr)
+        return lr
+
+    # ---------------------------------------------------------------- save
+    def save(self, path: str | Path) -> Path:
+        """Write the trained fitter to folder ``path``: ``weights.safetensors`` and
+        ``config.json`` (no pickle). Load it with :func:`mixmap.io.checkpoint.load_fitter`."""
+        from mixmap.io.checkpoint import save_fitter
+
+        return save_fitter(self, path)
+
+
+# -------------------------------------------------------------------------------------- ssl
+CONFIGS: dict[str, dict] = {
+    "paper": dict(hidden=None, n_layers=3, epochs=200, batch_size=256, lr=1e-3, patience=20,
+                  tol=1e-4, min_epochs=20),
+}
+CONFIGS["default"] = CONFIGS["paper"]
+
+
+class _Identity(nn.Module):
+    """Encoder inputs of the baseline: the signals in working units, unchanged (a feature map
+    with the interface of :class:`~mixmap.nn.encoders.FeatureMap`)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n_features = n
+        self.raw_size = n
+
+    def calibrate(self, y, extra=None) -> None:
+        pass
+
+    def forward(self, y, extra=None):
+        return y
+
+
+class SelfSupervisedNet(nn.Module):
+    def __init__(self, n_meas: int, hidden: int, n_layers: int, n_out: int) -> None:
+        super().__init__()
+        self.features = _Identity(n_meas)
+        self.body = mlp(n_meas, hidden, n_layers, n_out)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return self.body(y)
+
+
+class SelfSupervisedFitter(LearnedFitter):
+    """Voxelwise self-supervised fitting: signals -> network -> bounded parameters -> physics,
+    trained on the MSE of the signal over all voxels (mini-batches, Adam).
+
+    Parameters (None means "the configuration's value")
+    ----------
+    config
+        ``paper`` (= ``default``): 3 hidden layers of width n_meas.
+    hidden
+        Hidden width (default: the number of measurements).
+    epochs, batch_size, lr
+        At most ``epochs`` passes of Adam; stops when the loss has not improved by ``tol``
+        (relative) for ``patience`` epochs.
+    """
+
+    name = "ssl"
+    hyper_names = ("config", "hidden", "n_layers", "epochs", "batch_size", "lr", "patience",
+                   "tol", "min_epochs")
+
+    def __init__(
+        self,
+        model: SignalModel | str,
+        *,
+        config: str = "default",
+        hidden: int | None = None,
+        n_layers: int | None = None,
+        epochs: int | None = None,
+        batch_size: int | None = None,
+        lr: float | None = None,
+        patience: int | None = None,
+        tol: float | None = None,
+        min_epochs: int | None = None,
+        device: str = "cpu",
+        seed: int = 0,
+        quiet: bool = True,
+    ) -> None:
+        super().__init__(model, device=device, seed=seed, quiet=quiet)
+        config = config or "default"
+        if config not in CONFIGS:
+            raise ValueError(f"unknown config {config!r}; choose one of: {', '.join(CONFIGS)}")
+        given = dict(hidden=hidden, n_layers=n_layers, epochs=epochs, batch_size=batch_size,
+                     lr=lr, patience=patience, tol=tol, min_epochs=min_epochs)
+        self.config = config
+        for k, v in given.items():
+            setattr(self, k, CONFIGS[config][k] if v is None else v)
+        if not self.lr > 0 or int(self.epochs) < 1 or int(self.batch_size) < 1:
+            raise ValueError("lr must be > 0, epochs and batch_size >= 1")
+
+    def _build(self, acq: Acquisition, sigma: float | None) -> nn.Module:
+        hidden = int(self.hidden or acq.n)
+        return SelfSupervisedNet(acq.n, hidden, int(self.n_layers), self.model.n_unbounded)
+
+    def _signals(self, batch: Data, scheme: Scheme) -> torch.Tensor:
+        u = self.net(batch.feats)
+        return self.model.forward(self.model.split(u), scheme.work)
+
+    def _mse(self, batch: Data, scheme: Scheme) -> torch.Tensor:
+        """Mean squared error over all original measurements, per voxel (n,)."""
+        r2 = (self._signals(batch, scheme) - batch.yw) ** 2
+        if scheme.weights is not None:
+            r2 = r2 * scheme.weights
+        ss = r2.sum(-1)
+        if batch.extra_ss is not None:
+            ss = ss + batch.extra_ss
+        return ss / scheme.n_meas
+
+    def _loss(self, batch: Data, scheme: Scheme, epoch: int):
+        mse = self._mse(batch, scheme).mean()
+        return mse, {"loss": mse.detach(), "mse": mse.detach()}
+
+    def _sigma_working(self) -> float:
+        return float(getattr(self, "_rms", float("nan")))
+
+    def _predict(self, data: Data, scheme: Scheme, gen: torch.Generator):
+        with torch.no_grad():
+            u = self.net(data.feats)
+            params = self.model.split(u)
+            mse = self._mse(data, scheme)
+        self._rms = float(mse.mean().sqrt())
+        return {k: v.cpu().numpy() for k, v in params.items()}, {}, None
+
+
+__all__ = ["SelfSupervisedFitter"]

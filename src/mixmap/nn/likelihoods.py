@@ -1,0 +1,101 @@
+"""Noise models p(x | signal) shared by the learned fitters: Gaussian and Rician.
+
+Both take the noise standard deviation σ in the fitter's working units (signals divided by the
+scan's signal scale). σ is either fixed (estimated from repeated b=0 volumes) or learned, as an
+unconstrained log σ trained with everything else.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+LIKELIHOODS = ("gaussian", "rician")
+
+
+def gaussian_loglik(
+    y: torch.Tensor,
+    s: torch.Tensor,
+    sigma: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    extra_ss: torch.Tensor | None = None,
+    n_meas: int | None = None,
+) -> torch.Tensor:
+    """Σ_j log N(y_j; s_j, σ²) per voxel.
+
+    ``y`` (n, m), ``s`` (..., n, m) broadcast against y; returns (..., n). With ``weights``
+    (m,) the columns are shell means that stand for ``weights`` measurements each, and
+    ``extra_ss`` (n,) is the within-shell scatter Σ (y_j − ȳ_b)² that no parameter explains:
+    then the result equals the log-likelihood of all ``n_meas`` original measurements.
+    """
+    r2 = (y - s) ** 2
+    if weights is not None:
+        r2 = r2 * weights
+    ss = r2.sum(-1)
+    m = y.shape[-1] if n_meas is None else n_meas
+    if extra_ss is not None:
+        ss = ss + extra_ss
+    return -0.5 * ss / sigma**2 - m * torch.log(sigma) - 0.5 * m * math.log(2 * math.pi)
+
+
+def rician_loglik(y: torch.Tensor, s: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Σ_j log Rice(y_j; ν = s_j, σ) per voxel, (..., n).
+
+    log p = log y − 2 log σ − (y − ν)²/(2σ²) + log I0e(yν/σ²), using the exponentially scaled
+    Bessel function I0e(z) = e^{−z} I0(z) so that large yν/σ² neither overflows nor loses the
+    Gaussian limit.
+    """
+    y = y.clamp_min(1e-8)
+    nu = s.abs()
+    z = y * nu / sigma**2
+    lp = (
+        torch.log(y)
+        - 2 * torch.log(sigma)
+        - (y - nu) ** 2 / (2 * sigma**2)
+        + torch.log(torch.special.i0e(z))
+    )
+    return lp.sum(-1)
+
+
+class NoiseModel(nn.Module):
+    """A likelihood with its noise level: fixed σ (a buffer) or learned log σ (a parameter).
+
+    Parameters
+    ----------
+    kind
+        ``gaussian`` or ``rician``.
+    sigma
+        Noise standard deviation in working units, or None to learn it (starting at
+        ``sigma_init``).
+    """
+
+    def __init__(self, kind: str = "gaussian", sigma: float | None = None,
+                 sigma_init: float = 0.05) -> None:
+        super().__init__()
+        if kind not in LIKELIHOODS:
+            raise ValueError(
+                f"unknown likelihood {kind!r}; choose one of: {', '.join(LIKELIHOODS)}"
+            )
+        self.kind = kind
+        self.learned = sigma is None
+        value = torch.tensor(math.log(sigma if sigma is not None else sigma_init))
+        if self.learned:
+            self.log_sigma = nn.Parameter(value)
+        else:
+            self.register_buffer("log_sigma", value)
+
+    @property
+    def sigma(self) -> torch.Tensor:
+        return self.log_sigma.exp()
+
+    def forward(self, y: torch.Tensor, s: torch.Tensor, *, weights=None, extra_ss=None,
+                n_meas=None) -> torch.Tensor:
+        """Log-likelihood per voxel, (..., n). For ``rician`` the signals must be the full
+        measurements (no shell averaging), so ``weights`` must be None."""
+        if self.kind == "gaussian":
+            return gaussian_loglik(y, s, self.sigma, weights, extra_ss, n_meas)
+        if weights is not None:
+            raise ValueError("the Rician likelihood needs every measurement, not shell means")
+        return rician_loglik(y, s, self.sigma)

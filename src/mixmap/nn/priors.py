@@ -1,0 +1,72 @@
+"""Priors over the latent space: N(0, I) (VAE-UniG) and a learned Gaussian mixture (VAE-GMM).
+
+Both expose the same interface, a mixture with K components (K = 1 for N(0, I)): component
+means and log standard deviations (diagonal covariance), log mixing weights, the marginal
+log density, and the closed-form KL from a full-covariance Gaussian q to each component.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class MixturePrior(nn.Module):
+    """p(y) = Categorical(π), p(z|y) = N(μ_y, diag σ_y²), all learned.
+
+    ``init_means`` (K, d) places the components; the default spreads them on a small random
+    set so that the encoder can assign voxels to different ones from the first epoch.
+    """
+
+    def __init__(self, latent_dim: int, n_components: int, *, learned: bool = True,
+                 init_means: torch.Tensor | None = None, init_log_std: float = 0.0) -> None:
+        super().__init__()
+        self.latent_dim = int(latent_dim)
+        self.n_components = int(n_components)
+        mu = (torch.zeros(n_components, latent_dim) if init_means is None
+              else torch.as_tensor(init_means, dtype=torch.float32).clone())
+        log_std = torch.full((n_components, latent_dim), float(init_log_std))
+        logits = torch.zeros(n_components)
+        self.learned = bool(learned)
+        if learned:
+            self.mu = nn.Parameter(mu)
+            self.log_std = nn.Parameter(log_std)
+            self.logits = nn.Parameter(logits)
+        else:
+            self.register_buffer("mu", mu)
+            self.register_buffer("log_std", log_std)
+            self.register_buffer("logits", logits)
+
+    def log_pi(self) -> torch.Tensor:
+        """(K,) log mixing weights."""
+        return torch.log_softmax(self.logits, 0)
+
+    def component_log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        """log N(z; μ_k, σ_k²) for every component: z (..., d) -> (..., K)."""
+        d = (z[..., None, :] - self.mu) / self.log_std.exp()
+        return (-0.5 * d * d - self.log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        """Marginal log p(z) = logsumexp_k [log π_k + log N(z; μ_k, σ_k²)], (...,)."""
+        return torch.logsumexp(self.component_log_prob(z) + self.log_pi(), -1)
+
+    def kl_from(self, mu_q: torch.Tensor, chol_q: torch.Tensor) -> torch.Tensor:
+        """KL(N(μ_q, L Lᵀ) || N(μ_k, diag σ_k²)) for q given per component.
+
+        ``mu_q`` (n, K, d), ``chol_q`` (n, K, d, d) lower-triangular with positive diagonal;
+        returns (n, K).
+        """
+        var_p = (2 * self.log_std).exp()  # (K, d)
+        trace = (chol_q**2 / var_p[None, :, :, None]).sum((-1, -2))
+        diff = self.mu - mu_q
+        maha = (diff * diff / var_p).sum(-1)
+        logdet_q = 2 * torch.log(torch.diagonal(chol_q, dim1=-2, dim2=-1)).sum(-1)
+        logdet_p = 2 * self.log_std.sum(-1)
+        return 0.5 * (trace + maha - self.latent_dim + logdet_p - logdet_q)
+
+
+def standard_normal_prior(latent_dim: int) -> MixturePrior:
+    """The fixed N(0, I) prior of VAE-UniG, as a one-component mixture."""
+    return MixturePrior(latent_dim, 1, learned=False)
