@@ -1,0 +1,67 @@
+"""Simulation presets: the paper's mixture, noise models, the brain layout, files on disk."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from mixmap.io import load_dwi
+from mixmap.simulate import PRESETS, brain_layout, simulate, simulate_brain, write_simulation
+
+
+def test_paper_preset_statistics():
+    sim = simulate("paper-msdki", "hcp", snr=20, seed=0)
+    assert sim.signals.shape == (10000, 288) and sim.signals.dtype == np.float32
+    frac = np.bincount(sim.labels, minlength=3) / sim.labels.size
+    np.testing.assert_allclose(frac, np.array([0.5, 0.4, 1.0]) / 1.9, atol=0.015)
+    wm = sim.labels == 0
+    assert abs(sim.truth["D"][wm].mean() - 1.0) < 0.02
+    assert abs(sim.truth["K"][wm].var() - 0.1) < 0.01
+    csf = sim.labels == 2
+    assert abs(sim.truth["D"][csf].var() - 0.01) < 0.002
+    np.testing.assert_array_equal(sim.truth["S0"], 1.0)
+
+
+@pytest.mark.parametrize("noise", ["gaussian", "rician"])
+def test_noise_level(noise):
+    sim = simulate("paper-msdki", "hcp", snr=25, n_voxels=2000, noise=noise, seed=1)
+    b0 = sim.signals[:, sim.acquisition.b0_mask]
+    # At b=0 (S0 = 1, SNR 25) Rician noise is nearly Gaussian with the same sigma.
+    assert np.std(b0) == pytest.approx(1 / 25, rel=0.05)
+    if noise == "rician":
+        assert (sim.signals >= 0).all()
+
+
+def test_truth_inside_bounds_for_every_preset():
+    from mixmap.models import get_model
+
+    for name, preset in PRESETS.items():
+        sim = simulate(name, "hcp", n_voxels=3000, seed=2)
+        model = get_model(preset.model)
+        for p in model.parameters:
+            if not p.is_direction:
+                assert (sim.truth[p.name] >= p.lower).all() and (
+                    sim.truth[p.name] <= p.upper).all(), (name, p.name)
+
+
+def test_brain_layout_is_brain_sized():
+    labels = brain_layout()
+    n = np.bincount(labels[labels >= 0])
+    assert 800_000 < n.sum() < 1_000_000  # about an HCP brain mask
+    assert n[0] > n[1] > 0 and n[2] > 0
+
+
+def test_brain_simulation_round_trips_through_nifti(tmp_path):
+    sim = simulate_brain("ball-stick", "clinical", shape=(24, 28, 20), snr=30)
+    write_simulation(sim, tmp_path / "b")
+    data = load_dwi(tmp_path / "b" / "dwi.nii.gz", tmp_path / "b" / "dwi.bval",
+                    tmp_path / "b" / "dwi.bvec", tmp_path / "b" / "mask.nii.gz")
+    np.testing.assert_array_equal(data.mask, sim.mask)
+    np.testing.assert_allclose(data.signals, sim.signals)
+    f = nib.load(tmp_path / "b" / "truth" / "param-f.nii.gz").get_fdata()
+    np.testing.assert_allclose(f[sim.mask], sim.truth["f"], rtol=1e-6)
+    info = json.loads((tmp_path / "b" / "simulation.json").read_text())
+    assert info["layout"] == "brain" and info["shape"] == [24, 28, 20]
