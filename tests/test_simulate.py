@@ -65,3 +65,23 @@ def test_brain_simulation_round_trips_through_nifti(tmp_path):
     np.testing.assert_allclose(f[sim.mask], sim.truth["f"], rtol=1e-6)
     info = json.loads((tmp_path / "b" / "simulation.json").read_text())
     assert info["layout"] == "brain" and info["shape"] == [24, 28, 20]
+
+
+def test_rows_are_in_c_order_of_the_mask_with_and_without_mask(tmp_path):
+    """Rows must come back in the order vectors_to_volume scatters them (a multi-slice scan)."""
+    rng = np.random.default_rng(0)
+    vol = rng.uniform(1, 2, (5, 4, 3, 7)).astype(np.float32)
+    vol[0, 0, 0] = 0  # no signal: outside the automatic mask
+    mask = np.ones((5, 4, 3), bool)
+    mask[1, 2, 0] = False
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), tmp_path / "d.nii.gz")
+    nib.save(nib.Nifti1Image(mask.astype(np.uint8), np.eye(4)), tmp_path / "m.nii.gz")
+    np.savetxt(tmp_path / "b", [[0, 1000, 1000, 1000, 2000, 2000, 2000]], fmt="%g")
+    np.savetxt(tmp_path / "v", np.c_[np.zeros(3), np.eye(3), np.eye(3)], fmt="%g")
+    with_mask = load_dwi(tmp_path / "d.nii.gz", tmp_path / "b", tmp_path / "v",
+                         tmp_path / "m.nii.gz")
+    np.testing.assert_array_equal(with_mask.signals, vol[mask])
+    auto = load_dwi(tmp_path / "d.nii.gz", tmp_path / "b", tmp_path / "v")
+    expected = vol[:, :, :, 0] > 0
+    np.testing.assert_array_equal(auto.mask, expected)
+    np.testing.assert_array_equal(auto.signals, vol[expected])

@@ -110,24 +110,45 @@ def load_dwi(
             raise InputError(f"{mask}: the mask selects no voxels; give a mask of the brain")
 
     b0 = acq.b0_mask
-    rows: list[np.ndarray] = []
-    final_mask = np.zeros(grid, dtype=bool)
-    n_dropped = 0
     proxy = img.dataobj
-    for z in range(grid[2]):
-        slab = np.asarray(proxy[:, :, z, :], dtype=np.float32)  # (x, y, m)
-        if given_mask is not None:
-            sel = given_mask[:, :, z].copy()
-        else:
+    # Slabs along z (the slowest axis on disk, so a .nii.gz is decompressed once); rows are
+    # placed in C order of the mask, the order that vectors_to_volume scatters them back in.
+    if given_mask is not None:
+        n_sel = int(given_mask.sum())
+        pos = (np.cumsum(given_mask.ravel()) - 1).reshape(grid)
+        signals = np.empty((n_sel, n_vol), dtype=np.float32)
+        finite_rows = np.ones(n_sel, dtype=bool)
+        for z in range(grid[2]):
+            sel = given_mask[:, :, z]
+            if not sel.any():
+                continue
+            slab = np.asarray(proxy[:, :, z, :], dtype=np.float32)
+            idx = pos[:, :, z][sel]
+            rows = slab[sel]
+            signals[idx] = rows
+            finite_rows[idx] = np.isfinite(rows).all(1)
+        final_mask = given_mask.copy()
+        n_dropped = int((~finite_rows).sum())
+        if n_dropped:
+            signals = signals[finite_rows]
+            final_mask[given_mask] = finite_rows
+    else:
+        n_dropped = 0
+        final_mask = np.zeros(grid, dtype=bool)
+        parts: list[np.ndarray] = []
+        for z in range(grid[2]):
+            slab = np.asarray(proxy[:, :, z, :], dtype=np.float32)
             ref = slab[..., b0].mean(-1) if b0.any() else slab.mean(-1)
             with np.errstate(invalid="ignore"):
-                sel = ref > 0
-        finite = np.isfinite(slab).all(-1)
-        n_dropped += int((sel & ~finite).sum()) if given_mask is not None else 0
-        sel &= finite
-        final_mask[:, :, z] = sel
-        rows.append(slab[sel])
-    signals = np.concatenate(rows, 0) if rows else np.zeros((0, n_vol), np.float32)
+                sel = (ref > 0) & np.isfinite(slab).all(-1)
+            final_mask[:, :, z] = sel
+            parts.append(slab[sel])
+        signals = np.concatenate(parts, 0) if parts else np.zeros((0, n_vol), np.float32)
+        del parts
+        # z-major order -> C order of the mask
+        zz, xx, yy = np.nonzero(final_mask.transpose(2, 0, 1))  # the order rows were read in
+        order = np.argsort(np.ravel_multi_index((xx, yy, zz), grid), kind="stable")
+        signals = signals[order]
     if n_dropped:
         log.warning("%s: %d masked voxels hold NaN or Inf and were left out (NaN in the maps)",
                     dwi, n_dropped)
