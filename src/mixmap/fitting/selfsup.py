@@ -332,7 +332,7 @@ class LearnedFitter(Fitter):
             history.append(row)
             self._end_epoch(data, scheme, epoch)
             bar.set_postfix(loss=f"{row['loss']:.4g}")
-            if row["loss"] < best - self.tol * (1 + abs(best)):
+            if row["loss"] < best - self.tol * (abs(best) if math.isfinite(best) else 1.0):
                 best, since_best = row["loss"], 0
             else:
                 since_best += 1
@@ -365,8 +365,8 @@ class LearnedFitter(Fitter):
 
 # -------------------------------------------------------------------------------------- ssl
 CONFIGS: dict[str, dict] = {
-    "paper": dict(hidden=None, n_layers=3, epochs=200, batch_size=256, lr=1e-3, patience=20,
-                  tol=1e-4, min_epochs=20),
+    "paper": dict(hidden=None, n_layers=3, epochs=100, batch_size=256, lr=1e-3, patience=15,
+                  tol=1e-3, min_epochs=30),
 }
 CONFIGS["default"] = CONFIGS["paper"]
 

@@ -41,13 +41,13 @@ CONFIGS: dict[str, dict] = {
                     likelihood="gaussian", n_samples=32, full_cov=True, lsq_features=True,
                     shell_features=True, decoder=None, y_inference="exact", refine_steps=100,
                     refine_lr=0.02, posterior="is", patience=30, tol=1e-4, min_epochs=100,
-                    prior_update="em"),
+                    prior_update="em", prior_space="bounded"),
     "paper": dict(latent_dim=4, n_components=4, hidden=256, n_layers=2, epochs=300,
                   batch_size=256, lr=1e-3, kl_weight=1.0, warmup_epochs=0,
                   likelihood="gaussian", n_samples=32, full_cov=False, lsq_features=False,
                   shell_features=False, decoder="linear", y_inference="gumbel", refine_steps=0,
                   refine_lr=0.02, posterior="q", patience=20, tol=1e-4, min_epochs=40,
-                  prior_update="grad"),
+                  prior_update="grad", prior_space="latent"),
 }
 
 #: Gumbel-softmax temperature (straight-through, so the forward pass uses one component).
@@ -105,7 +105,7 @@ class VAEFitter(LearnedFitter):
                    "epochs", "batch_size", "lr", "kl_weight", "warmup_epochs", "likelihood",
                    "n_samples", "full_cov", "lsq_features", "shell_features", "decoder",
                    "y_inference", "refine_steps", "refine_lr", "posterior", "patience", "tol",
-                   "min_epochs", "prior_update")
+                   "min_epochs", "prior_update", "prior_space")
 
     def __init__(
         self,
@@ -136,6 +136,7 @@ class VAEFitter(LearnedFitter):
         tol: float | None = None,
         min_epochs: int | None = None,
         prior_update: str | None = None,
+        prior_space: str | None = None,
         device: str = "cpu",
         seed: int = 0,
         quiet: bool = True,
@@ -153,7 +154,7 @@ class VAEFitter(LearnedFitter):
                      shell_features=shell_features, decoder=decoder, y_inference=y_inference,
                      refine_steps=refine_steps, refine_lr=refine_lr, posterior=posterior,
                      patience=patience, tol=tol, min_epochs=min_epochs,
-                     prior_update=prior_update)
+                     prior_update=prior_update, prior_space=prior_space)
         self.config = config
         self.prior = prior
         for k, v in given.items():
@@ -175,6 +176,8 @@ class VAEFitter(LearnedFitter):
                              f"{', '.join(LIKELIHOODS)}")
         if self.y_inference not in ("exact", "gumbel"):
             raise ValueError(f"unknown y_inference {self.y_inference!r}; use 'exact' or 'gumbel'")
+        if self.prior_space not in ("bounded", "latent"):
+            raise ValueError(f"unknown prior_space {self.prior_space!r}; use bounded or latent")
         if self.prior_update not in ("em", "grad"):
             raise ValueError(f"unknown prior_update {self.prior_update!r}; use 'em' or 'grad'")
         if self.posterior not in ("is", "q"):
@@ -208,7 +211,11 @@ class VAEFitter(LearnedFitter):
             prior = standard_normal_prior(self.latent_dim)
         else:
             init = torch.randn(self.n_components, self.latent_dim)
-            prior = MixturePrior(self.latent_dim, self.n_components, init_means=init)
+            lower = upper = None
+            if self.prior_space == "bounded" and self.decoder == "identity":
+                lower, upper = latent_bounds(self.model)
+            prior = MixturePrior(self.latent_dim, self.n_components, init_means=init,
+                                 lower=lower, upper=upper)
             if self.prior_update == "em":  # set in closed form after each epoch, not by Adam
                 for p in prior.parameters():
                     p.requires_grad_(False)
@@ -245,13 +252,15 @@ class VAEFitter(LearnedFitter):
                 # component on its cluster in latent coordinates.
                 x = bounded_matrix(self.model, self.model.split(u))
                 _, _, labels = kmeans(x, self.n_components, seed=self.seed)
-                z = net.decoder.inverse(u)
+                z = net.prior.to_prior_space(net.decoder.inverse(u))
                 centres, spread = cluster_moments(z, labels, self.n_components)
+                floor = 0.05 * torch.where(net.prior.bounded, net.prior.span, 1.0)
+                spread = torch.maximum(spread, floor)
             else:
                 z = torch.randn(u.shape[0], self.latent_dim, device=u.device)
                 centres, spread, _ = kmeans(z, self.n_components, seed=self.seed)
             net.prior.mu.copy_(centres)
-            net.prior.log_std.copy_(spread.clamp(0.05, 1.0).log())
+            net.prior.log_std.copy_(spread.clamp(1e-3, 1.0).log())
 
     # ---------------------------------------------------------------- loss
     def _base(self, batch: Data) -> torch.Tensor | None:
@@ -277,7 +286,7 @@ class VAEFitter(LearnedFitter):
         net = self.net
         log_qy = torch.log_softmax(logits, -1)  # (n, K)
         qy = log_qy.exp()
-        kl_comp = net.prior.kl_from(mu, L)  # (n, K)
+        kl_comp = net.prior.kl_from(mu, L) if net.prior.analytic else None  # (n, K)
         kl_y = (qy * (log_qy - net.prior.log_pi())).sum(-1)
         n, K, d = mu.shape
         if gumbel and K > 1:
@@ -287,12 +296,19 @@ class VAEFitter(LearnedFitter):
             L_sel = (c[..., None, None] * L).sum(1)
             z = m_sel + (L_sel @ eps[..., None])[..., 0]  # (S, n, d)
             recon = self._loglik(net.decoder(z), batch, scheme).mean(0)
+            if kl_comp is None:  # -H(q_k) - E log p(z|k), the expectation by the same draws
+                lp = net.prior.component_log_prob(z).mean(0)  # (n, K)
+                kl_comp = -gaussian_entropy(L) - lp
             return recon, (c * kl_comp).sum(-1), kl_y
         eps = torch.randn(n_draws, K, n, d, device=mu.device)
         muk, Lk = mu.transpose(0, 1), L.transpose(0, 1)  # (K, n, d), (K, n, d, d)
         z = muk + (Lk @ eps[..., None])[..., 0]  # (S, K, n, d)
         ll = self._loglik(net.decoder(z), batch, scheme).mean(0)  # (K, n)
         recon = (qy * ll.T).sum(-1)
+        if kl_comp is None:  # -H(q_k) - E log p(z|y=k), the expectation by the same draws
+            lp = net.prior.component_log_prob(z)  # (S, K, n, K')
+            own = torch.diagonal(lp.mean(0), dim1=0, dim2=-1)  # (n, K)
+            kl_comp = -gaussian_entropy(L) - own
         return recon, (qy * kl_comp).sum(-1), kl_y
 
     def _loss(self, batch: Data, scheme: Scheme, epoch: int):
@@ -317,7 +333,13 @@ class VAEFitter(LearnedFitter):
             for start in range(0, data.n, PREDICT_CHUNK):
                 logits, mu, L = self._encode(data.rows(slice(start, start + PREDICT_CHUNK)))
                 r = torch.softmax(logits, -1)  # (n, K)
-                var_q = (L * L).sum(-1)  # (n, K, d) diagonal of L Lᵀ
+                prior = self.net.prior
+                if prior.analytic:
+                    var_q = (L * L).sum(-1)  # (n, K, d) diagonal of L Lᵀ
+                else:  # moments of q in the prior's coordinates, by sampling
+                    eps = torch.randn(16, *mu.shape, device=mu.device)
+                    x = prior.to_prior_space(mu + (L @ eps[..., None])[..., 0])
+                    mu, var_q = x.mean(0), x.var(0)
                 stats.append((r, mu, var_q))
             r = torch.cat([s[0] for s in stats])
             mu = torch.cat([s[1] for s in stats])
@@ -438,6 +460,27 @@ def mixture_log_prob(z: torch.Tensor, log_qy: torch.Tensor, mu: torch.Tensor,
     logdet = torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1)  # (n, K)
     comp = -0.5 * (x * x).sum(-1) - logdet - 0.5 * d * math.log(2 * math.pi)
     return torch.logsumexp(comp + log_qy, -1)
+
+
+def gaussian_entropy(L: torch.Tensor) -> torch.Tensor:
+    """Entropy of N(·, L Lᵀ) for L (..., d, d) lower-triangular: (...,)."""
+    d = L.shape[-1]
+    logdet = torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1)
+    return 0.5 * d * (1 + math.log(2 * math.pi)) + logdet
+
+
+def latent_bounds(model: SignalModel) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lower, upper) per unbounded coordinate of the model: the parameter's bounds for a
+    scalar, NaN (unbounded) for the components of a direction."""
+    lo, hi = [], []
+    for p in model.parameters:
+        if p.is_direction:
+            lo += [float("nan")] * p.size
+            hi += [float("nan")] * p.size
+        else:
+            lo.append(p.lower)
+            hi.append(p.upper)
+    return torch.tensor(lo), torch.tensor(hi)
 
 
 def bounded_matrix(model: SignalModel, params: dict) -> torch.Tensor:

@@ -18,11 +18,28 @@ class MixturePrior(nn.Module):
 
     ``init_means`` (K, d) places the components; the default spreads them on a small random
     set so that the encoder can assign voxels to different ones from the first epoch.
+
+    ``lower``/``upper`` (d,), when given, make the Gaussians live in *bounded* coordinates
+    θ = lower + (upper − lower)·sigmoid(z) (NaN bounds: that coordinate stays unbounded), with
+    the Jacobian of the map included, so that p(z) is still a density over z. A Gaussian in the
+    unbounded coordinate with a large variance piles its mass on the bounds; one in bounded
+    coordinates does not, which matters where the data leave a parameter weakly determined.
+    The KL to such a component has no closed form (see :attr:`analytic`).
     """
 
     def __init__(self, latent_dim: int, n_components: int, *, learned: bool = True,
-                 init_means: torch.Tensor | None = None, init_log_std: float = 0.0) -> None:
+                 init_means: torch.Tensor | None = None, init_log_std: float = 0.0,
+                 lower: torch.Tensor | None = None, upper: torch.Tensor | None = None) -> None:
         super().__init__()
+        lo = torch.full((latent_dim,), float("nan")) if lower is None else torch.as_tensor(
+            lower, dtype=torch.float32)
+        hi = torch.full((latent_dim,), float("nan")) if upper is None else torch.as_tensor(
+            upper, dtype=torch.float32)
+        bounded = torch.isfinite(lo) & torch.isfinite(hi)
+        self.register_buffer("bounded", bounded)
+        self.register_buffer("lo", torch.where(bounded, lo, torch.zeros_like(lo)))
+        self.register_buffer("span", torch.where(bounded, hi - lo, torch.ones_like(lo)))
+        self.analytic = not bool(bounded.any())
         self.latent_dim = int(latent_dim)
         self.n_components = int(n_components)
         mu = (torch.zeros(n_components, latent_dim) if init_means is None
@@ -43,10 +60,25 @@ class MixturePrior(nn.Module):
         """(K,) log mixing weights."""
         return torch.log_softmax(self.logits, 0)
 
+    def to_prior_space(self, z: torch.Tensor) -> torch.Tensor:
+        """The coordinates the Gaussians live in: bounded where bounds were given."""
+        if self.analytic:
+            return z
+        return torch.where(self.bounded, self.lo + self.span * torch.sigmoid(z), z)
+
+    def log_jacobian(self, z: torch.Tensor) -> torch.Tensor:
+        """log |dθ/dz| summed over coordinates, (...,)."""
+        if self.analytic:
+            return z.new_zeros(z.shape[:-1])
+        lj = torch.log(self.span) + nn.functional.logsigmoid(z) + nn.functional.logsigmoid(-z)
+        return torch.where(self.bounded, lj, torch.zeros_like(lj)).sum(-1)
+
     def component_log_prob(self, z: torch.Tensor) -> torch.Tensor:
-        """log N(z; μ_k, σ_k²) for every component: z (..., d) -> (..., K)."""
-        d = (z[..., None, :] - self.mu) / self.log_std.exp()
-        return (-0.5 * d * d - self.log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+        """log p(z | y=k) for every component: z (..., d) -> (..., K)."""
+        x = self.to_prior_space(z)
+        d = (x[..., None, :] - self.mu) / self.log_std.exp()
+        lp = (-0.5 * d * d - self.log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+        return lp + self.log_jacobian(z)[..., None]
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
         """Marginal log p(z) = logsumexp_k [log π_k + log N(z; μ_k, σ_k²)], (...,)."""
@@ -56,8 +88,10 @@ class MixturePrior(nn.Module):
         """KL(N(μ_q, L Lᵀ) || N(μ_k, diag σ_k²)) for q given per component.
 
         ``mu_q`` (n, K, d), ``chol_q`` (n, K, d, d) lower-triangular with positive diagonal;
-        returns (n, K).
+        returns (n, K). Only for priors in the latent coordinates (:attr:`analytic`).
         """
+        if not self.analytic:
+            raise ValueError("a bounded-coordinate prior has no closed-form KL; sample it")
         var_p = (2 * self.log_std).exp()  # (K, d)
         trace = (chol_q**2 / var_p[None, :, :, None]).sum((-1, -2))
         diff = self.mu - mu_q
