@@ -1,0 +1,202 @@
+"""Figures: truth against estimate per cluster, map panels, loss curves, latent space.
+
+Every function returns a matplotlib :class:`~matplotlib.figure.Figure` built on the Agg backend
+(no display needed) and saves nothing: callers write it (e.g. ``AtomicOutput.figure``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from matplotlib.figure import Figure
+
+#: Colours of clusters 0, 1, ... (matplotlib's tab10).
+CLUSTER_COLOURS = [
+    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
+    "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
+]
+
+
+def _figure(nrows: int, ncols: int, size: tuple[float, float]) -> tuple[Figure, np.ndarray]:
+    # Figure() without pyplot: Agg canvas, nothing global, no display needed.
+    fig = Figure(figsize=size, layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    return fig, axes
+
+
+def _colour(i: int) -> str:
+    return CLUSTER_COLOURS[i % len(CLUSTER_COLOURS)]
+
+
+def _is_direction(a: np.ndarray) -> bool:
+    return a.ndim == 2 and a.shape[1] == 3
+
+
+def scatter_truth_vs_estimate(
+    truth: dict[str, np.ndarray],
+    estimates: dict[str, dict[str, np.ndarray]],
+    labels: np.ndarray | None,
+    cluster_names: list[str] | None,
+    params: list[str] | None = None,
+    *,
+    max_points: int = 20000,
+    seed: int = 0,
+) -> Figure:
+    """The paper's Fig. 1: rows = methods, columns = parameters, estimate against truth.
+
+    Points are coloured by cluster, the identity line is dashed, and each panel's title gives
+    the method, the parameter and the RMSE over all finite estimates. ``params`` defaults to
+    the scalar parameters in ``truth`` that every method estimates. Above ``max_points`` voxels
+    a random subset is drawn (the RMSE uses all).
+    """
+    if params is None:
+        params = [p for p in truth if not _is_direction(np.asarray(truth[p]))
+                  and all(p in e for e in estimates.values())]
+    for p in params:
+        if p not in truth or _is_direction(np.asarray(truth[p])):
+            raise ValueError(f"{p}: not a scalar parameter of the truth; scatter needs scalars")
+    if not params or not estimates:
+        raise ValueError("nothing to plot: give at least one method and one scalar parameter")
+    n = np.asarray(truth[params[0]]).shape[0]
+    labels = np.zeros(n, dtype=np.int64) if labels is None else np.asarray(labels).astype(int)
+    k = int(labels.max()) + 1 if labels.size else 1
+    names = list(cluster_names) if cluster_names is not None else [str(i) for i in range(k)]
+    show = np.arange(n)
+    if n > max_points:
+        show = np.sort(np.random.default_rng(seed).choice(n, max_points, replace=False))
+
+    fig, axes = _figure(len(estimates), len(params), (3.2 * len(params), 3.0 * len(estimates)))
+    for r, (method, est) in enumerate(estimates.items()):
+        for c, p in enumerate(params):
+            ax = axes[r, c]
+            t = np.asarray(truth[p], dtype=np.float64).ravel()
+            e = np.asarray(est[p], dtype=np.float64).ravel()
+            ok = np.isfinite(e) & np.isfinite(t)
+            rmse = float(np.sqrt(np.mean((e[ok] - t[ok]) ** 2))) if ok.any() else float("nan")
+            for ci in range(k):
+                sel = show[(labels[show] == ci) & ok[show]]
+                ax.scatter(t[sel], e[sel], s=2, alpha=0.4, color=_colour(ci), rasterized=True,
+                           label=names[ci] if ci < len(names) else str(ci))
+            lo = np.nanmin(t[ok]) if ok.any() else 0.0
+            hi = np.nanmax(t[ok]) if ok.any() else 1.0
+            ax.plot([lo, hi], [lo, hi], "k--", lw=1)
+            ax.set_title(f"{method}: {p} (RMSE {rmse:.3f})", fontsize=9)
+            ax.set_xlabel(f"true {p}")
+            ax.set_ylabel(f"estimated {p}")
+    handles, lbls = axes[0, 0].get_legend_handles_labels()
+    if k > 1:
+        leg = axes[0, -1].legend(handles, lbls, loc="best", fontsize=8, markerscale=4)
+        for h in leg.legend_handles:
+            h.set_alpha(1)
+    return fig
+
+
+def map_panels(
+    volumes: dict[str, dict[str, np.ndarray]],
+    slice_index: int,
+    params: list[str],
+    vmin: dict[str, float] | None = None,
+    vmax: dict[str, float] | None = None,
+    *,
+    cmap: str = "viridis",
+) -> Figure:
+    """Maps side by side: rows = parameters, columns = methods, axial slice ``slice_index``.
+
+    ``volumes[method][param]`` is a 3-D map (NaN outside the mask), or a 4-D (x, y, z, 3)
+    direction map shown as |x|, |y|, |z| in red, green, blue. Each row has one colour scale
+    (``vmin`` / ``vmax`` per parameter, default the 1st and 99th percentiles of the row) and
+    one colour bar.
+    """
+    methods = list(volumes)
+    if not methods or not params:
+        raise ValueError("nothing to plot: give at least one method and one parameter")
+    vmin, vmax = dict(vmin or {}), dict(vmax or {})
+    fig, axes = _figure(len(params), len(methods), (2.6 * len(methods) + 0.8, 2.6 * len(params)))
+    for r, p in enumerate(params):
+        slices = {}
+        for m in methods:
+            if p not in volumes[m]:
+                raise ValueError(f"method {m} has no map of {p}")
+            vol = np.asarray(volumes[m][p], dtype=np.float32)
+            if not 0 <= slice_index < vol.shape[2]:
+                raise ValueError(f"slice {slice_index} outside 0..{vol.shape[2] - 1} of {m} {p}")
+            slices[m] = vol[:, :, slice_index]
+        scalar = all(s.ndim == 2 for s in slices.values())
+        if scalar:
+            finite = np.concatenate([s[np.isfinite(s)] for s in slices.values()])
+            lo = vmin.get(p, float(np.percentile(finite, 1)) if finite.size else 0.0)
+            hi = vmax.get(p, float(np.percentile(finite, 99)) if finite.size else 1.0)
+        image = None
+        for c, m in enumerate(methods):
+            ax = axes[r, c]
+            s = slices[m]
+            if scalar:
+                image = ax.imshow(s.T, origin="lower", cmap=cmap, vmin=lo, vmax=hi,
+                                  interpolation="nearest")
+            else:  # direction: colour-coded |components|, black outside the mask
+                rgb = np.nan_to_num(np.abs(s)).clip(0, 1).transpose(1, 0, 2)
+                ax.imshow(rgb, origin="lower", interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(m, fontsize=10)
+            if c == 0:
+                ax.set_ylabel(p)
+        if image is not None:
+            fig.colorbar(image, ax=list(axes[r]), shrink=0.9)
+    return fig
+
+
+def loss_curves(history: list[dict]) -> Figure:
+    """One panel per loss term (e.g. loss, recon, kl_z, kl_y) against epoch.
+
+    ``history`` is :attr:`FitResult.history`: one dict of named numbers per epoch; an
+    ``epoch`` key, if present, gives the x axis.
+    """
+    if not history:
+        raise ValueError("empty history: the fitter logged no loss (least squares has none)")
+    terms = [k for k in history[0] if k != "epoch"]
+    x = np.array([h.get("epoch", i) for i, h in enumerate(history)], dtype=np.float64)
+    ncols = min(3, len(terms))
+    nrows = int(np.ceil(len(terms) / ncols))
+    fig, axes = _figure(nrows, ncols, (3.4 * ncols, 2.6 * nrows))
+    flat = axes.ravel()
+    for ax, term in zip(flat, terms, strict=False):
+        y = np.array([float(h.get(term, np.nan)) for h in history])
+        ax.plot(x, y, lw=1.2)
+        ax.set_title(term, fontsize=10)
+        ax.set_xlabel("epoch")
+    for ax in flat[len(terms):]:
+        fig.delaxes(ax)
+    return fig
+
+
+def latent_scatter(
+    z2d: np.ndarray,
+    labels: np.ndarray | None = None,
+    cluster_names: list[str] | None = None,
+    *,
+    title: str = "latent space",
+) -> Figure:
+    """Scatter of a 2-D latent embedding (n, 2), coloured by cluster label when given."""
+    z2d = np.asarray(z2d)
+    if z2d.ndim != 2 or z2d.shape[1] != 2:
+        raise ValueError(f"z2d must be (n, 2), got {z2d.shape}; project the latent space first")
+    fig, axes = _figure(1, 1, (4.5, 4.0))
+    ax = axes[0, 0]
+    if labels is None:
+        ax.scatter(z2d[:, 0], z2d[:, 1], s=2, alpha=0.5, color=_colour(0), rasterized=True)
+    else:
+        labels = np.asarray(labels).astype(int)
+        for ci in np.unique(labels):
+            sel = labels == ci
+            name = cluster_names[ci] if cluster_names and ci < len(cluster_names) else str(ci)
+            ax.scatter(z2d[sel, 0], z2d[sel, 1], s=2, alpha=0.5, color=_colour(ci),
+                       label=name, rasterized=True)
+        ax.legend(fontsize=8, markerscale=4)
+    ax.set_xlabel("z₁")
+    ax.set_ylabel("z₂")
+    ax.set_title(title, fontsize=10)
+    return fig
+
+
+__all__ = ["latent_scatter", "loss_curves", "map_panels", "scatter_truth_vs_estimate"]
