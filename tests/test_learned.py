@@ -212,3 +212,14 @@ def test_shell_mean_likelihood_equals_full(sim):
     red = gaussian_loglik(yw, model.forward(params, sch.work), sigma, sch.weights, extra,
                           sch.n_meas)
     torch.testing.assert_close(red, full, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("method", ["vae", "vae-gmm"])
+def test_paper_config_fits_saves_and_reloads(sim, method, tmp_path):
+    kw = {"n_components": 2} if method == "vae-gmm" else {}
+    f = get_fitter(method, "msdki", config="paper", epochs=4, min_epochs=1, **kw)
+    r = f.fit(sim.signals[:200], sim.acquisition)
+    assert r.settings["latent_dim"] == 4 and r.settings["decoder"] == "linear"
+    f.save(tmp_path / "p")
+    r2 = load_fitter(tmp_path / "p").apply(sim.signals[:200], sim.acquisition)
+    np.testing.assert_array_equal(r2.params["K"], r.params["K"])

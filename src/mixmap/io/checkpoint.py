@@ -49,7 +49,8 @@ def save_fitter(fitter, path: str | Path) -> Path:
         "noise_sigma": fitter.trained["noise_sigma"],
         "noise_sigma_source": fitter.trained["noise_sigma_source"],
     }
-    tensors = {k: v.detach().cpu().contiguous() for k, v in fitter.net.state_dict().items()}
+    tensors = {k: v.detach().cpu().clone().contiguous()
+               for k, v in fitter.net.state_dict().items()}
     if path.exists() and any(path.iterdir()) if path.is_dir() else path.exists():
         raise FileExistsError(f"{path}: already exists; choose another path or remove it")
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -103,8 +103,8 @@ class MixtureEncoder(nn.Module):
         self.head_mu = nn.Linear(width, self.k * self.d)
         self.head_chol = nn.Linear(width, self.k * n_chol)
         rows, cols = _tril_indices(self.d) if self.full_cov else (np.arange(self.d),) * 2
-        self.register_buffer("rows", torch.as_tensor(rows, dtype=torch.long))
-        self.register_buffer("cols", torch.as_tensor(cols, dtype=torch.long))
+        self.register_buffer("rows", torch.tensor(np.array(rows), dtype=torch.long))
+        self.register_buffer("cols", torch.tensor(np.array(cols), dtype=torch.long))
         with torch.no_grad():  # start with a narrow q: the likelihood is sharp
             self.head_chol.bias.fill_(0.0)
             self.head_chol.weight.mul_(0.1)
