@@ -124,6 +124,8 @@ class _Run:
         self.written: list[Path] = []
         self.times: dict[str, float] = {}
         self.t0 = time.perf_counter()
+        #: (model, method) pairs whose residual is far above least squares' (see _unfit).
+        self.unfit: set = set()
         self.command = "mixmap reproduce" + (" --quick" if settings.name == "quick" else "")
 
     def log(self, msg: str) -> None:
@@ -700,10 +702,12 @@ def _real(run: _Run) -> dict:
     latent_note = _clusters_and_latent(run, scan, fits, fitters)
     out["latent"] = latent_note
 
+    # ---- 4b goodness of fit (first: a fit that does not explain the data is left out of
+    # the "best" sentences of the other checks, where a collapsed map looks very repeatable)
+    out["goodness"] = _goodness(run, scan, fits)
+    run.unfit = _unfit(out["goodness"])
     # ---- 4a repeatability
     out["repeatability"] = _repeatability(run, scan)
-    # ---- 4b goodness of fit
-    out["goodness"] = _goodness(run, scan, fits)
     # ---- 4c phantom
     out["phantom"] = _phantom(run, scan, fits)
 
@@ -873,10 +877,21 @@ def _repeatability(run: _Run, scan: _Scan) -> dict:
         markdown_table(["model", "method", "param", "RMS diff", "ICC(3,1)"], rows,
                        floatfmt=".3f"),
         "",
-        _rank_sentences(out["models"], "rms_diff", "RMS difference", lower=True),
+        _rank_sentences(out["models"], "rms_diff", "RMS difference", lower=True, unfit=run.unfit),
     ]
     run.section("repro-repeatability", "\n".join(body))
     return out
+
+
+def _unfit(goodness: dict, factor: float = 1.5) -> set:
+    """(model, method) whose median residual exceeds ``factor`` × that of least squares."""
+    bad = set()
+    for model, per in goodness["models"].items():
+        ref = per.get("lsq", {}).get("median_rms")
+        for m, e in per.items():
+            if ref and e["median_rms"] > factor * ref:
+                bad.add((model, m))
+    return bad
 
 
 def _not_best(m: str, v: float, best: str, vb: float) -> str:
@@ -886,10 +901,17 @@ def _not_best(m: str, v: float, best: str, vb: float) -> str:
     return f"{m} does **not** win: {v:.3f} vs {best} {vb:.3f} ({100 * (v / vb - 1):+.0f}%)."
 
 
-def _rank_sentences(models: dict, key: str, label: str, lower: bool) -> str:
+def _rank_sentences(models: dict, key: str, label: str, lower: bool,
+                    unfit: set | None = None) -> str:
     lines = []
+    unfit = unfit or set()
     for model, per in models.items():
-        methods = list(per)
+        dropped = [m for m in per if (model, m) in unfit]
+        if dropped:
+            lines.append(f"- {model}: {', '.join(dropped)} left out of the ranking: its residual "
+                         f"is over 1.5× that of lsq (repro-goodness-of-fit), so its maps do not "
+                         f"explain the data and their {label} means nothing.")
+        methods = [m for m in per if (model, m) not in unfit]
         params = [p for p in per[methods[0]] if key in per[methods[0]][p]] if methods else []
         for p in params:
             vals = {m: per[m][p][key] for m in methods
