@@ -101,12 +101,14 @@ def main() -> None:
     ap.add_argument("--out", default=str(DOCS / "learned.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    results = [run(s, args.methods.split(","), s == args.extra_snr, args.preset, args.scheme,
-                   args.noise) for s in args.snr]
+    results = []
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2, default=str) + "\n")
-    update_section(DOCS / "RESULTS.md", "learned", markdown(results))
+    for snr in args.snr:  # written after each SNR, so a long run leaves what it finished
+        results.append(run(snr, args.methods.split(","), snr == args.extra_snr, args.preset,
+                           args.scheme, args.noise))
+        out.write_text(json.dumps(results, indent=2, default=str) + "\n")
+        update_section(DOCS / "RESULTS.md", "learned", markdown(results))
     print(markdown(results))
 
 

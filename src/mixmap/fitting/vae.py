@@ -36,7 +36,7 @@ from mixmap.nn.likelihoods import LIKELIHOODS, NoiseModel
 from mixmap.nn.priors import MixturePrior, standard_normal_prior
 
 CONFIGS: dict[str, dict] = {
-    "default": dict(latent_dim=None, n_components=8, hidden=128, n_layers=3, epochs=300,
+    "default": dict(latent_dim=None, n_components=3, hidden=128, n_layers=3, epochs=300,
                     batch_size=512, lr=2e-3, kl_weight=1.0, warmup_epochs=10,
                     likelihood="gaussian", n_samples=32, full_cov=True, lsq_features=True,
                     shell_features=True, decoder=None, y_inference="exact", refine_steps=100,
@@ -254,8 +254,11 @@ class VAEFitter(LearnedFitter):
                 _, _, labels = kmeans(x, self.n_components, seed=self.seed)
                 z = net.prior.to_prior_space(net.decoder.inverse(u))
                 centres, spread = cluster_moments(z, labels, self.n_components)
-                floor = 0.05 * torch.where(net.prior.bounded, net.prior.span, 1.0)
-                spread = torch.maximum(spread, floor)
+                # Start narrow: the spread of least-squares estimates is mostly noise where the
+                # data say little, and EM only slowly narrows a component along directions the
+                # data do not determine, while it quickly widens one along directions they do.
+                spread = 0.02 * torch.where(net.prior.bounded, net.prior.span, 1.0).expand_as(
+                    spread)
             else:
                 z = torch.randn(u.shape[0], self.latent_dim, device=u.device)
                 centres, spread, _ = kmeans(z, self.n_components, seed=self.seed)
@@ -328,6 +331,11 @@ class VAEFitter(LearnedFitter):
         weights, means and variances that maximise the ELBO are weighted moments of q."""
         if self.prior != "gmm" or self.prior_update != "em":
             return
+        if epoch + 1 < max(self.warmup_epochs, 5):
+            # q(y|x) starts near uniform: an M-step now would pull every component onto the
+            # overall mean (a symmetric fixed point). Keep the k-means start until the encoder
+            # has learned to assign voxels to it.
+            return
         with torch.no_grad():
             stats = []
             for start in range(0, data.n, PREDICT_CHUNK):
@@ -355,6 +363,7 @@ class VAEFitter(LearnedFitter):
     # ---------------------------------------------------------------- prediction
     def _predict(self, data: Data, scheme: Scheme, gen: torch.Generator):
         net = self.net
+        flags = [p.requires_grad for p in net.parameters()]
         for p in net.parameters():
             p.requires_grad_(False)
         outs = []
@@ -363,8 +372,8 @@ class VAEFitter(LearnedFitter):
                 batch = data.rows(slice(start, start + PREDICT_CHUNK))
                 outs.append(self._predict_chunk(batch, scheme, gen))
         finally:
-            for p in net.parameters():
-                p.requires_grad_(True)
+            for p, flag in zip(net.parameters(), flags, strict=True):
+                p.requires_grad_(flag)
         params = {k: np.concatenate([o[0][k] for o in outs]) for k in outs[0][0]}
         std = {k: np.concatenate([o[1][k] for o in outs]) for k in outs[0][1]}
         probs = np.concatenate([o[2] for o in outs]) if self.prior == "gmm" else None
