@@ -41,4 +41,5 @@ def update_section(path: str | Path, name: str, body: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         fh.write(text)
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600; a report is for everyone to read
     os.replace(tmp, path)
