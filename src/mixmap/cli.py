@@ -407,6 +407,29 @@ def datasets_fetch(name: str = typer.Argument(..., help="Dataset name (see `list
         typer.echo(f"{k}: {p}")
 
 
+# ---------------------------------------------------------------------------------- reproduce
+@app.command()
+@handle_errors
+def reproduce(
+    out: Path = typer.Option(Path("docs"), help="Folder for RESULTS.md, figures/ and numbers."),
+    quick: bool = typer.Option(False, help="Small smoke run (minutes on 2 CPU cores)."),
+    methods: str | None = typer.Option(None, help="Comma-separated methods (default: all)."),
+    quiet: bool = typer.Option(False, help="No progress output."),
+) -> None:
+    """Regenerate the paper's tables and figures (simulation, sensitivity, real brain data) and
+    rewrite the matching sections of OUT/RESULTS.md.
+
+    Example: mixmap reproduce --quick --out /tmp/repro
+    """
+    from mixmap.reproduce import run_reproduce
+
+    _setup_logging(quiet)
+    chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
+    written = run_reproduce(out, quick=quick, quiet=quiet, methods=chosen)
+    if not quiet:
+        typer.echo(f"wrote {len(written)} files under {out}/")
+
+
 # ---------------------------------------------------------------------------------- demo
 @app.command()
 @handle_errors
