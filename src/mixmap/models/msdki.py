@@ -59,9 +59,12 @@ class MSDKI(SignalModel):
         floor = 1e-3 * log_linear_b0(signals, acquisition).clamp_min(1e-6)[:, None]
         y = torch.log(torch.maximum(means, floor))
         X = torch.stack([torch.ones_like(bs), -bs, bs * bs / 6.0], 1)  # (S, 3)
-        W = weights.sqrt()
-        coef = torch.linalg.lstsq((X * W[:, None])[None].expand(y.shape[0], -1, -1),
-                                  (y * W)[..., None]).solution[..., 0]
+        # One weighted design shared by all voxels: solve its 3x3 normal equations once (in
+        # float64) and apply the solution to every voxel with a matrix product. (A batched
+        # torch.linalg.lstsq over an expanded design was not bit-reproducible between calls.)
+        Xd, wd = X.double(), weights.double()
+        pinv = torch.linalg.solve(Xd.T @ (Xd * wd[:, None]), (Xd * wd[:, None]).T)  # (3, S)
+        coef = (y.double() @ pinv.T).to(dt)
         S0 = torch.exp(coef[:, 0])
         D = coef[:, 1]
         K = coef[:, 2] / D.clamp_min(1e-3) ** 2
