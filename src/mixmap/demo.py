@@ -88,7 +88,7 @@ def run_demo(
     ]
     rows = []
     for m, rep in report.items():
-        row: list = [m, round(timings[m], 1)]
+        row: list = [m, f"{timings[m]:.1f}"]
         for p in ("D", "K"):
             row.append(rep[p]["all"]["rmse"])
             row += [rep[p]["clusters"][c]["rmse"] for c in names]
