@@ -204,3 +204,44 @@ def test_same_seed_gives_bit_identical_maps_and_checksums_recorded(scan, tmp_pat
     side = json.loads((a / "model-msdki_fit.json").read_text())
     assert side["InputChecksums"]["dwi"].startswith("dwi.nii.gz sha256:")
     assert side["Settings"]["seed"] == 0 and side["Settings"]["method"] == "lsq"
+
+
+@pytest.mark.parametrize("method", ["ssl", "vae", "vae-gmm"])
+def test_learned_methods_fit_save_and_apply_through_the_cli(scan, tmp_path, method):
+    out, again = tmp_path / "maps", tmp_path / "applied"
+    fast = ("--epochs", "6", "--hidden", "16")
+    r = run(*fit_args(scan, out, *fast, method=method))
+    assert r.exit_code == 0, r.output
+    model_dir = out / f"model-msdki_method-{method}"
+    assert (model_dir / "weights.safetensors").exists()
+    assert not list(out.glob(".mixmap-checkpoint-*")), "checkpoint removed after success"
+    if method != "ssl":
+        assert (out / "model-msdki_param-D_desc-std_dwimap.nii.gz").exists()
+        assert (out / "model-msdki_loss.csv").read_text().startswith("epoch")
+    if method == "vae-gmm":
+        assert (out / "model-msdki_param-cluster_dwimap.nii.gz").exists()
+    # --force replaces maps and the saved model folder
+    assert run(*fit_args(scan, out, *fast, "--force", method=method)).exit_code == 0
+    r = run("apply", model_dir, scan / "dwi.nii.gz", "--bvals", scan / "dwi.bval", "--bvecs",
+            scan / "dwi.bvec", "--mask", scan / "mask.nii.gz", "--out", again, "--quiet")
+    assert r.exit_code == 0, r.output
+    a = nib.load(out / "model-msdki_param-D_dwimap.nii.gz").get_fdata()
+    b = nib.load(again / "model-msdki_param-D_dwimap.nii.gz").get_fdata()
+    np.testing.assert_array_equal(a, b)
+
+
+def test_apply_refuses_another_acquisition(scan, tmp_path):
+    out = tmp_path / "maps"
+    assert run(*fit_args(scan, out, "--epochs", "3", method="vae")).exit_code == 0
+    b = np.loadtxt(scan / "dwi.bval")
+    b[b == 3000] = 2500
+    np.savetxt(tmp_path / "other.bval", b[None], fmt="%g")
+    r = run("apply", out / "model-msdki_method-vae", scan / "dwi.nii.gz", "--bvals",
+            tmp_path / "other.bval", "--bvecs", scan / "dwi.bvec", "--out", tmp_path / "x")
+    assert r.exit_code == 2 and "differs from the one this model was trained on" in r.output
+    assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())
+
+
+def test_resume_is_for_learned_methods_only(scan, tmp_path):
+    r = run(*fit_args(scan, tmp_path / "m", "--resume"))
+    assert r.exit_code == 2 and "--resume applies to learned methods" in r.output

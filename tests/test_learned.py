@@ -224,3 +224,41 @@ def test_paper_config_fits_saves_and_reloads(sim, method, tmp_path):
     f.save(tmp_path / "p")
     r2 = load_fitter(tmp_path / "p").apply(sim.signals[:200], sim.acquisition)
     np.testing.assert_array_equal(r2.params["K"], r.params["K"])
+
+
+def test_interrupted_training_resumes_to_the_same_maps(sim, tmp_path, monkeypatch):
+    """Kill training after a few epochs (checkpoint left behind), resume: same maps as an
+    uninterrupted run, and the checkpoint is refused for other data."""
+    data = sim.signals[:200]
+    kw = {**FAST, "epochs": 8, "min_epochs": 8, "n_components": 2}
+    full = get_fitter("vae-gmm", "msdki", seed=5, **kw).fit(data, sim.acquisition)
+
+    ckpt = tmp_path / "ckpt.pt"
+    f = get_fitter("vae-gmm", "msdki", seed=5, **kw)
+    f.use_checkpoint(ckpt)
+    original = type(f)._end_epoch
+
+    def crash_at_epoch_4(self, d, scheme, epoch):
+        original(self, d, scheme, epoch)
+        if epoch == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(type(f), "_end_epoch", crash_at_epoch_4)
+    with pytest.raises(KeyboardInterrupt):
+        f.fit(data, sim.acquisition)
+    monkeypatch.setattr(type(f), "_end_epoch", original)
+    assert ckpt.exists()
+
+    other = get_fitter("vae-gmm", "msdki", seed=5, **kw)
+    other.use_checkpoint(ckpt, resume=True)
+    with pytest.raises(ValueError, match="written for other data or settings"):
+        other.fit(sim.signals[200:400], sim.acquisition)
+
+    g = get_fitter("vae-gmm", "msdki", seed=5, **kw)
+    g.use_checkpoint(ckpt, resume=True)
+    resumed = g.fit(data, sim.acquisition)
+    assert [h["epoch"] for h in resumed.history] == [h["epoch"] for h in full.history]
+    for k in full.params:
+        np.testing.assert_array_equal(resumed.params[k], full.params[k])
+    g.finish_checkpoint()
+    assert not ckpt.exists()

@@ -61,7 +61,8 @@ def handle_errors(fn):
             typer.echo(f"mixmap {fn.__name__.rstrip('_')}: error: {exc}", err=True)
             raise typer.Exit(EXIT_BAD_INPUT) from None
         except KeyboardInterrupt:
-            typer.echo("mixmap: interrupted; no partial output was written", err=True)
+            typer.echo("mixmap: interrupted; no partial map was written (a learned fit keeps its "
+                       "training checkpoint in --out: rerun with --resume to continue)", err=True)
             raise typer.Exit(130) from None
 
     return wrapper
@@ -205,9 +206,12 @@ def input_checksums(**paths: Path | None) -> dict[str, str]:
         if path is None:
             continue
         h = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
+        files = sorted(p for p in Path(path).rglob("*") if p.is_file()) if Path(
+            path).is_dir() else [Path(path)]
+        for f in files:
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
         out[key] = f"{Path(path).name} sha256:{h.hexdigest()}"
     return out
 
@@ -237,6 +241,8 @@ def fit(
     likelihood: str | None = typer.Option(None, help="Learned: gaussian | rician."),
     n_samples: int | None = typer.Option(None, help="Learned: posterior samples per voxel."),
     save_model: bool = typer.Option(True, help="Learned: save the trained model in --out."),
+    resume: bool = typer.Option(
+        False, help="Learned: continue an interrupted training from its checkpoint in --out."),
 ) -> None:
     """Fit a model to a DWI scan and write parameter maps (+ std maps, sidecars).
 
@@ -269,6 +275,14 @@ def fit(
     data = load_dwi(dwi, bvals, bvecs, mask)
     _check_supported(model, data.acquisition, bvals)
     log.info("%s: %d voxels × %d measurements", dwi, *data.signals.shape)
+    if hasattr(fitter, "use_checkpoint"):
+        ckpt = out / f".mixmap-checkpoint-{bids_entities(dwi) or 'scan'}-{model}-{method}.pt"
+        fitter.use_checkpoint(ckpt, resume=resume)
+        if ckpt.exists() and not resume:
+            log.info("%s: an earlier run's checkpoint; it is replaced (use --resume to "
+                     "continue it)", ckpt)
+    elif resume:
+        raise ValueError(f"--resume applies to learned methods, not --method {method}")
     result = fitter.fit(data.signals, data.acquisition)
     extra = {"DroppedVoxels": data.n_dropped, "Seed": seed,
              "InputChecksums": input_checksums(dwi=dwi, bvals=bvals, bvecs=bvecs, mask=mask)}
@@ -278,6 +292,8 @@ def fit(
 
         with AtomicOutput(out, force=force) as w:
             fitter.save(w.path(f"model-{model}_method-{method}"))
+    if hasattr(fitter, "finish_checkpoint"):
+        fitter.finish_checkpoint()
     if not quiet:
         typer.echo(f"wrote {len(written)} maps to {out}/")
 

@@ -22,8 +22,10 @@ network only shares the mapping.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,6 +123,10 @@ def lsq_features(model: SignalModel, y_scaled: np.ndarray, acq: Acquisition) -> 
     return model.join(params).clamp(-8, 8).numpy()
 
 
+def json_dumps(obj) -> str:
+    return json.dumps(obj, sort_keys=True, default=str)
+
+
 def _finite_or_none(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None
 
@@ -136,6 +142,17 @@ class LearnedFitter(Fitter):
         super().__init__(model, device=device, seed=seed, quiet=quiet)
         self.net: nn.Module | None = None
         self.trained: dict | None = None  # what the trained network depends on
+        self.checkpoint_path: Path | None = None
+        self.resume = False
+        self._data_key = ""
+
+    def use_checkpoint(self, path: str | Path, resume: bool = False) -> None:
+        """Save the training state to ``path`` after every epoch (atomically; deleted when the
+        fit completes). With ``resume``, a checkpoint left there by an interrupted run of the
+        same data and settings is continued from its last epoch: the result is the same as an
+        uninterrupted run."""
+        self.checkpoint_path = Path(path)
+        self.resume = bool(resume)
 
     # ---------------------------------------------------------------- hooks
     def _build(self, acq: Acquisition, sigma: float | None) -> nn.Module:
@@ -171,6 +188,11 @@ class LearnedFitter(Fitter):
         scale = signal_scale(signals, acquisition)
         sigma_in = noise_sigma_from_b0(signals, acquisition)
         sigma_w = None if sigma_in is None else sigma_in / scale
+        import hashlib
+
+        self._data_key = hashlib.sha256(
+            signals.tobytes() + json_dumps(self.settings()).encode()
+        ).hexdigest()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             net = self._build(acquisition, sigma_w).to(device)
@@ -294,7 +316,27 @@ class LearnedFitter(Fitter):
         history: list[dict] = []
         best, since_best, bad = math.inf, 0, 0
         snapshot = None
-        bar = tqdm(range(int(self.epochs)), desc=self.name, disable=self.quiet, leave=False)
+        first = 0
+        state = self._load_checkpoint()
+        if state is not None:
+            net.load_state_dict(state["net"])
+            opt.load_state_dict(state["opt"])
+            gen.set_state(state["gen"])
+            torch.set_rng_state(state["rng"])
+            first = int(state["epoch"]) + 1
+            best, since_best = float(state["best"]), int(state["since_best"])
+            bad = int(state["bad"])
+            history = [dict(zip(state["history_keys"], row, strict=True))
+                       for row in state["history"].tolist()]
+            for row in history:
+                row["epoch"] = int(row["epoch"])
+            lr = float(opt.param_groups[0]["lr"])
+            log.info("%s: resumed from %s after epoch %d", self.name, self.checkpoint_path,
+                     first - 1)
+            if since_best >= self.patience and first >= self.min_epochs:
+                first = int(self.epochs)  # it had already stopped
+        bar = tqdm(range(first, int(self.epochs)), desc=self.name, disable=self.quiet,
+                   leave=False)
         for epoch in bar:
             snapshot = (copy.deepcopy(net.state_dict()), copy.deepcopy(opt.state_dict()))
             perm = torch.randperm(n, generator=gen).to(data.y.device)
@@ -336,10 +378,56 @@ class LearnedFitter(Fitter):
                 best, since_best = row["loss"], 0
             else:
                 since_best += 1
+            self._save_checkpoint(epoch, opt, gen, best, since_best, bad, history)
             if epoch + 1 >= self.min_epochs and since_best >= self.patience:
                 break
         bar.close()
         return history
+
+    # ---------------------------------------------------------------- checkpoints
+    def _save_checkpoint(self, epoch, opt, gen, best, since_best, bad, history) -> None:
+        if self.checkpoint_path is None:
+            return
+        keys = sorted({k for row in history for k in row})
+        table = torch.tensor([[float(row.get(k, math.nan)) for k in keys] for row in history],
+                             dtype=torch.float64)
+        state = {"format": "mixmap-training-checkpoint-1", "key": self._data_key,
+                 "epoch": epoch, "best": best, "since_best": since_best, "bad": bad,
+                 "net": self.net.state_dict(), "opt": opt.state_dict(),
+                 "gen": gen.get_state(), "rng": torch.get_rng_state(),
+                 "history": table, "history_keys": keys}
+        path = self.checkpoint_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+
+    def _load_checkpoint(self) -> dict | None:
+        path = self.checkpoint_path
+        if path is None or not self.resume or not path.exists():
+            return None
+        try:
+            # weights_only: tensors and plain containers only, never code from the file.
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ValueError(
+                f"{path}: not a readable mixmap checkpoint ({type(exc).__name__}); delete it "
+                f"and run without --resume"
+            ) from None
+        if not isinstance(state, dict) or state.get("format") != "mixmap-training-checkpoint-1":
+            raise ValueError(f"{path}: not a mixmap training checkpoint; delete it or run "
+                             f"without --resume")
+        if state.get("key") != self._data_key:
+            raise ValueError(
+                f"{path}: this checkpoint was written for other data or settings; run without "
+                f"--resume (or with the same inputs and options) to continue"
+            )
+        return state
+
+    def finish_checkpoint(self) -> None:
+        """Delete the checkpoint once the maps are safely written."""
+        if self.checkpoint_path is not None and self.checkpoint_path.exists():
+            self.checkpoint_path.unlink()
 
     def _lower_lr(self, opt, bad: int, what: str) -> float:
         lr = opt.param_groups[0]["lr"] / 2

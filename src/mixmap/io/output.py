@@ -93,6 +93,9 @@ class AtomicOutput:
                 for rel in self._staged:
                     dst = self.out_dir / rel
                     dst.parent.mkdir(parents=True, exist_ok=True)
+                    if dst.is_dir():  # a folder (saved model) replaced with --force
+                        old = self._tmp / (".old-" + Path(rel).name)
+                        os.replace(dst, old)
                     os.replace(self._tmp / rel, dst)
         finally:
             shutil.rmtree(self._tmp, ignore_errors=True)
