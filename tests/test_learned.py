@@ -262,3 +262,28 @@ def test_interrupted_training_resumes_to_the_same_maps(sim, tmp_path, monkeypatc
         np.testing.assert_array_equal(resumed.params[k], full.params[k])
     g.finish_checkpoint()
     assert not ckpt.exists()
+
+
+def test_nan_loss_is_undone_and_training_recovers(sim, monkeypatch, caplog):
+    """Two mini-batches give NaN: each step is undone, the learning rate halved, training goes
+    on and the maps are finite."""
+    f = get_fitter("vae-gmm", "msdki", **{**FAST, "epochs": 6, "n_components": 2})
+    original = f._loss
+    calls = {"n": 0}
+
+    def sometimes_nan(batch, scheme, epoch):
+        calls["n"] += 1
+        loss, terms = original(batch, scheme, epoch)
+        if calls["n"] in (2, 3):
+            return loss * float("nan"), terms
+        return loss, terms
+
+    monkeypatch.setattr(f, "_loss", sometimes_nan)
+    caplog.set_level("WARNING")
+    res = f.fit(sim.signals[:200], sim.acquisition)
+    assert "step undone, learning rate lowered" in caplog.text
+    lrs = [h["lr"] for h in res.history]
+    # 2 mini-batches an epoch: the 2nd (epoch 0) and the 3rd (epoch 1) were bad
+    assert lrs[0] == pytest.approx(f.lr / 2) and lrs[1] == pytest.approx(f.lr / 4)
+    for v in res.params.values():
+        assert np.isfinite(v).all()
