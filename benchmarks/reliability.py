@@ -66,6 +66,30 @@ def main() -> None:
         rows.append(["output folder already holds maps", again.returncode, f"`{msg}`",
                      "earlier maps untouched" if unchanged else "**changed**",
                      "yes" if again.returncode == 2 and unchanged else "**NO**"])
+        # A trained model whose weights file was replaced by a pickle that would run code.
+        model_out = tmp / "learned"
+        fitted = mixmap("fit", str(scan / "dwi.nii.gz"), "--bvals", str(scan / "dwi.bval"),
+                        "--bvecs", str(scan / "dwi.bvec"), "--mask", str(scan / "mask.nii.gz"),
+                        "--method", "vae-gmm", "--epochs", "5", "--out", str(model_out),
+                        "--quiet")
+        assert fitted.returncode == 0, fitted.stderr
+        import pickle
+
+        class Payload:
+            def __reduce__(self):
+                return (os.system, (f"touch {tmp}/pwned",))
+
+        weights = model_out / "model-msdki_method-vae-gmm" / "weights.safetensors"
+        weights.write_bytes(pickle.dumps(Payload()))
+        applied = mixmap("apply", str(weights.parent), str(scan / "dwi.nii.gz"), "--bvals",
+                         str(scan / "dwi.bval"), "--bvecs", str(scan / "dwi.bvec"), "--out",
+                         str(tmp / "applied"), "--quiet")
+        ran = (tmp / "pwned").exists()
+        msg = applied.stderr.strip().replace(str(tmp) + "/", "")
+        rows.append(["model file with a pickle payload (`mixmap apply`)", applied.returncode,
+                     f"`{msg}`", "nothing" if not left_behind(tmp / "applied") else "**files**",
+                     "yes (payload not run)" if applied.returncode == 2 and not ran
+                     else "**NO**"])
         big = tmp / "big"
         write_simulation(simulate("ball-stick", "hcp", snr=20, n_voxels=20000, seed=0), big)
         for sig, name in ((signal.SIGKILL, "killed (SIGKILL) during the fit"),
@@ -82,6 +106,16 @@ def main() -> None:
         "`make test`: tests/test_cli.py::test_bad_input_matrix, tests/test_reliability.py). "
         "Each bad input must give exit status 2, one line naming the file and the fix, no "
         "traceback, and leave no output.\n\n" + table + "\n\n"
+        "Learned fits keep a training checkpoint in `--out` after every epoch; `--resume` "
+        "continues an interrupted run and gives maps bit-identical to an uninterrupted one, and "
+        "a checkpoint of other data or settings is refused "
+        "(tests/test_learned.py::test_interrupted_training_resumes_to_the_same_maps). A NaN or "
+        "exploding loss undoes the step and halves the learning rate "
+        "(test_nan_loss_is_undone_and_training_recovers); after 12 bad steps the run stops "
+        "with an error instead of writing NaN maps (test_diverging_training_fails_clearly). "
+        "The same inputs and seed give bit-identical maps on CPU "
+        "(tests/test_cli.py::test_same_seed_gives_bit_identical_maps_and_checksums_recorded, "
+        "tests/test_learned.py::test_same_seed_same_maps).\n\n"
         "NaN/Inf voxels are not an error: they are left out of the fit, counted in the log and "
         "in `DroppedVoxels` of `*_fit.json`, and NaN in the maps "
         "(tests/test_cli.py::test_nan_voxels_are_masked_out_and_counted).\n"
