@@ -65,6 +65,17 @@ class Parameter:
             return u / u.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         return self.lower + (self.upper - self.lower) * torch.sigmoid(u)
 
+    def bounded_jacobian(self, u: torch.Tensor) -> torch.Tensor:
+        """d to_bounded / du: (...,) for a scalar; (..., 3, 3) for a direction, whose
+        normalisation has the Jacobian (I − n nᵀ) / |u|."""
+        if self.is_direction:
+            norm = u.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            n = u / norm
+            eye = torch.eye(3, dtype=u.dtype, device=u.device)
+            return (eye - n[..., :, None] * n[..., None, :]) / norm[..., None]
+        s = torch.sigmoid(u)
+        return (self.upper - self.lower) * s * (1 - s)
+
     def to_unbounded(self, x: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`to_bounded` (directions are returned unchanged)."""
         if self.is_direction:

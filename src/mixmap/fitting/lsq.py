@@ -122,7 +122,8 @@ class LeastSquaresFitter(Fitter):
             if idx.numel() == 0:
                 break
             ua, ya = u[idx], y[idx]
-            s_a, J = batched_jacobian(signal, ua)  # (k, m), (k, m, P)
+            analytic = model.unbounded_jacobian(ua, acq)
+            s_a, J = analytic if analytic is not None else batched_jacobian(signal, ua)
             with torch.no_grad():
                 r = (s_a - ya) * sw
                 J = J * sw[:, None]

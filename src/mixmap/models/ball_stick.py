@@ -41,6 +41,24 @@ class BallStick(SignalModel):
         f = params["f"][..., None]
         return params["S0"][..., None] * (f * stick + (1 - f) * ball)
 
+    def jacobian(self, params: Params, acquisition: Acquisition) -> Params:
+        """Analytic derivatives (used by least squares: one pass instead of 7 AD passes)."""
+        dev, dt = params["f"].device, params["f"].dtype
+        b, g = acquisition.torch(dev, dt)
+        c = params["n"] @ g.T  # (n, m) cosines
+        S0, f = params["S0"][:, None], params["f"][:, None]
+        dpar, diso = params["Dpar"][:, None], params["Diso"][:, None]
+        stick = torch.exp(-b * dpar * c * c)
+        ball = torch.exp(-b * diso)
+        d_c = S0 * f * stick * (-2 * b * dpar * c)  # dS/dc, c = g·n
+        return {
+            "S0": f * stick + (1 - f) * ball,
+            "f": S0 * (stick - ball),
+            "Dpar": -S0 * f * b * c * c * stick,
+            "Diso": -S0 * (1 - f) * b * ball,
+            "n": d_c[..., None] * g,  # (n, m, 3)
+        }
+
     def check_acquisition(self, acquisition: Acquisition) -> None:
         dw = ~acquisition.b0_mask
         dirs = acquisition.bvecs[dw]

@@ -71,6 +71,33 @@ class SignalModel:
     def __call__(self, params: Params, acquisition: Acquisition) -> torch.Tensor:
         return self.forward(params, acquisition)
 
+    def jacobian(self, params: Params, acquisition: Acquisition) -> Params | None:
+        """Optional analytic derivatives of the signal with respect to each bounded parameter:
+        name -> (n, m), or (n, m, 3) for a direction. ``None`` (the default) lets least
+        squares use forward-mode automatic differentiation instead, which is exact but slower.
+        """
+        return None
+
+    def unbounded_jacobian(
+        self, u: torch.Tensor, acquisition: Acquisition
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Signal (n, m) and its Jacobian (n, m, n_unbounded) with respect to the unbounded
+        coordinates, from :meth:`jacobian` and the chain rule; None without an analytic one."""
+        params = self.split(u)
+        jac = self.jacobian(params, acquisition)
+        if jac is None:
+            return None
+        cols = []
+        i = 0
+        for p in self.parameters:
+            d = p.bounded_jacobian(u[..., i : i + p.size] if p.is_direction else u[..., i])
+            if p.is_direction:
+                cols.append(jac[p.name] @ d)  # (n, m, 3) @ (n, 3, 3)
+            else:
+                cols.append((jac[p.name] * d[..., None])[..., None])
+            i += p.size
+        return self.forward(params, acquisition), torch.cat(cols, -1)
+
     def check_acquisition(self, acquisition: Acquisition) -> None:
         """Raise :class:`UnsupportedAcquisition` if the scheme cannot determine the model."""
 
@@ -132,7 +159,10 @@ def grid_search(
     return out
 
 
-def safe_exp(x: torch.Tensor, cap: float = 15.0) -> torch.Tensor:
+SAFE_EXP_CAP = 15.0
+
+
+def safe_exp(x: torch.Tensor, cap: float = SAFE_EXP_CAP) -> torch.Tensor:
     """exp(x) with x softly limited below ``cap``: identical to exp for x well under the cap
     (error < 1e-5 relative at x = cap - 11), finite with a usable gradient everywhere."""
     return torch.exp(cap - torch.nn.functional.softplus(cap - x))
@@ -159,6 +189,7 @@ __all__ = [
     "UnsupportedAcquisition",
     "grid_search",
     "safe_exp",
+    "SAFE_EXP_CAP",
     "sphere_directions",
     "log_linear_b0",
 ]

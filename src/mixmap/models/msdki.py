@@ -17,7 +17,14 @@ from __future__ import annotations
 import torch
 
 from mixmap.acquisition import Acquisition
-from mixmap.models.base import Params, SignalModel, UnsupportedAcquisition, log_linear_b0, safe_exp
+from mixmap.models.base import (
+    SAFE_EXP_CAP,
+    Params,
+    SignalModel,
+    UnsupportedAcquisition,
+    log_linear_b0,
+    safe_exp,
+)
 from mixmap.parameters import Parameter
 
 
@@ -38,6 +45,16 @@ class MSDKI(SignalModel):
         K = params["K"][..., None]
         bd = b * D
         return params["S0"][..., None] * safe_exp(-bd + bd * bd * K / 6.0)
+
+    def jacobian(self, params: Params, acquisition: Acquisition) -> Params:
+        """Analytic derivatives; safe_exp(x)' = safe_exp(x)·sigmoid(cap − x)."""
+        b, _ = acquisition.torch(params["D"].device, params["D"].dtype)
+        D = params["D"][..., None]
+        K = params["K"][..., None]
+        x = -b * D + (b * D) ** 2 * K / 6.0
+        e = safe_exp(x)
+        de = e * torch.sigmoid(SAFE_EXP_CAP - x) * params["S0"][..., None]
+        return {"S0": e, "D": de * (-b + b * b * D * K / 3.0), "K": de * (b * D) ** 2 / 6.0}
 
     def check_acquisition(self, acquisition: Acquisition) -> None:
         n_dw = len(acquisition.dw_shells())
