@@ -462,10 +462,9 @@ def markdown(msdki: dict, bs: dict, info: dict) -> str:
         "others; dmipy 1.0.x `brute2fine` with 2 worker processes (numba), one run after a "
         "warm-up, extrapolated linearly to 10,000 voxels where it fitted a subset. "
         "'ours (same voxels)' scores our fit on the voxels dmipy fitted (where dmipy fitted "
-        "a subset). dmipy's worker processes are less hurt by a busy machine than our "
-        "2-thread torch fit, so the speed ratio on an idle machine is likely larger "
-        "(ours took 57 s per 10,000 voxels at SNR 20 in a quieter moment on this machine; "
-        "not a controlled measurement).",
+        "a subset). On a busy machine dmipy's worker processes suffer less than our "
+        "2-thread torch fit, so compare ratios from runs on an idle machine (the load "
+        "average above says how busy this one was).",
         "",
         markdown_table(header, rows, floatfmt=".3f"),
         "",
