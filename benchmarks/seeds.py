@@ -10,7 +10,6 @@ and relative spread, and the time to train and to apply the trained model to the
 from __future__ import annotations
 
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -18,20 +17,10 @@ import numpy as np
 import torch
 
 from mixmap.fitting import get_fitter
-from mixmap.report import markdown_table, update_section
+from mixmap.report import machine_description, markdown_table, update_section
 from mixmap.simulate import simulate
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main() -> None:
@@ -62,7 +51,7 @@ def main() -> None:
     text = (
         "### vae-gmm across training seeds\n\nProduced by `python benchmarks/seeds.py`: "
         "paper-msdki, HCP scheme, SNR 20, 10,000 voxels (one data set), default vae-gmm with "
-        f"seeds 0-4, 2 torch threads on a 2-core {cpu_name()}.\n\n" + table + "\n\n"
+        f"seeds 0-4, on {machine_description()}.\n\n" + table + "\n\n"
         f"Relative spread (sd / mean) across seeds: D {100 * spread_d:.1f} %, K "
         f"{100 * spread_k:.1f} % (goal: under 5 %). `apply` maps the 10,000 voxels with the "
         "trained model, without training (it still runs the per-voxel refinement of q and the "

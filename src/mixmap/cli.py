@@ -456,6 +456,8 @@ def demo(
     n_voxels: int | None = typer.Option(None, help="Voxels (default 10,000, the paper's)."),
     epochs: int | None = typer.Option(None, help="Learned methods: maximum epochs."),
     force: bool = typer.Option(True, help="Overwrite an earlier demo's output."),
+    results: Path | None = typer.Option(
+        None, help="Also write the table into the 'demo' section of this RESULTS.md."),
     quiet: bool = typer.Option(False, help="Less output."),
 ) -> None:
     """Simulate the paper's MSDKI data, fit it, print the accuracy table, write maps + figure.
@@ -468,6 +470,13 @@ def demo(
     text = run_demo(out, snr=snr, methods=[m.strip() for m in methods.split(",") if m.strip()],
                     n_voxels=n_voxels, epochs=epochs, force=force, quiet=quiet)
     typer.echo(text)
+    if results is not None:
+        from mixmap.report import update_section
+
+        table = text.split("\n\nmaps, scatter.png")[0]
+        update_section(results, "demo", "## Demo: the paper's MSDKI simulation\n\n"
+                       f"Produced by `mixmap demo --results {results}` (`make demo` prints the "
+                       "same table).\n\n" + table)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -8,6 +8,23 @@ from collections.abc import Sequence
 from pathlib import Path
 
 
+def machine_description() -> str:
+    """'<n>-core <CPU model>, <k> torch threads': quoted next to any absolute time."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()}-core {cpu}, {torch.get_num_threads()} torch threads"
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence], floatfmt: str = ".3f") -> str:
     """A GitHub Markdown table; floats formatted with ``floatfmt``, None shown as '–'."""
 
