@@ -287,3 +287,14 @@ def test_nan_loss_is_undone_and_training_recovers(sim, monkeypatch, caplog):
     assert lrs[0] == pytest.approx(f.lr / 2) and lrs[1] == pytest.approx(f.lr / 4)
     for v in res.params.values():
         assert np.isfinite(v).all()
+
+
+def test_model_file_with_other_bounds_is_refused(sim, gmm_fit, tmp_path):
+    fitter, _ = gmm_fit
+    folder = tmp_path / "m"
+    fitter.save(folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["parameters"][1]["upper"] = 3.0
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="other parameters or bounds"):
+        load_fitter(folder)

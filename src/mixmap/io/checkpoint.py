@@ -136,6 +136,12 @@ def load_fitter(path: str | Path, *, device: str = "cpu"):
     if acq.fingerprint() != acq_cfg.get("fingerprint"):
         raise ValueError(f"{folder / CONFIG}: the stored acquisition does not match its "
                          f"fingerprint; the model file is damaged")
+    declared = [p.describe() for p in fitter.model.parameters]
+    if config.get("parameters") != declared:
+        raise ValueError(
+            f"{folder / CONFIG}: trained with other parameters or bounds than this version's "
+            f"{config['model']} model declares; retrain with this version"
+        )
     weights = _read_weights(folder / WEIGHTS)
     try:
         net.load_state_dict(weights, strict=True)
