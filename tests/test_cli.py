@@ -268,3 +268,47 @@ def test_scan_without_b0_fits_S0_freely_and_says_so(scan, tmp_path):
     # extrapolated to b=0 from the shells: less precise than with b=0 volumes, still unbiased
     assert np.sqrt(np.nanmean((s0[tissue] - truth[tissue]) ** 2)) < 0.1
     assert abs(np.nanmean(s0[tissue] - truth[tissue])) < 0.02
+
+
+def test_cli_resume_continues_an_interrupted_training(scan, tmp_path, monkeypatch):
+    from mixmap.fitting import get_fitter
+    from mixmap.io import load_dwi
+
+    out, full = tmp_path / "resumed", tmp_path / "full"
+    opts = ("--epochs", "8", "--hidden", "16")
+    assert run(*fit_args(scan, full, *opts, method="vae-gmm")).exit_code == 0
+    # The same training, interrupted after epoch 3 (what Ctrl-C leaves behind).
+    data = load_dwi(scan / "dwi.nii.gz", scan / "dwi.bval", scan / "dwi.bvec",
+                    scan / "mask.nii.gz")
+    f = get_fitter("vae-gmm", "msdki", epochs=8, hidden=16, device="cpu", seed=0, quiet=True)
+    ckpt = out / ".mixmap-checkpoint-scan-msdki-vae-gmm.pt"
+    f.use_checkpoint(ckpt)
+    original = type(f)._end_epoch
+
+    def stop(self, d, scheme, epoch):
+        original(self, d, scheme, epoch)
+        if epoch == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(type(f), "_end_epoch", stop)
+    with pytest.raises(KeyboardInterrupt):
+        f.fit(data.signals, data.acquisition)
+    monkeypatch.setattr(type(f), "_end_epoch", original)
+    assert ckpt.exists()
+    loaded = []
+    load = type(f)._load_checkpoint
+
+    def spy(self):
+        state = load(self)
+        loaded.append(None if state is None else int(state["epoch"]))
+        return state
+
+    monkeypatch.setattr(type(f), "_load_checkpoint", spy)
+    r = run(*fit_args(scan, out, *opts, "--resume", method="vae-gmm"))
+    assert r.exit_code == 0, r.output
+    # interrupted in epoch 3, after the checkpoint of epoch 2 was written
+    assert loaded == [2]
+    assert not ckpt.exists()
+    a = nib.load(out / "model-msdki_param-D_dwimap.nii.gz").get_fdata()
+    b = nib.load(full / "model-msdki_param-D_dwimap.nii.gz").get_fdata()
+    np.testing.assert_array_equal(a, b)
