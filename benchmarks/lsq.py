@@ -127,15 +127,9 @@ def dmipy_available(python: Path) -> tuple[bool, str]:
 
 # ============================================================================ helpers
 def machine() -> str:
-    model = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{os.cpu_count()}-core CPU, {model}"
+    from mixmap.report import cpu_description
+
+    return cpu_description()
 
 
 def timed(fn, repeats: int, warmup=None):

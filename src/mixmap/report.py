@@ -8,11 +8,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 
-def machine_description() -> str:
-    """'<n>-core <CPU model>, <k> torch threads': quoted next to any absolute time."""
+def cpu_description() -> str:
+    """'<n>-core <CPU model>'."""
     import platform
-
-    import torch
 
     cpu = platform.processor() or "unknown CPU"
     try:
@@ -22,7 +20,14 @@ def machine_description() -> str:
                 break
     except OSError:
         pass
-    return f"{os.cpu_count()}-core {cpu}, {torch.get_num_threads()} torch threads"
+    return f"{os.cpu_count()}-core {cpu}"
+
+
+def machine_description() -> str:
+    """'<n>-core <CPU model>, <k> torch threads': quoted next to any absolute time."""
+    import torch
+
+    return f"{cpu_description()}, {torch.get_num_threads()} torch threads"
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence], floatfmt: str = ".3f") -> str:
