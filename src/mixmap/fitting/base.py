@@ -152,3 +152,41 @@ class Fitter:
             raise ValueError("signals contain NaN or Inf; mask those voxels out first")
         self.model.check_acquisition(acquisition)
         return signals
+
+
+@dataclass
+class Scheme:
+    """The acquisition as the physics sees it: all measurements, or (for a direction-independent
+    model) one mean per b-value with its count as weight. Σ_j (y_j − s_b)² = n_b (ȳ_b − s_b)² +
+    Σ_j (y_j − ȳ_b)²: the minimiser and the likelihood are unchanged, and the last term (the
+    within-shell scatter returned by :meth:`working_signals`) keeps residual-based σ̂ exact.
+    Shared by least squares and the learned fitters."""
+
+    full: Acquisition
+    work: Acquisition
+    weights: torch.Tensor | None  # (m',) measurements per column, None for all measurements
+    groups: list[torch.Tensor] | None
+
+    @property
+    def n_meas(self) -> int:
+        return self.full.n
+
+    @classmethod
+    def build(cls, model: SignalModel, acq: Acquisition, reduce: bool, device) -> Scheme:
+        if not (reduce and model.direction_independent):
+            return cls(acq, acq, None, None)
+        shells = acq.shells(tolerance=1e-3)  # same b only: the reduction is exact
+        work = Acquisition(np.array([s.bval for s in shells]), np.zeros((len(shells), 3)),
+                           source=acq.source)
+        weights = torch.tensor([float(s.n) for s in shells], device=device)
+        groups = [torch.as_tensor(s.indices, device=device) for s in shells]
+        return cls(acq, work, weights, groups)
+
+    def working_signals(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(n, m) -> working signals (n, m') and within-shell scatter (n,) (None if unreduced)."""
+        if self.groups is None:
+            return y, None
+        means = torch.stack([y[:, g].mean(1) for g in self.groups], 1)
+        within = sum(((y[:, g] - means[:, i : i + 1]) ** 2).sum(1)
+                     for i, g in enumerate(self.groups))
+        return means, within

@@ -19,7 +19,7 @@ import torch.autograd.forward_ad as fwAD
 from tqdm.auto import tqdm
 
 from mixmap.acquisition import Acquisition
-from mixmap.fitting.base import FitResult, Fitter, resolve_device, signal_scale
+from mixmap.fitting.base import FitResult, Fitter, Scheme, resolve_device, signal_scale
 from mixmap.models import SignalModel
 
 
@@ -71,11 +71,14 @@ class LeastSquaresFitter(Fitter):
         }
         sigmas = []
         starts = range(0, n, self.chunk_size)
-        work_acq, reduce = _working_scheme(self.model, acquisition)
+        scheme = Scheme.build(self.model, acquisition, reduce=True, device=device)
+        ones = torch.ones(scheme.work.n, device=device)
         for start in tqdm(starts, desc="lsq", disable=self.quiet or len(starts) == 1):
             y = torch.as_tensor(signals[start : start + self.chunk_size] / scale, device=device)
-            y, weights, extra_ss = reduce(y)
-            est, std, sigma = self._fit_chunk(y, work_acq, weights, extra_ss, acquisition.n)
+            y, within = scheme.working_signals(y)
+            weights = ones if scheme.weights is None else scheme.weights
+            extra_ss = torch.zeros_like(y[:, 0]) if within is None else within
+            est, std, sigma = self._fit_chunk(y, scheme.work, weights, extra_ss, acquisition.n)
             for k in params:
                 params[k].append(est[k])
             for k in stds:
@@ -208,34 +211,3 @@ def _direction_slices(model: SignalModel) -> list[slice]:
             out.append(slice(i, i + p.size))
         i += p.size
     return out
-
-
-def _working_scheme(model: SignalModel, acq: Acquisition):
-    """The scheme least squares works on, and a function mapping a chunk of signals to
-    (signals, weights, residual sum of squares left out).
-
-    For a direction-independent model the measurements of a shell are replaced by their mean
-    with weight n_shell: Σ_j (y_j − s_b)² = n_b (ȳ_b − s_b)² + Σ_j (y_j − ȳ_b)², so the minimiser
-    is the same and the last term (returned as the residual left out) keeps σ̂ exact.
-    """
-    if not model.direction_independent:
-        w = torch.ones(acq.n)
-
-        def identity(y):
-            return y, w.to(y), torch.zeros(y.shape[0], dtype=y.dtype, device=y.device)
-
-        return acq, identity
-    # Group only measurements with the same b (to 1 s/mm²), so the reduction is exact.
-    shells = acq.shells(tolerance=1e-3)
-    reduced = Acquisition(np.array([s.bval for s in shells]), np.zeros((len(shells), 3)),
-                          source=acq.source)
-    groups = [torch.as_tensor(s.indices) for s in shells]
-    counts = torch.tensor([float(s.n) for s in shells])
-
-    def to_shell_means(y):
-        means = torch.stack([y[:, g.to(y.device)].mean(1) for g in groups], 1)
-        within = sum(((y[:, g.to(y.device)] - means[:, i : i + 1]) ** 2).sum(1)
-                     for i, g in enumerate(groups))
-        return means, counts.to(y), within
-
-    return reduced, to_shell_means

@@ -38,6 +38,7 @@ from mixmap.acquisition import Acquisition
 from mixmap.fitting.base import (
     FitResult,
     Fitter,
+    Scheme,
     noise_sigma_from_b0,
     resolve_device,
     signal_scale,
@@ -53,40 +54,6 @@ MAX_BAD_STEPS = 12
 
 class TrainingDiverged(FloatingPointError):
     """The loss kept becoming NaN/Inf although steps were undone and the learning rate lowered."""
-
-
-@dataclass
-class Scheme:
-    """The acquisition as the physics sees it: all measurements or shell means with weights."""
-
-    full: Acquisition
-    work: Acquisition
-    weights: torch.Tensor | None  # (m',) measurements per column, None for all measurements
-    groups: list[torch.Tensor] | None
-
-    @property
-    def n_meas(self) -> int:
-        return self.full.n
-
-    @classmethod
-    def build(cls, model: SignalModel, acq: Acquisition, reduce: bool, device) -> Scheme:
-        if not (reduce and model.direction_independent):
-            return cls(acq, acq, None, None)
-        shells = acq.shells(tolerance=1e-3)  # same b only: the reduction is exact
-        work = Acquisition(np.array([s.bval for s in shells]), np.zeros((len(shells), 3)),
-                           source=acq.source)
-        weights = torch.tensor([float(s.n) for s in shells], device=device)
-        groups = [torch.as_tensor(s.indices, device=device) for s in shells]
-        return cls(acq, work, weights, groups)
-
-    def working_signals(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(n, m) -> working signals (n, m') and within-shell scatter (n,) (None if unreduced)."""
-        if self.groups is None:
-            return y, None
-        means = torch.stack([y[:, g].mean(1) for g in self.groups], 1)
-        within = sum(((y[:, g] - means[:, i : i + 1]) ** 2).sum(1)
-                     for i, g in enumerate(self.groups))
-        return means, within
 
 
 @dataclass
