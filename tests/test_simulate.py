@@ -85,3 +85,45 @@ def test_rows_are_in_c_order_of_the_mask_with_and_without_mask(tmp_path):
     expected = vol[:, :, :, 0] > 0
     np.testing.assert_array_equal(auto.mask, expected)
     np.testing.assert_array_equal(auto.signals, vol[expected])
+
+
+def test_load_dwi_reads_a_gzipped_scan_in_one_pass_of_volume_blocks(tmp_path, monkeypatch):
+    """Blocks of whole volumes through one open file: the .nii.gz is opened once per pass,
+    whatever the number of blocks (z slabs re-decompressed the file once per slab), and the
+    rows equal a full read, with b=0 volumes that are not contiguous."""
+    import nibabel.openers
+
+    from mixmap.io import nifti
+
+    rng = np.random.default_rng(1)
+    vol = rng.uniform(1, 2, (6, 5, 4, 9)).astype(np.float32)
+    vol[2, 3, 1, 5] = np.nan  # a masked voxel with NaN in one diffusion volume: dropped
+    vol[0, 0, 0, :] = 0
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), tmp_path / "d.nii.gz")
+    mask = np.ones((6, 5, 4), bool)
+    nib.save(nib.Nifti1Image(mask.astype(np.uint8), np.eye(4)), tmp_path / "m.nii.gz")
+    np.savetxt(tmp_path / "b", [[0, 1000, 1000, 0, 1000, 2000, 2000, 0, 2000]], fmt="%g")
+    z, gx, gy, gz = [0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]
+    np.savetxt(tmp_path / "v", np.array([z, gx, gy, z, gz, gx, gy, z, gz]).T, fmt="%g")
+    monkeypatch.setattr(nifti, "READ_BLOCK_BYTES", 2 * 4 * 6 * 5 * 4)  # 2 volumes a block
+    opened = []
+    real_init = nibabel.openers.Opener.__init__
+
+    def counting_init(self, fileish, *args, **kwargs):
+        if str(fileish).endswith("d.nii.gz"):
+            opened.append(fileish)
+        real_init(self, fileish, *args, **kwargs)
+
+    monkeypatch.setattr(nibabel.openers.Opener, "__init__", counting_init)
+    masked = load_dwi(tmp_path / "d.nii.gz", tmp_path / "b", tmp_path / "v", tmp_path / "m.nii.gz")
+    keep = mask & np.isfinite(vol).all(-1)
+    np.testing.assert_array_equal(masked.signals, vol[keep])
+    assert masked.n_dropped == 1
+    n_masked_opens = len(opened)
+    auto = load_dwi(tmp_path / "d.nii.gz", tmp_path / "b", tmp_path / "v")
+    expected = (vol[..., [0, 3, 7]].mean(-1) > 0) & np.isfinite(vol).all(-1)
+    np.testing.assert_array_equal(auto.mask, expected)
+    np.testing.assert_array_equal(auto.signals, vol[expected])
+    # 5 blocks per pass, yet 3 opens: the format sniff, the header and one kept-open data handle.
+    assert n_masked_opens <= 3
+    assert len(opened) - n_masked_opens <= 3

@@ -51,13 +51,15 @@ class DWIData:
         return tuple(self.mask.shape)  # type: ignore[return-value]
 
 
-def load_image(path: str | Path, what: str = "image"):
-    """Open a NIfTI with a clear error for a missing file or another format."""
+def load_image(path: str | Path, what: str = "image", *, keep_open: bool = False):
+    """Open a NIfTI with a clear error for a missing file or another format. ``keep_open``
+    keeps one file handle for all reads through the array proxy: reading a .nii.gz in blocks
+    then continues the decompression instead of restarting it from the top for each block."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: file not found; check the {what} path")
     try:
-        return nib.load(str(path))
+        return nib.load(str(path), keep_file_open=bool(keep_open))
     except Exception as exc:  # nibabel raises several types for unreadable files
         raise InputError(
             f"{path}: not a readable NIfTI image ({type(exc).__name__}); give a .nii or .nii.gz "
@@ -73,12 +75,14 @@ def load_dwi(
 ) -> DWIData:
     """Load a 4-D DWI and its gradient files into rows of masked voxels.
 
-    The image is read slice by slice through nibabel's array proxy, so the whole 4-D array is
-    never held in float64. Without a mask, every voxel whose mean b=0 signal (mean signal if the
-    scheme has no b=0) is positive is fitted. Voxels with NaN or Inf are dropped and counted.
+    The image is read in blocks of whole volumes through nibabel's array proxy (one pass over
+    the file, about 64 MB at a time), so the whole 4-D array is never held, in float64 or
+    float32: peak memory is the masked rows plus one block. Without a mask, every voxel whose
+    mean b=0 signal (mean signal if the scheme has no b=0) is positive is fitted. Masked voxels
+    with NaN or Inf are dropped and counted.
     """
     dwi = Path(dwi)
-    img = load_image(dwi, "DWI")
+    img = load_image(dwi, "DWI", keep_open=True)
     if len(img.shape) != 4:
         raise InputError(
             f"{dwi}: {len(img.shape)}-D image of shape {tuple(img.shape)}; a DWI needs 4 axes "
@@ -111,44 +115,35 @@ def load_dwi(
 
     b0 = acq.b0_mask
     proxy = img.dataobj
-    # Slabs along z (the slowest axis on disk, so a .nii.gz is decompressed once); rows are
-    # placed in C order of the mask, the order that vectors_to_volume scatters them back in.
+    # Read blocks of whole volumes: the volume axis is the slowest on disk, so each block is
+    # one contiguous run of the file and a .nii.gz is decompressed once, front to back. (Slabs
+    # along z touch every volume: each slab re-decompressed the file from the start, 20x slower
+    # on a 72x87x40x288 scan.) Rows are in C order of the mask, the order that
+    # vectors_to_volume scatters them back in.
     if given_mask is not None:
-        n_sel = int(given_mask.sum())
-        pos = (np.cumsum(given_mask.ravel()) - 1).reshape(grid)
-        signals = np.empty((n_sel, n_vol), dtype=np.float32)
-        finite_rows = np.ones(n_sel, dtype=bool)
-        for z in range(grid[2]):
-            sel = given_mask[:, :, z]
-            if not sel.any():
-                continue
-            slab = np.asarray(proxy[:, :, z, :], dtype=np.float32)
-            idx = pos[:, :, z][sel]
-            rows = slab[sel]
-            signals[idx] = rows
-            finite_rows[idx] = np.isfinite(rows).all(1)
-        final_mask = given_mask.copy()
-        n_dropped = int((~finite_rows).sum())
-        if n_dropped:
-            signals = signals[finite_rows]
-            final_mask[given_mask] = finite_rows
+        sel_mask = given_mask
     else:
-        n_dropped = 0
-        final_mask = np.zeros(grid, dtype=bool)
-        parts: list[np.ndarray] = []
-        for z in range(grid[2]):
-            slab = np.asarray(proxy[:, :, z, :], dtype=np.float32)
-            ref = slab[..., b0].mean(-1) if b0.any() else slab.mean(-1)
-            with np.errstate(invalid="ignore"):
-                sel = (ref > 0) & np.isfinite(slab).all(-1)
-            final_mask[:, :, z] = sel
-            parts.append(slab[sel])
-        signals = np.concatenate(parts, 0) if parts else np.zeros((0, n_vol), np.float32)
-        del parts
-        # z-major order -> C order of the mask
-        zz, xx, yy = np.nonzero(final_mask.transpose(2, 0, 1))  # the order rows were read in
-        order = np.argsort(np.ravel_multi_index((xx, yy, zz), grid), kind="stable")
-        signals = signals[order]
+        # No mask: voxels whose mean b=0 signal (mean signal without b=0) is positive.
+        ref_vols = np.flatnonzero(b0) if b0.any() else np.arange(n_vol)
+        ref = np.zeros(grid, dtype=np.float64)
+        for t0, t1 in _runs(ref_vols, _block_size(grid)):
+            ref += np.asarray(proxy[..., t0:t1], dtype=np.float32).sum(-1)
+        with np.errstate(invalid="ignore"):
+            sel_mask = ref > 0
+    n_sel = int(sel_mask.sum())
+    signals = np.empty((n_sel, n_vol), dtype=np.float32)
+    finite_rows = np.ones(n_sel, dtype=bool)
+    for t0, t1 in _runs(np.arange(n_vol), _block_size(grid)):
+        rows = np.asarray(proxy[..., t0:t1], dtype=np.float32)[sel_mask]
+        signals[:, t0:t1] = rows
+        finite_rows &= np.isfinite(rows).all(1)
+    final_mask = sel_mask.copy()
+    n_bad = int((~finite_rows).sum())
+    if n_bad:
+        signals = signals[finite_rows]
+        final_mask[sel_mask] = finite_rows
+    # Without a mask, voxels with NaN/Inf are background: left out without a warning.
+    n_dropped = n_bad if given_mask is not None else 0
     if n_dropped:
         log.warning("%s: %d masked voxels hold NaN or Inf and were left out (NaN in the maps)",
                     dwi, n_dropped)
@@ -164,6 +159,28 @@ def load_dwi(
             f"DWI data"
         )
     return DWIData(signals, final_mask, img.affine, img.header, acq, dwi, n_dropped)
+
+
+#: Bytes of float32 volumes read at once by :func:`load_dwi`.
+READ_BLOCK_BYTES = 64 << 20
+
+
+def _block_size(grid: tuple[int, ...]) -> int:
+    return max(1, READ_BLOCK_BYTES // (4 * int(np.prod(grid))))
+
+
+def _runs(indices: np.ndarray, max_len: int):
+    """Consecutive runs (start, stop) of sorted volume indices, each at most ``max_len`` long."""
+    start = prev = None
+    for t in (int(i) for i in indices):
+        if start is not None and t == prev + 1 and t - start < max_len:
+            prev = t
+            continue
+        if start is not None:
+            yield start, prev + 1
+        start = prev = t
+    if start is not None:
+        yield start, prev + 1
 
 
 def vectors_to_volume(
