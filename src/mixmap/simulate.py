@@ -342,7 +342,8 @@ def write_simulation(sim: Simulation, out_dir: str | Path, *, force: bool = Fals
         mask.reshape(-1)[: sim.signals.shape[0]] = True
         affine = np.diag([2.0, 2.0, 2.0, 1.0])
     with AtomicOutput(out, force=force) as w:
-        w.nifti("dwi.nii.gz", vectors_to_volume(sim.signals, mask, fill=0.0), affine)
+        w.nifti_volumes("dwi.nii.gz", mask.shape, sim.acquisition.n, affine,
+                        _volume_blocks(sim.signals, mask))
         w.nifti("mask.nii.gz", mask.astype(np.uint8), affine)
         w.text("dwi.bval", _fsl_text((sim.acquisition.bvals * 1000)[None], "%g"))
         w.text("dwi.bvec", _fsl_text(sim.acquisition.bvecs.T, "%.6f"))
@@ -363,6 +364,16 @@ def write_simulation(sim: Simulation, out_dir: str | Path, *, force: bool = Fals
         }
         w.text("simulation.json", json.dumps(info, indent=2, ensure_ascii=False))
     return out
+
+
+def _volume_blocks(signals: np.ndarray, mask: np.ndarray, max_bytes: int = 64 << 20):
+    """The (x, y, z, k) float32 volumes of ``signals`` (rows = mask voxels), a block at a time
+    (a whole-brain 4-D volume is never held: 4 GB on the HCP grid)."""
+    k = max(1, max_bytes // (4 * mask.size))
+    for t0 in range(0, signals.shape[1], k):
+        block = np.zeros(mask.shape + (min(k, signals.shape[1] - t0),), dtype=np.float32)
+        block[mask] = signals[:, t0 : t0 + k]
+        yield block
 
 
 def read_simulation_info(sim_dir: str | Path) -> dict:

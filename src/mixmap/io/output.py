@@ -69,6 +69,39 @@ class AtomicOutput:
             img.header["cal_max"] = float(finite.max()) if finite.size else 0.0
         nib.save(img, str(self._target(rel)))
 
+    def nifti_volumes(self, rel: str, shape: tuple[int, int, int], n_vol: int,
+                      affine: np.ndarray, blocks) -> None:
+        """Write a 4-D float32 ``.nii``/``.nii.gz`` of ``n_vol`` volumes from ``blocks``, an
+        iterable of (x, y, z, k) arrays in volume order, without holding the 4-D array: the
+        volume axis is the slowest on disk, so each block is appended as it comes."""
+        import gzip
+
+        hdr = nib.Nifti1Header()
+        hdr.set_data_shape((*shape, n_vol))
+        hdr.set_data_dtype(np.float32)
+        hdr.set_qform(affine, code=1)
+        hdr.set_sform(affine, code=1)
+        hdr.set_xyzt_units("mm", "sec")
+        hdr["vox_offset"] = 352  # 348-byte header + the 4-byte "no extensions" flag
+        hdr["scl_slope"], hdr["scl_inter"] = 1.0, 0.0
+        target = self._target(rel)
+        opener = gzip.open(target, "wb", compresslevel=1) if rel.endswith(".gz") else open(
+            target, "wb")
+        written = 0
+        with opener as fh:
+            fh.write(hdr.binaryblock + b"\0\0\0\0")
+            for block in blocks:
+                block = np.asarray(block, dtype=np.float32)
+                if block.ndim == 3:
+                    block = block[..., None]
+                if block.shape[:3] != tuple(shape):
+                    raise ValueError(f"{rel}: block of shape {block.shape} on grid {shape}")
+                for k in range(block.shape[3]):
+                    fh.write(block[..., k].tobytes(order="F"))
+                written += block.shape[3]
+        if written != n_vol:
+            raise ValueError(f"{rel}: {written} volumes written, {n_vol} declared")
+
     def text(self, rel: str, content: str) -> None:
         self._target(rel).write_text(content, encoding="utf-8")
 
@@ -151,10 +184,27 @@ def save_maps(
     settings, version), plus ``fit.json`` (the whole run) and, for learned fitters, the loss
     curve as ``loss.csv``. Returns the written map paths.
     """
+    with AtomicOutput(out_dir, force=force) as w:
+        names = stage_maps(w, result, dwi, extra=extra)
+    return [Path(out_dir) / name for name in names]
+
+
+def stage_maps(
+    w: AtomicOutput,
+    result,
+    dwi,
+    folder: str = "",
+    *,
+    extra: dict | None = None,
+) -> list[str]:
+    """What :func:`save_maps` writes, staged in an open :class:`AtomicOutput` under its
+    sub-folder ``folder`` (e.g. ``sub-01/dwi`` for a cohort, so that all subjects are written
+    in one transaction). Returns the map paths relative to the output folder."""
     from mixmap.models import get_model
 
     model = get_model(result.model)
     entities = _entities_of(dwi)
+    pre = folder.rstrip("/") + "/" if folder else ""
     header = dwi.header.copy()
     header.set_data_dtype(np.float32)
     common = {
@@ -166,40 +216,44 @@ def save_maps(
         "CommandLine": command_line(),
         **(extra or {}),
     }
-    written: list[Path] = []
-    with AtomicOutput(out_dir, force=force) as w:
-        for key, values in result.maps().items():
-            param, _, desc = key.partition(":")
-            if param in ("cluster", "clusterprob"):
-                unit, text = "1", (
-                    "most likely mixture component" if param == "cluster"
-                    else "probability of each mixture component q(y|x)"
+    written: list[str] = []
+    for key, values in result.maps().items():
+        param, _, desc = key.partition(":")
+        if param in ("cluster", "clusterprob"):
+            unit, text = "1", (
+                "most likely mixture component" if param == "cluster"
+                else "probability of each mixture component q(y|x)"
+            )
+        else:
+            p = model.parameter(param)
+            unit, text = p.unit, p.description
+            if desc == "std":
+                text = f"standard deviation of {param}: " + (
+                    "posterior" if result.method != "lsq" else "asymptotic (Cramér-Rao)"
                 )
-            else:
-                p = model.parameter(param)
-                unit, text = p.unit, p.description
-                if desc == "std":
-                    text = f"standard deviation of {param}: " + (
-                        "posterior" if result.method != "lsq" else "asymptotic (Cramér-Rao)"
-                    )
-            name = map_name(entities, result.model, param, desc or None)
-            vol = vectors_to_volume(np.asarray(values, dtype=np.float32), dwi.mask)
-            w.nifti(name, vol, dwi.affine, header)
-            w.json(name.replace(".nii.gz", ".json"),
-                   {"Parameter": param, "Units": unit, "Description": text, **common})
-            written.append(Path(out_dir) / name)
-        summary = {**common, "NoiseSigma": result.noise_sigma,
-                   "NumberOfVoxels": result.n_voxels, "Acquisition": dwi.acquisition.describe()}
-        w.json((entities + "_" if entities else "") + f"model-{_label(result.model)}_fit.json",
-               summary)
-        if result.history:
-            keys = list(result.history[0])
-            rows = [",".join(keys)] + [
-                ",".join(f"{h.get(k, float('nan')):.6g}" for k in keys) for h in result.history
-            ]
-            w.text((entities + "_" if entities else "") + f"model-{_label(result.model)}_loss.csv",
-                   "\n".join(rows) + "\n")
+        name = map_name(entities, result.model, param, desc or None)
+        vol = vectors_to_volume(np.asarray(values, dtype=np.float32), dwi.mask)
+        w.nifti(pre + name, vol, dwi.affine, header)
+        w.json(pre + name.replace(".nii.gz", ".json"),
+               {"Parameter": param, "Units": unit, "Description": text, **common})
+        written.append(pre + name)
+    summary = {**common, "NoiseSigma": result.noise_sigma,
+               "NumberOfVoxels": result.n_voxels, "Acquisition": dwi.acquisition.describe()}
+    w.json(pre + (entities + "_" if entities else "") + f"model-{_label(result.model)}_fit.json",
+           summary)
+    if result.history:
+        w.text(pre + (entities + "_" if entities else "")
+               + f"model-{_label(result.model)}_loss.csv", loss_csv(result.history))
     return written
+
+
+def loss_csv(history: list[dict]) -> str:
+    """The loss curve (one row per epoch, one column per named term) as CSV text."""
+    keys = list(history[0])
+    rows = [",".join(keys)] + [
+        ",".join(f"{h.get(k, float('nan')):.6g}" for k in keys) for h in history
+    ]
+    return "\n".join(rows) + "\n"
 
 
 def _entities_of(dwi) -> str:
