@@ -14,6 +14,7 @@ from mixmap.io.output import (
     existing_maps,
     map_name,
     save_maps,
+    stage_maps,
 )
 
 __all__ = [
@@ -27,5 +28,6 @@ __all__ = [
     "load_image",
     "map_name",
     "save_maps",
+    "stage_maps",
     "vectors_to_volume",
 ]

@@ -1,0 +1,420 @@
+"""Cohorts: several scans, one shared model.
+
+A cohort is a list of DWI files, or a BIDS dataset folder (``sub-*/[ses-*/]dwi/*_dwi.nii.gz``).
+Its scans must share one acquisition (the same :meth:`Acquisition.fingerprint`): one model is
+trained on the voxels of all of them, and each subject's maps are written in BIDS-derivative
+layout, ``OUT/sub-<label>/[ses-<label>/]dwi/<entities>_model-<m>_param-<p>_dwimap.nii.gz``, with
+the shared model once at ``OUT/model-<m>_method-<method>/`` and a summary in ``OUT/cohort.json``.
+
+Files of a scan ``<prefix>_dwi.nii.gz`` (or ``dwi.nii.gz``, prefix empty):
+
+- gradients: the siblings ``<prefix>_dwi.bval`` and ``<prefix>_dwi.bvec`` (same stem), unless
+  ``bvals``/``bvecs`` are given for all scans;
+- mask, the first that exists: ``mask_pattern`` when given (then it must exist); the sibling
+  ``<prefix>_desc-brain_mask.nii.gz``, then ``<prefix>_mask.nii.gz``; for a BIDS folder, the same
+  two names in ``ROOT/derivatives/<pipeline>/<same sub/ses/dwi folder>/`` (exactly one pipeline
+  may have it). Without a mask, :func:`~mixmap.io.load_dwi`'s rule selects the voxels (positive
+  mean b=0 signal).
+
+Intensities: subjects differ in scanner gain, so each scan is divided by its own
+:func:`~mixmap.fitting.base.signal_scale` before the voxels are pooled, and scaled parameters
+(S0) and their standard deviations are multiplied back by that scan's scale. The pooled data
+then has a signal scale of about 1 (each scan's 95th percentile of b=0 is 1, so is the pool's).
+
+Noise: a learned fitter estimates one noise level from the repeated b=0 volumes of all pooled
+voxels (median of per-voxel variances), in normalised units, i.e. relative to each scan's
+signal scale. That is the right likelihood when the scans have a similar SNR at their own
+scale, which a harmonised cohort has; each scan's own estimate is written to ``cohort.json``
+and a spread of more than :data:`SNR_SPREAD_WARNING` between scans is logged. Each subject's
+``NoiseSigma`` is the pooled level times its scale (its input units). ``mixmap apply`` on a new
+scan uses that scan's own scale and b=0 noise estimate.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from mixmap import __version__
+from mixmap.acquisition import Acquisition
+from mixmap.fitting.base import FitResult, noise_sigma_from_b0, signal_scale
+from mixmap.io import AtomicOutput, DWIData, InputError, bids_entities, existing_maps, load_dwi
+from mixmap.io.output import _label, command_line, loss_csv, stage_maps
+
+log = logging.getLogger(__name__)
+
+#: Ratio of the largest to the smallest per-scan noise level (normalised units) above which
+#: the pooled noise estimate is called out in the log.
+SNR_SPREAD_WARNING = 1.5
+
+DWI_SUFFIXES = ("_dwi.nii.gz", "_dwi.nii")
+MASK_NAMES = ("desc-brain_mask.nii.gz", "mask.nii.gz")
+COHORT_JSON = "cohort.json"
+
+
+@dataclass(frozen=True)
+class Scan:
+    """One scan of a cohort: its files, and its BIDS entities (``sub-01_ses-2``)."""
+
+    dwi: Path
+    bvals: Path
+    bvecs: Path
+    mask: Path | None
+    entities: str
+
+    @property
+    def subject(self) -> str:
+        return self.entities.split("_")[0]
+
+    @property
+    def session(self) -> str | None:
+        return next((e for e in self.entities.split("_") if e.startswith("ses-")), None)
+
+    @property
+    def folder(self) -> str:
+        """The scan's output folder relative to OUT: ``sub-01/[ses-2/]dwi``."""
+        return "/".join([self.subject, *([self.session] if self.session else []), "dwi"])
+
+
+@dataclass
+class Cohort:
+    """Scans that were loaded and checked to share one acquisition."""
+
+    scans: list[Scan]
+    data: list[DWIData]
+    scales: list[float] = field(default_factory=list)
+
+    @property
+    def acquisition(self) -> Acquisition:
+        return self.data[0].acquisition
+
+    @property
+    def sizes(self) -> list[int]:
+        return [d.signals.shape[0] for d in self.data]
+
+
+# ------------------------------------------------------------------------------- discovery
+def _name_base(dwi: Path) -> tuple[str, str]:
+    """(stem, base): ``sub-01_dwi.nii.gz`` -> (``sub-01_dwi``, ``sub-01_``); ``dwi.nii`` ->
+    (``dwi``, ``''``). Sibling files are ``stem + '.bval'`` and ``base + 'mask.nii.gz'``."""
+    name = dwi.name
+    for ext in (".nii.gz", ".nii"):
+        if name.endswith(ext):
+            name = name[: -len(ext)]
+            break
+    base = name[: -len("dwi")] if name.endswith("dwi") else name + "_"
+    return name, base
+
+
+def gradient_siblings(dwi: Path) -> tuple[Path, Path]:
+    """``x_dwi.nii.gz`` -> (``x_dwi.bval``, ``x_dwi.bvec``) in the same folder."""
+    stem, _ = _name_base(dwi)
+    return dwi.with_name(stem + ".bval"), dwi.with_name(stem + ".bvec")
+
+
+def find_mask(dwi: Path, root: Path | None = None, mask_pattern: str | None = None) -> Path | None:
+    """The mask of ``dwi`` by the rule in the module docstring, or None.
+
+    ``mask_pattern`` is a path template: ``{dir}`` (the DWI's folder), ``{base}`` (its name up to
+    ``dwi``, e.g. ``sub-01_``), ``{entities}``, ``{sub}``, ``{ses}`` (empty without a session)
+    and ``{root}`` (the BIDS folder, else the DWI's folder); a relative result is taken from the
+    DWI's folder.
+    """
+    _, base = _name_base(dwi)
+    if mask_pattern is not None:
+        entities = bids_entities(dwi)
+        parts = entities.split("_") if entities else []
+        fields = {"dir": str(dwi.parent), "base": base, "entities": entities,
+                  "sub": parts[0] if parts else "",
+                  "ses": next((p for p in parts if p.startswith("ses-")), ""),
+                  "root": str(root if root is not None else dwi.parent)}
+        try:
+            rel = mask_pattern.format(**fields)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(
+                f"--mask-pattern {mask_pattern!r}: cannot fill it in ({exc}); use the fields "
+                + ", ".join("{" + k + "}" for k in fields)
+            ) from None
+        path = Path(rel) if Path(rel).is_absolute() else dwi.parent / rel
+        if not path.exists():
+            raise InputError(f"{path}: mask of {dwi} (from --mask-pattern) not found; check the "
+                             f"pattern or add the mask")
+        return path
+    for name in MASK_NAMES:
+        sibling = dwi.with_name(base + name)
+        if sibling.exists():
+            return sibling
+    if root is not None and (root / "derivatives").is_dir():
+        rel = dwi.parent.relative_to(root)
+        for name in MASK_NAMES:
+            found = sorted((root / "derivatives").glob(f"*/{rel.as_posix()}/{base}{name}"))
+            if len(found) > 1:
+                raise InputError(
+                    f"{dwi}: several masks in derivatives/ ({found[0]}, {found[1]}); choose one "
+                    f"with --mask-pattern"
+                )
+            if found:
+                return found[0]
+    return None
+
+
+def discover_bids(root: Path) -> list[Path]:
+    """The DWI files ``sub-*/[ses-*/]dwi/*_dwi.nii[.gz]`` of a BIDS dataset folder, sorted."""
+    found = {p for pattern in ("sub-*/dwi/*", "sub-*/ses-*/dwi/*") for p in root.glob(pattern)
+             if p.name.endswith(DWI_SUFFIXES)}
+    if not found:
+        raise InputError(
+            f"{root}: no sub-*/[ses-*/]dwi/*_dwi.nii.gz found; give a BIDS dataset folder or "
+            f"the DWI files themselves"
+        )
+    return sorted(found)
+
+
+def find_scans(
+    inputs: Sequence[Path],
+    *,
+    bvals: Path | None = None,
+    bvecs: Path | None = None,
+    mask_pattern: str | None = None,
+) -> list[Scan]:
+    """The scans of a cohort: ``inputs`` is one BIDS folder, or DWI files.
+
+    Every scan needs BIDS entities in its name (``sub-<label>[_ses-<label>]..._dwi.nii.gz``),
+    as they name its output folder, and no two scans may have the same. Gradient files are the
+    siblings unless ``bvals`` and ``bvecs`` are given (then they serve every scan).
+    """
+    inputs = [Path(p) for p in inputs]
+    dirs = [p for p in inputs if p.is_dir()]
+    if dirs and len(inputs) > 1:
+        raise ValueError(
+            f"{dirs[0]}: a folder among several inputs; give one BIDS dataset folder, or DWI "
+            f"files only"
+        )
+    root = dirs[0] if dirs else None
+    files = discover_bids(root) if root is not None else inputs
+    if (bvals is None) != (bvecs is None):
+        raise ValueError("give both --bvals and --bvecs (used for every scan), or neither (each "
+                         "scan's sibling .bval/.bvec are used)")
+    scans: list[Scan] = []
+    seen: dict[str, Path] = {}
+    for dwi in files:
+        if not dwi.exists():
+            raise InputError(f"{dwi}: file not found; check the DWI path")
+        entities = bids_entities(dwi)
+        if not entities:
+            raise InputError(
+                f"{dwi}: not a BIDS name; a cohort writes each scan to its sub-<label>/ folder, "
+                f"so name it sub-<label>[_ses-<label>]_dwi.nii.gz"
+            )
+        if entities in seen:
+            raise InputError(
+                f"{dwi}: same entities ({entities}) as {seen[entities]}; each scan of a cohort "
+                f"needs its own sub-/ses-/run- labels"
+            )
+        seen[entities] = dwi
+        if bvals is not None:
+            bval, bvec = bvals, bvecs
+        else:
+            bval, bvec = gradient_siblings(dwi)
+            for f, opt in ((bval, "--bvals"), (bvec, "--bvecs")):
+                if not f.exists():
+                    raise InputError(
+                        f"{f}: not found beside {dwi.name}; put {f.name} next to it, or give "
+                        f"{opt} (one file for all scans)"
+                    )
+        scans.append(Scan(dwi, Path(bval), Path(bvec), find_mask(dwi, root, mask_pattern),
+                          entities))
+    return scans
+
+
+def check_acquisitions(scans: Sequence[Scan]) -> Acquisition:
+    """Read every scan's gradient files and refuse a cohort whose acquisitions differ (one
+    shared model needs one scheme). Returns the common acquisition."""
+    first = Acquisition.from_fsl(scans[0].bvals, scans[0].bvecs)
+    ref = first.fingerprint()
+    for scan in scans[1:]:
+        acq = Acquisition.from_fsl(scan.bvals, scan.bvecs)
+        if acq.fingerprint() != ref:
+            raise InputError(
+                f"{scan.bvals}: acquisition of {scan.dwi.name} ({_scheme_text(acq)}) differs "
+                f"from {scans[0].bvals.name} ({_scheme_text(first)}); one shared model needs one "
+                f"acquisition: fit each acquisition's scans with a separate `mixmap fit`"
+            )
+    return first
+
+
+def _scheme_text(acq: Acquisition) -> str:
+    shells = " + ".join(f"b={round(s.bval * 1000)}×{s.n}" for s in acq.shells())
+    return f"{acq.n} volumes: {shells}, fingerprint {acq.fingerprint()}"
+
+
+def load_cohort(scans: Sequence[Scan], *, same_acquisition: bool = True) -> Cohort:
+    """Load every scan (all inputs are read and checked before anything is fitted); with
+    ``same_acquisition``, refuse scans whose acquisitions differ first."""
+    if same_acquisition:
+        check_acquisitions(scans)
+    data = [load_dwi(scan.dwi, scan.bvals, scan.bvecs, scan.mask) for scan in scans]
+    for scan, d in zip(scans, data, strict=True):  # after all loaded: an error stays one line
+        log.info("%s: %d voxels × %d measurements%s", scan.dwi, *d.signals.shape,
+                 "" if scan.mask else " (no mask: voxels with positive b=0 signal)")
+    cohort = Cohort(list(scans), data)
+    cohort.scales = [signal_scale(d.signals, d.acquisition) for d in data]
+    return cohort
+
+
+# ------------------------------------------------------------------------------- fitting
+def pooled_signals(cohort: Cohort) -> np.ndarray:
+    """All voxels of the cohort, each scan divided by its own signal scale: (Σ n_i, n_meas)."""
+    return np.concatenate([d.signals / np.float32(s) for d, s in zip(cohort.data, cohort.scales,
+                                                                       strict=True)], 0)
+
+
+def split_result(result: FitResult, sizes: Sequence[int], scales: Sequence[float],
+                 model) -> list[FitResult]:
+    """One FitResult of pooled, normalised voxels -> one per scan, in that scan's units: rows
+    split by ``sizes``, scaled parameters (S0) and their std multiplied by the scan's scale.
+    The loss curve stays with the cohort (it is written once, beside ``cohort.json``)."""
+    scaled = {p.name for p in model.parameters if p.scaled}
+    bounds = np.cumsum([0, *sizes])
+    if bounds[-1] != result.n_voxels:
+        raise RuntimeError(f"{result.n_voxels} fitted voxels but the scans have {bounds[-1]}")
+    base = result.settings.get("signal_scale", 1.0)
+    out = []
+    for i, scale in enumerate(scales):
+        rows = slice(int(bounds[i]), int(bounds[i + 1]))
+        params = {k: v[rows] * np.float32(scale) if k in scaled else v[rows]
+                  for k, v in result.params.items()}
+        std = {k: v[rows] * np.float32(scale) if k in scaled else v[rows]
+               for k, v in result.std.items()}
+        probs = None if result.cluster_probs is None else result.cluster_probs[rows]
+        sigma = None if result.noise_sigma is None else result.noise_sigma * scale
+        out.append(replace(result, params=params, std=std, cluster_probs=probs, history=[],
+                           noise_sigma=sigma,
+                           settings={**result.settings, "signal_scale": base * scale}))
+    return out
+
+
+def fit_cohort(fitter, cohort: Cohort) -> tuple[FitResult, list[FitResult]]:
+    """Fit one model on the pooled, per-scan normalised voxels. Returns the pooled result
+    (normalised units, with the loss curve) and one result per scan (its own units)."""
+    noise = per_scan_noise(cohort)
+    known = [s for s in noise if s is not None]
+    if len(known) > 1 and max(known) > SNR_SPREAD_WARNING * min(known):
+        log.warning("cohort: noise levels relative to each scan's signal scale range from %.3g "
+                    "to %.3g; the learned fitters use one pooled level for all scans",
+                    min(known), max(known))
+    pooled = fitter.fit(pooled_signals(cohort), cohort.acquisition)
+    return pooled, split_result(pooled, cohort.sizes, cohort.scales, fitter.model)
+
+
+def apply_cohort(fitter, cohort: Cohort, *, allow_other_acquisition: bool = False
+                 ) -> list[FitResult]:
+    """Map each scan with a trained fitter (each with its own scale and noise level)."""
+    return [fitter.apply(d.signals, d.acquisition,
+                         allow_other_acquisition=allow_other_acquisition) for d in cohort.data]
+
+
+def per_scan_noise(cohort: Cohort) -> list[float | None]:
+    """Each scan's b=0 noise level relative to its signal scale (None with < 2 b=0)."""
+    out = []
+    for d, s in zip(cohort.data, cohort.scales, strict=True):
+        sigma = noise_sigma_from_b0(d.signals, d.acquisition)
+        out.append(None if sigma is None else sigma / s)
+    return out
+
+
+# ------------------------------------------------------------------------------- output
+def model_folder(model: str, method: str) -> str:
+    return f"model-{model}_method-{method}"
+
+
+def check_outputs(out: Path, scans: Sequence[Scan], model: str, *, force: bool,
+                  also: Sequence[str] = ()) -> None:
+    """Refuse, before any fitting, an OUT that holds maps of these scans (or ``also`` entries
+    such as cohort.json and the model folder) unless ``force``."""
+    if force:
+        return
+    for scan in scans:
+        clash = existing_maps(out / scan.folder, scan.entities, model)
+        if clash:
+            raise FileExistsError(
+                f"{out / scan.folder}: already holds {model} maps ({clash[0].name} ...); use "
+                f"--force to overwrite them or choose another --out"
+            )
+    for rel in also:
+        if (out / rel).exists():
+            raise FileExistsError(f"{out / rel}: already exists; use --force to overwrite it or "
+                                  f"choose another --out")
+
+
+def stage_cohort_maps(w: AtomicOutput, cohort: Cohort, results: Sequence[FitResult],
+                      extras: Sequence[dict]) -> list[str]:
+    """Stage each scan's maps in its ``sub-*/[ses-*/]dwi`` folder of an open AtomicOutput."""
+    written = []
+    for scan, d, res, extra in zip(cohort.scans, cohort.data, results, extras, strict=True):
+        written += stage_maps(w, res, d, scan.folder, extra=extra)
+    return written
+
+
+def cohort_summary(cohort: Cohort, pooled: FitResult, *, model_dir: str | None,
+                   seed: int) -> dict:
+    """What ``OUT/cohort.json`` holds: subjects, voxels, acquisition, method and settings."""
+    noise = per_scan_noise(cohort)
+    subjects = []
+    for scan, d, scale, sigma in zip(cohort.scans, cohort.data, cohort.scales, noise,
+                                     strict=True):
+        subjects.append({
+            "Subject": scan.subject, "Session": scan.session, "Entities": scan.entities,
+            "Maps": scan.folder, "DWI": str(scan.dwi), "Bvals": str(scan.bvals),
+            "Bvecs": str(scan.bvecs), "Mask": None if scan.mask is None else str(scan.mask),
+            "NumberOfVoxels": int(d.signals.shape[0]), "DroppedVoxels": d.n_dropped,
+            "SignalScale": scale,
+            "NoiseSigmaB0Normalised": sigma,
+        })
+    return {
+        "Model": pooled.model,
+        "Method": pooled.method,
+        "Settings": pooled.settings,
+        "Seed": seed,
+        "MixmapVersion": __version__,
+        "CommandLine": command_line(),
+        "Acquisition": cohort.acquisition.describe(),
+        "AcquisitionFingerprint": cohort.acquisition.fingerprint(),
+        "NumberOfVoxels": int(sum(cohort.sizes)),
+        "NoiseSigmaNormalised": pooled.noise_sigma,
+        "NoiseSigmaNote": "pooled over all scans, relative to each scan's SignalScale; each "
+                          "subject's NoiseSigma (its fit.json) is this times its SignalScale",
+        "TrainedModel": model_dir,
+        "Subjects": subjects,
+    }
+
+
+def write_cohort_extras(w: AtomicOutput, cohort: Cohort, pooled: FitResult, *,
+                        model_dir: str | None, seed: int) -> None:
+    """Stage ``cohort.json`` and the shared loss curve (learned fitters)."""
+    w.json(COHORT_JSON, cohort_summary(cohort, pooled, model_dir=model_dir, seed=seed))
+    if pooled.history:
+        w.text(f"cohort_model-{_label(pooled.model)}_loss.csv", loss_csv(pooled.history))
+
+
+__all__ = [
+    "Cohort",
+    "Scan",
+    "apply_cohort",
+    "check_acquisitions",
+    "check_outputs",
+    "discover_bids",
+    "find_mask",
+    "find_scans",
+    "fit_cohort",
+    "gradient_siblings",
+    "load_cohort",
+    "model_folder",
+    "split_result",
+    "stage_cohort_maps",
+    "write_cohort_extras",
+]
