@@ -216,13 +216,49 @@ def input_checksums(**paths: Path | None) -> dict[str, str]:
     return out
 
 
+COHORT_HELP = ("One 4-D DWI NIfTI (.nii or .nii.gz); or several (a cohort, one shared model); "
+               "or a BIDS dataset folder (sub-*/dwi/*_dwi.nii.gz, sub-*/ses-*/dwi/*_dwi.nii.gz).")
+MASK_PATTERN_HELP = (
+    "Cohort: where each scan's mask is, e.g. '{root}/derivatives/masks/{sub}/{ses}/dwi/"
+    "{base}desc-brain_mask.nii.gz' (fields {dir} {base} {entities} {sub} {ses} {root}). "
+    "Default: <prefix>_desc-brain_mask.nii.gz or <prefix>_mask.nii.gz beside the scan, or the "
+    "same in ROOT/derivatives/*/; none: voxels with positive b=0 signal.")
+
+
+def _is_cohort(dwi: list[Path]) -> bool:
+    """Several scans or a folder: the cohort path. One file: the single-scan path."""
+    return len(dwi) > 1 or Path(dwi[0]).is_dir()
+
+
+def _single_scan_gradients(bvals: Path | None, bvecs: Path | None,
+                           mask_pattern: str | None) -> None:
+    if bvals is None or bvecs is None:
+        raise ValueError("give --bvals and --bvecs for a single scan (several scans or a BIDS "
+                         "folder use each scan's sibling .bval/.bvec)")
+    if mask_pattern is not None:
+        raise ValueError("--mask-pattern is for several scans or a BIDS folder; give --mask for "
+                         "a single scan")
+
+
+def _refuse_single_mask(mask: Path | None) -> None:
+    if mask is not None:
+        raise ValueError(
+            f"--mask {mask}: one mask for several scans is ambiguous; put each scan's mask beside "
+            f"it (<prefix>_desc-brain_mask.nii.gz or <prefix>_mask.nii.gz) or give --mask-pattern"
+        )
+
+
 @app.command()
 @handle_errors
 def fit(
-    dwi: Path = typer.Argument(..., help="4-D DWI NIfTI (.nii or .nii.gz)."),
-    bvals: Path = typer.Option(..., help="FSL bval file (s/mm²; ms/µm² is detected)."),
-    bvecs: Path = typer.Option(..., help="FSL bvec file (3 rows, or 3 columns)."),
-    mask: Path | None = typer.Option(None, help="3-D brain mask on the DWI grid."),
+    dwi: list[Path] = typer.Argument(..., help=COHORT_HELP),
+    bvals: Path | None = typer.Option(
+        None, help="FSL bval file (s/mm²; ms/µm² is detected). Cohort: optional, the same for "
+        "all scans (default: each scan's sibling x_dwi.bval)."),
+    bvecs: Path | None = typer.Option(
+        None, help="FSL bvec file (3 rows, or 3 columns). Cohort: like --bvals."),
+    mask: Path | None = typer.Option(None, help="3-D brain mask on the DWI grid (one scan)."),
+    mask_pattern: str | None = typer.Option(None, help=MASK_PATTERN_HELP),
     model: str = typer.Option("msdki", help="Signal model (see `mixmap models`)."),
     method: str = typer.Option("lsq", help="lsq | ssl | vae | vae-gmm"),
     out: Path = typer.Option(..., help="Output folder for the maps."),
@@ -244,7 +280,13 @@ def fit(
     resume: bool = typer.Option(
         False, help="Learned: continue an interrupted training from its checkpoint in --out."),
 ) -> None:
-    """Fit a model to a DWI scan and write parameter maps (+ std maps, sidecars).
+    """Fit a model to a DWI scan, or one shared model to a cohort of scans, and write parameter
+    maps (+ std maps, sidecars).
+
+    A cohort (several scans, or a BIDS folder) must share one acquisition; each scan is
+    normalised by its own signal scale, one model is fitted on all voxels, and each subject's
+    maps go to OUT/sub-<label>/dwi/ (OUT/sub-<label>/ses-<label>/dwi/ with a session), the
+    model to OUT/model-<m>_method-<method>/, a summary to OUT/cohort.json.
 
     Examples:
 
@@ -253,9 +295,11 @@ def fit(
 
       mixmap fit dwi.nii.gz --bvals dwi.bval --bvecs dwi.bvec --model ball-stick
       --method vae-gmm --out maps/ --device cuda
+
+      mixmap fit bids/ --model msdki --method vae-gmm --out bids/derivatives/mixmap/
+
+      mixmap fit sub-01_dwi.nii.gz sub-02_dwi.nii.gz --method vae --out maps/
     """
-    from mixmap.io import existing_maps, load_dwi, save_maps
-    from mixmap.io.nifti import bids_entities
     from mixmap.models import get_model
 
     _setup_logging(quiet)
@@ -265,6 +309,37 @@ def fit(
                    kl_weight=kl_weight, likelihood=likelihood, n_samples=n_samples,
                    device=device.value, seed=seed, quiet=quiet)
     fitter = build_fitter(method, model, options)
+    if resume and not hasattr(fitter, "use_checkpoint"):
+        raise ValueError(f"--resume applies to learned methods, not --method {method}")
+    if _is_cohort(dwi):
+        _refuse_single_mask(mask)
+        written, n_scans = _fit_cohort(fitter, dwi, bvals, bvecs, mask_pattern, out=out,
+                                       seed=seed, force=force, save_model=save_model,
+                                       resume=resume)
+        if not quiet:
+            typer.echo(f"wrote {len(written)} maps of {n_scans} scans to {out}/")
+        return
+    _single_scan_gradients(bvals, bvecs, mask_pattern)
+    written = _fit_scan(fitter, dwi[0], bvals, bvecs, mask, out=out, seed=seed, force=force,
+                        save_model=save_model, resume=resume)
+    if not quiet:
+        typer.echo(f"wrote {len(written)} maps to {out}/")
+
+
+def _use_checkpoint(fitter, ckpt: Path, resume: bool) -> None:
+    if hasattr(fitter, "use_checkpoint"):
+        fitter.use_checkpoint(ckpt, resume=resume)
+        if ckpt.exists() and not resume:
+            log.info("%s: an earlier run's checkpoint; it is replaced (use --resume to "
+                     "continue it)", ckpt)
+
+
+def _fit_scan(fitter, dwi: Path, bvals: Path, bvecs: Path, mask: Path | None, *, out: Path,
+              seed: int, force: bool, save_model: bool, resume: bool) -> list[Path]:
+    from mixmap.io import existing_maps, load_dwi, save_maps
+    from mixmap.io.nifti import bids_entities
+
+    model, method = fitter.model.name, fitter.name
     # Refuse before a long fit, not after it.
     clash = existing_maps(out, bids_entities(dwi), model)
     if clash and not force:
@@ -275,14 +350,8 @@ def fit(
     data = load_dwi(dwi, bvals, bvecs, mask)
     _check_supported(model, data.acquisition, bvals)
     log.info("%s: %d voxels × %d measurements", dwi, *data.signals.shape)
-    if hasattr(fitter, "use_checkpoint"):
-        ckpt = out / f".mixmap-checkpoint-{bids_entities(dwi) or 'scan'}-{model}-{method}.pt"
-        fitter.use_checkpoint(ckpt, resume=resume)
-        if ckpt.exists() and not resume:
-            log.info("%s: an earlier run's checkpoint; it is replaced (use --resume to "
-                     "continue it)", ckpt)
-    elif resume:
-        raise ValueError(f"--resume applies to learned methods, not --method {method}")
+    _use_checkpoint(fitter, out / f".mixmap-checkpoint-{bids_entities(dwi) or 'scan'}-{model}-"
+                    f"{method}.pt", resume)
     result = fitter.fit(data.signals, data.acquisition)
     extra = {"DroppedVoxels": data.n_dropped, "Seed": seed,
              "InputChecksums": input_checksums(dwi=dwi, bvals=bvals, bvecs=bvecs, mask=mask)}
@@ -294,18 +363,54 @@ def fit(
             fitter.save(w.path(f"model-{model}_method-{method}"))
     if hasattr(fitter, "finish_checkpoint"):
         fitter.finish_checkpoint()
-    if not quiet:
-        typer.echo(f"wrote {len(written)} maps to {out}/")
+    return written
+
+
+def _fit_cohort(fitter, inputs: list[Path], bvals: Path | None, bvecs: Path | None,
+                mask_pattern: str | None, *, out: Path, seed: int, force: bool,
+                save_model: bool, resume: bool) -> tuple[list[str], int]:
+    """Every input is found, read and checked, and OUT checked, before the (long) fit; all
+    subjects' maps, the model and cohort.json are then written in one atomic step."""
+    from mixmap import cohort as co
+    from mixmap.io import AtomicOutput
+
+    model, method = fitter.model.name, fitter.name
+    scans = co.find_scans(inputs, bvals=bvals, bvecs=bvecs, mask_pattern=mask_pattern)
+    acq = co.check_acquisitions(scans)
+    _check_supported(model, acq, scans[0].bvals)
+    model_dir = co.model_folder(model, method) if save_model and hasattr(fitter, "save") else None
+    co.check_outputs(out, scans, model, force=force,
+                     also=[co.COHORT_JSON, *([model_dir] if model_dir else [])])
+    cohort = co.load_cohort(scans)
+    log.info("cohort: %d scans, %d voxels × %d measurements", len(scans), sum(cohort.sizes),
+             acq.n)
+    _use_checkpoint(fitter, out / f".mixmap-checkpoint-cohort-{model}-{method}.pt", resume)
+    pooled, results = co.fit_cohort(fitter, cohort)
+    extras = [{"DroppedVoxels": d.n_dropped, "Seed": seed, "CohortSignalScale": scale,
+               "Cohort": co.COHORT_JSON, "TrainedModel": model_dir,
+               "InputChecksums": input_checksums(dwi=s.dwi, bvals=s.bvals, bvecs=s.bvecs,
+                                                 mask=s.mask)}
+              for s, d, scale in zip(scans, cohort.data, cohort.scales, strict=True)]
+    with AtomicOutput(out, force=force) as w:
+        written = co.stage_cohort_maps(w, cohort, results, extras)
+        co.write_cohort_extras(w, cohort, pooled, model_dir=model_dir, seed=seed)
+        if model_dir is not None:
+            fitter.save(w.path(model_dir))
+    if hasattr(fitter, "finish_checkpoint"):
+        fitter.finish_checkpoint()
+    return written, len(scans)
 
 
 @app.command()
 @handle_errors
 def apply(
     model_file: Path = typer.Argument(..., help="Trained model written by `mixmap fit`."),
-    dwi: Path = typer.Argument(..., help="4-D DWI NIfTI."),
-    bvals: Path = typer.Option(..., help="FSL bval file."),
-    bvecs: Path = typer.Option(..., help="FSL bvec file."),
-    mask: Path | None = typer.Option(None, help="3-D brain mask on the DWI grid."),
+    dwi: list[Path] = typer.Argument(..., help=COHORT_HELP),
+    bvals: Path | None = typer.Option(
+        None, help="FSL bval file. Several scans: optional (default: sibling x_dwi.bval)."),
+    bvecs: Path | None = typer.Option(None, help="FSL bvec file. Several scans: like --bvals."),
+    mask: Path | None = typer.Option(None, help="3-D brain mask on the DWI grid (one scan)."),
+    mask_pattern: str | None = typer.Option(None, help=MASK_PATTERN_HELP),
     out: Path = typer.Option(..., help="Output folder for the maps."),
     device: Device = typer.Option(Device.cpu, help="auto | cpu | cuda | mps"),
     force: bool = typer.Option(False, help="Overwrite existing maps."),
@@ -313,26 +418,70 @@ def apply(
         False, help="Apply even if the scan's acquisition differs from the training one."),
     quiet: bool = typer.Option(False, help="No progress bar or messages."),
 ) -> None:
-    """Map a new scan with a trained model, without training (seconds).
+    """Map new scans with a trained model, without training (seconds). Several scans or a BIDS
+    folder: each subject's maps go to OUT/sub-<label>/dwi/ (or .../ses-<label>/dwi/).
 
-    Example: mixmap apply maps/model-msdki_method-vae-gmm dwi2.nii.gz --bvals b --bvecs v
+    Examples: mixmap apply maps/model-msdki_method-vae-gmm dwi2.nii.gz --bvals b --bvecs v
     --out maps2/
+
+      mixmap apply maps/model-msdki_method-vae-gmm new_bids/ --out maps2/
     """
     from mixmap.io import load_dwi, save_maps
     from mixmap.io.checkpoint import load_fitter
 
     _setup_logging(quiet)
+    if _is_cohort(dwi):
+        _refuse_single_mask(mask)
+        written, n_scans = _apply_cohort(model_file, dwi, bvals, bvecs, mask_pattern, out=out,
+                                         device=device.value, force=force,
+                                         allow_other_acquisition=allow_other_acquisition)
+        if not quiet:
+            typer.echo(f"wrote {len(written)} maps of {n_scans} scans to {out}/")
+        return
+    _single_scan_gradients(bvals, bvecs, mask_pattern)
+    dwi_file = dwi[0]
     fitter = load_fitter(model_file, device=device.value)
-    data = load_dwi(dwi, bvals, bvecs, mask)
+    data = load_dwi(dwi_file, bvals, bvecs, mask)
     _check_supported(fitter.model.name, data.acquisition, bvals)
     result = fitter.apply(data.signals, data.acquisition,
                           allow_other_acquisition=allow_other_acquisition)
     extra = {"TrainedModel": str(model_file),
-             "InputChecksums": input_checksums(model=model_file, dwi=dwi, bvals=bvals,
+             "InputChecksums": input_checksums(model=model_file, dwi=dwi_file, bvals=bvals,
                                                bvecs=bvecs, mask=mask)}
     written = save_maps(result, data, out, force=force, extra=extra)
     if not quiet:
         typer.echo(f"wrote {len(written)} maps to {out}/")
+
+
+def _apply_cohort(model_file: Path, inputs: list[Path], bvals: Path | None,
+                  bvecs: Path | None, mask_pattern: str | None, *, out: Path, device: str,
+                  force: bool, allow_other_acquisition: bool) -> tuple[list[str], int]:
+    from mixmap import cohort as co
+    from mixmap.acquisition import Acquisition
+    from mixmap.io import AtomicOutput
+    from mixmap.io.checkpoint import load_fitter
+
+    fitter = load_fitter(model_file, device=device)
+    scans = co.find_scans(inputs, bvals=bvals, bvecs=bvecs, mask_pattern=mask_pattern)
+    for scan in scans:  # every scan is checked before any is mapped
+        acq = Acquisition.from_fsl(scan.bvals, scan.bvecs)
+        _check_supported(fitter.model.name, acq, scan.bvals)
+        if acq.fingerprint() != fitter.trained["fingerprint"] and not allow_other_acquisition:
+            raise ValueError(
+                f"{scan.bvals}: the acquisition of {scan.dwi.name} differs from the one this "
+                f"model was trained on ({model_file}); retrain on these scans, or pass "
+                f"--allow-other-acquisition to apply it anyway"
+            )
+    co.check_outputs(out, scans, fitter.model.name, force=force)
+    cohort = co.load_cohort(scans, same_acquisition=False)
+    results = co.apply_cohort(fitter, cohort, allow_other_acquisition=allow_other_acquisition)
+    extras = [{"TrainedModel": str(model_file),
+               "InputChecksums": input_checksums(model=model_file, dwi=s.dwi, bvals=s.bvals,
+                                                 bvecs=s.bvecs, mask=s.mask)}
+              for s in scans]
+    with AtomicOutput(out, force=force) as w:
+        written = co.stage_cohort_maps(w, cohort, results, extras)
+    return written, len(scans)
 
 
 # ---------------------------------------------------------------------------------- check
