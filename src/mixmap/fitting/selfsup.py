@@ -35,6 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mixmap.acquisition import Acquisition
+from mixmap.fitting import distributed
 from mixmap.fitting.base import (
     FitResult,
     Fitter,
@@ -100,7 +101,13 @@ def _finite_or_none(x: float) -> float | None:
 
 class LearnedFitter(Fitter):
     """Base of the trained fitters. Subclasses build the network (:meth:`_build`), give the
-    loss of a mini-batch (:meth:`_loss`) and the maps (:meth:`_predict`)."""
+    loss of a mini-batch (:meth:`_loss`) and the maps (:meth:`_predict`).
+
+    Launched by ``torchrun`` on several processes, :meth:`fit` trains on all of them
+    (:mod:`mixmap.fitting.distributed`): ``batch_size`` stays the global mini-batch (each
+    process takes ``batch_size / world`` voxels of it), the gradients are averaged, every
+    process returns the same maps, and only the main process writes checkpoints.
+    """
 
     #: Hyper-parameter names saved with the weights and passed back to ``__init__`` on load.
     hyper_names: tuple[str, ...] = ()
@@ -151,7 +158,10 @@ class LearnedFitter(Fitter):
     # ---------------------------------------------------------------- fit / apply
     def fit(self, signals: np.ndarray, acquisition: Acquisition) -> FitResult:
         signals = self._check_inputs(signals, acquisition)
-        device = resolve_device(self.device)
+        device = distributed.setup(resolve_device(self.device))
+        if distributed.active() and signals.shape[0] < distributed.world_size():
+            raise ValueError(f"{signals.shape[0]} voxels cannot be shared by "
+                             f"{distributed.world_size()} processes; use fewer processes")
         scale = signal_scale(signals, acquisition)
         sigma_in = noise_sigma_from_b0(signals, acquisition)
         sigma_w = None if sigma_in is None else sigma_in / scale
@@ -160,12 +170,15 @@ class LearnedFitter(Fitter):
         self._data_key = hashlib.sha256(
             signals.tobytes() + json_dumps(self.settings()).encode()
         ).hexdigest()
+        distributed.check_same(self._data_key, "data or settings")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             net = self._build(acquisition, sigma_w).to(device)
             self.net = net
             scheme = Scheme.build(self.model, acquisition, self._reduce(), device)
             data = self._prepare(signals / scale, acquisition, scheme, device, calibrate=True)
+            if distributed.active():  # each process its own draws for its own voxels
+                torch.manual_seed(distributed.rank_seed(self.seed))
             history = self._train(data, scheme)
         result = self._result(data, scheme, scale)
         self.trained = {
@@ -200,7 +213,7 @@ class LearnedFitter(Fitter):
                     f"allow_other_acquisition=True (--allow-other-acquisition) to apply it anyway"
                 )
             self._adapt_features(acquisition)
-        device = resolve_device(self.device)
+        device = distributed.setup(resolve_device(self.device))
         self.net.to(device)
         scale = signal_scale(signals, acquisition)
         sigma_in = noise_sigma_from_b0(signals, acquisition)
@@ -213,11 +226,24 @@ class LearnedFitter(Fitter):
         return result
 
     def _result(self, data: Data, scheme: Scheme, scale: float) -> FitResult:
-        gen = torch.Generator().manual_seed(self.seed + 1)
+        """Maps of every voxel; on several processes each maps its share, and all get all."""
+        seed = self.seed + 1
+        world = distributed.world_size() if distributed.active() else 1
+        if world > 1:
+            data, seed = data.rows(distributed.shard(data.n)), distributed.rank_seed(seed)
+        gen = torch.Generator().manual_seed(seed)
         self.net.eval()
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed + 1)
+            torch.manual_seed(seed)
             params, std, probs = self._predict(data, scheme, gen)
+        if world > 1:
+            parts = distributed.all_gather_object((params, std, probs))
+            params = {k: np.concatenate([p[0][k] for p in parts]) for k in params}
+            std = {k: np.concatenate([p[1][k] for p in parts]) for k in std}
+            probs = None if probs is None else np.concatenate([p[2] for p in parts])
+        settings = {**self.settings(), "signal_scale": scale}
+        if world > 1:
+            settings["world_size"] = world
         for p in self.model.parameters:
             if p.scaled:
                 params[p.name] = params[p.name] * scale
@@ -229,7 +255,7 @@ class LearnedFitter(Fitter):
             params={k: np.asarray(v, dtype=np.float32) for k, v in params.items()},
             std={k: np.asarray(v, dtype=np.float32) for k, v in std.items()},
             cluster_probs=None if probs is None else np.asarray(probs, dtype=np.float32),
-            settings={**self.settings(), "signal_scale": scale},
+            settings=settings,
             noise_sigma=_finite_or_none(self._sigma_working() * scale),
         )
 
@@ -263,6 +289,8 @@ class LearnedFitter(Fitter):
         y = torch.as_tensor(ys, dtype=torch.float32, device=device)
         extra = None
         if self._uses_lsq_features():
+            # Fitted to all voxels in every process: seconds for a whole brain, and sharding
+            # it would change the start (least squares scales by its input's 95th percentile).
             extra = torch.as_tensor(lsq_features(self.model, ys, acq), device=device)
         with torch.no_grad():
             if calibrate:
@@ -273,6 +301,13 @@ class LearnedFitter(Fitter):
 
     # ---------------------------------------------------------------- training loop
     def _train(self, data: Data, scheme: Scheme) -> list[dict]:
+        """Mini-batch Adam over all voxels until the loss plateaus; returns one row of named
+        loss terms per accepted epoch.
+
+        ``batch_size`` is the global mini-batch: on ``world`` processes every mini-batch of
+        the epoch's permutation (the same on every process) is cut into ``world`` parts and
+        each process takes its own, so the updates are those of one process with that batch
+        (up to the random draws of the loss and the order of floating-point sums)."""
         net = self.net
         net.train()
         lr = float(self.lr)
@@ -280,16 +315,19 @@ class LearnedFitter(Fitter):
         gen = torch.Generator().manual_seed(self.seed)
         n = data.n
         bs = max(1, min(int(self.batch_size), n))
+        world = distributed.world_size() if distributed.active() else 1
+        me = distributed.rank()
         history: list[dict] = []
         best, since_best, bad = math.inf, 0, 0
         snapshot = None
         first = 0
-        state = self._load_checkpoint()
+        state = self._resume_state()
         if state is not None:
             net.load_state_dict(state["net"])
             opt.load_state_dict(state["opt"])
             gen.set_state(state["gen"])
-            torch.set_rng_state(state["rng"])
+            # (a clone: torch.set_rng_state crashes on a view with a storage offset)
+            torch.set_rng_state(state["rng"] if world == 1 else state["rng_ranks"][me].clone())
             first = int(state["epoch"]) + 1
             best, since_best = float(state["best"]), int(state["since_best"])
             bad = int(state["bad"])
@@ -302,20 +340,32 @@ class LearnedFitter(Fitter):
                      first - 1)
             if since_best >= self.patience and first >= self.min_epochs:
                 first = int(self.epochs)  # it had already stopped
-        bar = tqdm(range(first, int(self.epochs)), desc=self.name, disable=self.quiet,
-                   leave=False)
+        # Batch boundaries; on several processes every batch must give each one a voxel.
+        bounds = list(range(0, n, bs)) + [n]
+        step = self._loss
+        if world > 1:
+            if len(bounds) > 2 and bounds[-1] - bounds[-2] < world:
+                del bounds[-2]
+            step = distributed.wrap(_LossStep(self))
+        bar = tqdm(range(first, int(self.epochs)), desc=self.name,
+                   disable=self.quiet or not distributed.is_main(), leave=False)
         for epoch in bar:
             snapshot = (copy.deepcopy(net.state_dict()), copy.deepcopy(opt.state_dict()))
             perm = torch.randperm(n, generator=gen).to(data.y.device)
             sums: dict[str, float] = {}
             seen = 0
-            for start in range(0, n, bs):
-                idx = perm[start : start + bs]
-                loss, terms = self._loss(data.rows(idx), scheme, epoch)
-                ok = bool(torch.isfinite(loss))
+            for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
+                idx = perm[start:stop]
+                if world > 1:
+                    idx = idx.tensor_split(world)[me]
+                loss, terms = step(data.rows(idx), scheme, epoch)
+                ok = distributed.all_true(bool(torch.isfinite(loss)), loss.device)
                 if ok:
                     opt.zero_grad(set_to_none=True)
+                    if world > 1:  # DDP averages over processes; weigh by the voxels each had
+                        loss = loss * (idx.numel() * world / (stop - start))
                     loss.backward()
+                    # after DDP's all-reduce the gradients are the same in every process
                     ok = all(torch.isfinite(p.grad).all() for p in net.parameters()
                              if p.grad is not None)
                 if not ok:  # undo: no step is taken; lower the learning rate
@@ -327,6 +377,11 @@ class LearnedFitter(Fitter):
                 seen += k
                 for name, v in terms.items():
                     sums[name] = sums.get(name, 0.0) + float(v) * k
+            if world > 1:  # the epoch's means over every voxel, the same in every process
+                names = sorted(sums)
+                tot = torch.tensor([seen] + [sums[k] for k in names], dtype=torch.float64)
+                tot = distributed.all_reduce_sum(tot.to(data.y.device)).tolist()
+                seen, sums = tot[0], dict(zip(names, tot[1:], strict=True))
             row = {"epoch": epoch, **{k: v / max(seen, 1) for k, v in sums.items()}}
             diverged = (not all(torch.isfinite(p).all() for p in net.parameters())
                         or not math.isfinite(row.get("loss", math.nan))
@@ -349,11 +404,21 @@ class LearnedFitter(Fitter):
             if epoch + 1 >= self.min_epochs and since_best >= self.patience:
                 break
         bar.close()
+        del step  # a DDP wrapper lets go of the parameters' gradient hooks
         return history
+
+    def _local(self, data: Data) -> Data:
+        """This process's share of the voxels (all of them in a single process), for the work
+        whose per-voxel results are then reduced or gathered (e.g. an EM update)."""
+        return data.rows(distributed.shard(data.n)) if distributed.active() else data
 
     # ---------------------------------------------------------------- checkpoints
     def _save_checkpoint(self, epoch, opt, gen, best, since_best, bad, history) -> None:
         if self.checkpoint_path is None:
+            return
+        rng = torch.get_rng_state()
+        ranks = distributed.all_gather_object(rng) if distributed.active() else None
+        if not distributed.is_main():
             return
         keys = sorted({k for row in history for k in row})
         table = torch.tensor([[float(row.get(k, math.nan)) for k in keys] for row in history],
@@ -361,13 +426,34 @@ class LearnedFitter(Fitter):
         state = {"format": "mixmap-training-checkpoint-1", "key": self._data_key,
                  "epoch": epoch, "best": best, "since_best": since_best, "bad": bad,
                  "net": self.net.state_dict(), "opt": opt.state_dict(),
-                 "gen": gen.get_state(), "rng": torch.get_rng_state(),
+                 "gen": gen.get_state(), "rng": rng,
                  "history": table, "history_keys": keys}
+        if ranks is not None:  # every process's own random stream, to resume each exactly
+            state["world_size"] = len(ranks)
+            state["rng_ranks"] = torch.stack(ranks)
         path = self.checkpoint_path
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         torch.save(state, tmp)
         os.replace(tmp, path)
+
+    def _resume_state(self) -> dict | None:
+        """The checkpoint to continue from, or None: read by the main process and sent to the
+        others (which need not see its file system); a refusal is raised in every process."""
+        if not distributed.active():
+            return self._load_checkpoint()
+        if self.checkpoint_path is None or not self.resume:
+            return None
+        state, refusal = None, None
+        if distributed.is_main():
+            try:
+                state = self._load_checkpoint()
+            except ValueError as exc:
+                refusal = str(exc)
+        state, refusal = distributed.broadcast_object((state, refusal))
+        if refusal is not None:
+            raise ValueError(refusal)
+        return state
 
     def _load_checkpoint(self) -> dict | None:
         path = self.checkpoint_path
@@ -389,10 +475,20 @@ class LearnedFitter(Fitter):
                 f"{path}: this checkpoint was written for other data or settings; run without "
                 f"--resume (or with the same inputs and options) to continue"
             )
+        written_by = int(state.get("world_size", 1))
+        world = distributed.world_size() if distributed.active() else 1
+        if written_by != world:
+            raise ValueError(
+                f"{path}: this checkpoint was written by a training on {written_by} "
+                f"process(es), this run has {world}; resume it with the same number of "
+                f"processes (torchrun --nproc_per_node {written_by}), or run without --resume"
+            )
         return state
 
     def finish_checkpoint(self) -> None:
-        """Delete the checkpoint once the maps are safely written."""
+        """Delete the checkpoint once the maps are safely written (by the main process)."""
+        if not distributed.is_main():
+            return
         if self.checkpoint_path is not None and self.checkpoint_path.exists():
             self.checkpoint_path.unlink()
 
@@ -406,7 +502,9 @@ class LearnedFitter(Fitter):
             )
         for g in opt.param_groups:
             g["lr"] = lr
-        log.warning("%s: %s; step undone, learning rate lowered to %.3g", self.name, what, lr)
+        if distributed.is_main():
+            log.warning("%s: %s; step undone, learning rate lowered to %.3g", self.name, what,
+                        lr)
         return lr
 
     # ---------------------------------------------------------------- save
@@ -416,6 +514,20 @@ class LearnedFitter(Fitter):
         from mixmap.io.checkpoint import save_fitter
 
         return save_fitter(self, path)
+
+
+class _LossStep(nn.Module):
+    """A fitter's mini-batch loss as a module's forward: DistributedDataParallel averages the
+    gradients of what runs through its wrapped module's forward, and the fitters call their
+    networks' parts directly."""
+
+    def __init__(self, fitter: LearnedFitter) -> None:
+        super().__init__()
+        self.net = fitter.net
+        self.fitter = fitter  # a plain attribute, not a registered module
+
+    def forward(self, batch: Data, scheme: Scheme, epoch: int):
+        return self.fitter._loss(batch, scheme, epoch)
 
 
 # -------------------------------------------------------------------------------------- ssl
@@ -530,7 +642,7 @@ class SelfSupervisedFitter(LearnedFitter):
             u = self.net(data.feats)
             params = self.model.split(u)
             mse = self._mse(data, scheme)
-        self._rms = float(mse.mean().sqrt())
+        self._rms = float(distributed.global_mean(mse).sqrt())
         return {k: v.cpu().numpy() for k, v in params.items()}, {}, None
 
 

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from mixmap.acquisition import Acquisition
+from mixmap.fitting.distributed import all_reduce_sum
 from mixmap.fitting.selfsup import Data, LearnedFitter, Scheme
 from mixmap.models import SignalModel
 from mixmap.nn.encoders import Decoder, FeatureMap, MixtureEncoder
@@ -328,7 +329,11 @@ class VAEFitter(LearnedFitter):
 
     def _end_epoch(self, data: Data, scheme: Scheme, epoch: int) -> None:
         """``prior_update="em"``: the M-step. For the current q of every voxel, the mixture
-        weights, means and variances that maximise the ELBO are weighted moments of q."""
+        weights, means and variances that maximise the ELBO are weighted moments of q.
+
+        On several processes each one takes the moments of its share of the voxels and the
+        sums are added over processes (two passes: the means first, then the scatter about
+        them, as in one process), so every process sets the same prior."""
         if self.prior != "gmm" or self.prior_update != "em":
             return
         if epoch + 1 < max(self.warmup_epochs, 5):
@@ -336,6 +341,7 @@ class VAEFitter(LearnedFitter):
             # overall mean (a symmetric fixed point). Keep the k-means start until the encoder
             # has learned to assign voxels to it.
             return
+        data = self._local(data)
         with torch.no_grad():
             stats = []
             for start in range(0, data.n, PREDICT_CHUNK):
@@ -352,9 +358,9 @@ class VAEFitter(LearnedFitter):
             r = torch.cat([s[0] for s in stats])
             mu = torch.cat([s[1] for s in stats])
             var_q = torch.cat([s[2] for s in stats])
-            nk = r.sum(0).clamp_min(1e-6)  # (K,)
-            m = (r[..., None] * mu).sum(0) / nk[:, None]
-            v = (r[..., None] * (var_q + (mu - m) ** 2)).sum(0) / nk[:, None]
+            nk = all_reduce_sum(r.sum(0)).clamp_min(1e-6)  # (K,)
+            m = all_reduce_sum((r[..., None] * mu).sum(0)) / nk[:, None]
+            v = all_reduce_sum((r[..., None] * (var_q + (mu - m) ** 2)).sum(0)) / nk[:, None]
             prior = self.net.prior
             prior.logits.copy_(torch.log(nk / nk.sum()))
             prior.mu.copy_(m)
