@@ -98,6 +98,20 @@ class SignalModel:
             i += p.size
         return self.forward(params, acquisition), torch.cat(cols, -1)
 
+    def normal_equations(
+        self,
+        u: torch.Tensor,
+        signals: torch.Tensor,
+        acquisition: Acquisition,
+        sqrt_weights: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Optional fused Gauss-Newton terms at the unbounded coordinates ``u`` (n, P) for
+        ``signals`` (n, m): (cost (n,), JᵀJ (n, P, P), Jᵀr (n, P)) with r = (forward − signals)
+        · ``sqrt_weights`` (m,) and cost = Σ r². A model overrides this when it can form them
+        without the (n, m, P) Jacobian; ``None`` (the default) lets least squares build them
+        from :meth:`unbounded_jacobian` or automatic differentiation."""
+        return None
+
     def check_acquisition(self, acquisition: Acquisition) -> None:
         """Raise :class:`UnsupportedAcquisition` if the scheme cannot determine the model."""
 
