@@ -359,13 +359,17 @@ class LearnedFitter(Fitter):
                 if world > 1:
                     idx = idx.tensor_split(world)[me]
                 loss, terms = step(data.rows(idx), scheme, epoch)
-                ok = distributed.all_true(bool(torch.isfinite(loss)), loss.device)
-                if ok:
+                if world > 1:
+                    # DDP averages the gradients over processes: weigh each by its voxels. A
+                    # non-finite loss in any process must undo the step in all: its weight NaN
+                    # makes its gradients NaN, and the average carries them to every process.
+                    w = torch.tensor(idx.numel() * world / (stop - start), device=loss.device)
+                    loss = loss * torch.where(torch.isfinite(loss), w, torch.nan)
+                ok = bool(torch.isfinite(loss))
+                if ok or world > 1:
                     opt.zero_grad(set_to_none=True)
-                    if world > 1:  # DDP averages over processes; weigh by the voxels each had
-                        loss = loss * (idx.numel() * world / (stop - start))
                     loss.backward()
-                    # after DDP's all-reduce the gradients are the same in every process
+                    # (after DDP's all-reduce the gradients are the same in every process)
                     ok = all(torch.isfinite(p.grad).all() for p in net.parameters()
                              if p.grad is not None)
                 if not ok:  # undo: no step is taken; lower the learning rate
