@@ -18,12 +18,16 @@ gloo on CPU) and split the work by voxel:
   voxels, so the same options give the same optimisation on any number of processes); the
   network is wrapped in :class:`~torch.nn.parallel.DistributedDataParallel`, which averages the
   gradients, so all processes keep identical weights;
-- whatever decides what happens next (a non-finite loss, the epoch loss used by the stopping
-  rule and the explosion guard, the closed-form EM update of the mixture prior) is reduced over
-  all processes first, so every process takes the same decision;
-- after training each process maps its share of the voxels and the maps are gathered: every
-  process returns the same complete :class:`~mixmap.fitting.base.FitResult`, and only the main
-  process (:func:`is_main`) should write files. Checkpoints are written by the main process.
+- whatever decides what happens next is reduced over all processes first, so every process
+  takes the same decision: a non-finite loss in one process makes the averaged gradients NaN
+  in all (the step is undone everywhere), the epoch loss of the stopping rule and the explosion
+  guard is summed over processes, and the closed-form EM update of the mixture prior adds each
+  process's sums over its share of the voxels;
+- after training (and in ``apply``) each process maps its share of the voxels and the maps are
+  gathered: every process returns the same complete :class:`~mixmap.fitting.base.FitResult`,
+  and only the main process (:func:`is_main`) should write files. The main process writes the
+  training checkpoints, with every process's random state, so a run resumes exactly with the
+  same number of processes.
 
 In a single process every function here is a no-op (no process group, no copy, no
 communication), so one-process results are unchanged.
@@ -138,15 +142,6 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def all_true(flag: bool, device: torch.device | str = "cpu") -> bool:
-    """Whether ``flag`` holds in every process."""
-    if not active():
-        return bool(flag)
-    t = torch.tensor([0.0 if flag else 1.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return bool(t.item() == 0)
-
-
 def global_mean(t: torch.Tensor) -> torch.Tensor:
     """Mean of the elements of ``t`` over all processes (``t.mean()`` in a single process)."""
     if not active():
@@ -212,7 +207,7 @@ def wrap(module: torch.nn.Module) -> torch.nn.Module:
 
 
 __all__ = [
-    "active", "all_gather_object", "all_reduce_sum", "all_true", "barrier", "broadcast_object",
+    "active", "all_gather_object", "all_reduce_sum", "barrier", "broadcast_object",
     "check_same", "global_mean", "is_main", "launched", "local_rank", "rank",
     "rank_seed", "setup", "shard", "teardown", "world_size", "wrap",
 ]
