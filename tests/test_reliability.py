@@ -41,7 +41,9 @@ def test_atomic_output_refuses_existing_before_moving_anything(tmp_path):
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
 def test_killed_fit_leaves_no_partial_map(tmp_path, sig):
     scan = tmp_path / "scan"
-    write_simulation(simulate("ball-stick", "hcp", snr=20, n_voxels=3000, seed=0), scan)
+    # Enough voxels that the signal usually lands inside the fit (ball-stick lsq fits 10,000
+    # voxels in about a second).
+    write_simulation(simulate("ball-stick", "hcp", snr=20, n_voxels=20000, seed=0), scan)
     out = tmp_path / "maps"
     cmd = [sys.executable, "-m", "mixmap.cli", "fit", str(scan / "dwi.nii.gz"),
            "--bvals", str(scan / "dwi.bval"), "--bvecs", str(scan / "dwi.bvec"),
@@ -58,8 +60,9 @@ def test_killed_fit_leaves_no_partial_map(tmp_path, sig):
     if proc.returncode == 0:  # finished before the signal: every map must be complete
         assert len(maps) == 9
     else:
-        assert maps == [], "a killed run must not leave maps"
-        if sig == signal.SIGINT:
+        # Killed: no map at all, or (signal after the atomic move) every map complete.
+        assert len(maps) in (0, 9), f"a killed run left {len(maps)} of 9 maps"
+        if sig == signal.SIGINT and not maps:
             assert proc.returncode == 130 and b"interrupted" in err
     for m in maps:
         assert np.isfinite(nib.load(m).get_fdata()).any()
