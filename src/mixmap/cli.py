@@ -69,8 +69,10 @@ def handle_errors(fn):
 
 
 def _setup_logging(quiet: bool) -> None:
-    logging.basicConfig(
-        level=logging.WARNING if quiet else logging.INFO,
+    from mixmap.fitting import distributed
+
+    logging.basicConfig(  # under torchrun, only the main process reports progress
+        level=logging.WARNING if quiet or not distributed.is_main() else logging.INFO,
         format="%(message)s",
         stream=sys.stderr,
         force=True,
@@ -316,13 +318,13 @@ def fit(
         written, n_scans = _fit_cohort(fitter, dwi, bvals, bvecs, mask_pattern, out=out,
                                        seed=seed, force=force, save_model=save_model,
                                        resume=resume)
-        if not quiet:
+        if not quiet and written:
             typer.echo(f"wrote {len(written)} maps of {n_scans} scans to {out}/")
         return
     _single_scan_gradients(bvals, bvecs, mask_pattern)
     written = _fit_scan(fitter, dwi[0], bvals, bvecs, mask, out=out, seed=seed, force=force,
                         save_model=save_model, resume=resume)
-    if not quiet:
+    if not quiet and written:
         typer.echo(f"wrote {len(written)} maps to {out}/")
 
 
@@ -336,6 +338,7 @@ def _use_checkpoint(fitter, ckpt: Path, resume: bool) -> None:
 
 def _fit_scan(fitter, dwi: Path, bvals: Path, bvecs: Path, mask: Path | None, *, out: Path,
               seed: int, force: bool, save_model: bool, resume: bool) -> list[Path]:
+    from mixmap.fitting import distributed
     from mixmap.io import existing_maps, load_dwi, save_maps
     from mixmap.io.nifti import bids_entities
 
@@ -353,6 +356,8 @@ def _fit_scan(fitter, dwi: Path, bvals: Path, bvecs: Path, mask: Path | None, *,
     _use_checkpoint(fitter, out / f".mixmap-checkpoint-{bids_entities(dwi) or 'scan'}-{model}-"
                     f"{method}.pt", resume)
     result = fitter.fit(data.signals, data.acquisition)
+    if not distributed.is_main():  # torchrun: every process trained, the main one writes
+        return []
     extra = {"DroppedVoxels": data.n_dropped, "Seed": seed,
              "InputChecksums": input_checksums(dwi=dwi, bvals=bvals, bvecs=bvecs, mask=mask)}
     written = save_maps(result, data, out, force=force, extra=extra)
@@ -372,6 +377,7 @@ def _fit_cohort(fitter, inputs: list[Path], bvals: Path | None, bvecs: Path | No
     """Every input is found, read and checked, and OUT checked, before the (long) fit; all
     subjects' maps, the model and cohort.json are then written in one atomic step."""
     from mixmap import cohort as co
+    from mixmap.fitting import distributed
     from mixmap.io import AtomicOutput
 
     model, method = fitter.model.name, fitter.name
@@ -386,6 +392,8 @@ def _fit_cohort(fitter, inputs: list[Path], bvals: Path | None, bvecs: Path | No
              acq.n)
     _use_checkpoint(fitter, out / f".mixmap-checkpoint-cohort-{model}-{method}.pt", resume)
     pooled, results = co.fit_cohort(fitter, cohort)
+    if not distributed.is_main():  # torchrun: every process trained, the main one writes
+        return [], len(scans)
     extras = [{"DroppedVoxels": d.n_dropped, "Seed": seed, "CohortSignalScale": scale,
                "Cohort": co.COHORT_JSON, "TrainedModel": model_dir,
                "InputChecksums": input_checksums(dwi=s.dwi, bvals=s.bvals, bvecs=s.bvecs,
@@ -426,6 +434,7 @@ def apply(
 
       mixmap apply maps/model-msdki_method-vae-gmm new_bids/ --out maps2/
     """
+    from mixmap.fitting import distributed
     from mixmap.io import load_dwi, save_maps
     from mixmap.io.checkpoint import load_fitter
 
@@ -435,7 +444,7 @@ def apply(
         written, n_scans = _apply_cohort(model_file, dwi, bvals, bvecs, mask_pattern, out=out,
                                          device=device.value, force=force,
                                          allow_other_acquisition=allow_other_acquisition)
-        if not quiet:
+        if not quiet and written:
             typer.echo(f"wrote {len(written)} maps of {n_scans} scans to {out}/")
         return
     _single_scan_gradients(bvals, bvecs, mask_pattern)
@@ -445,6 +454,8 @@ def apply(
     _check_supported(fitter.model.name, data.acquisition, bvals)
     result = fitter.apply(data.signals, data.acquisition,
                           allow_other_acquisition=allow_other_acquisition)
+    if not distributed.is_main():  # torchrun: each process mapped its share, one writes
+        return
     extra = {"TrainedModel": str(model_file),
              "InputChecksums": input_checksums(model=model_file, dwi=dwi_file, bvals=bvals,
                                                bvecs=bvecs, mask=mask)}
@@ -458,6 +469,7 @@ def _apply_cohort(model_file: Path, inputs: list[Path], bvals: Path | None,
                   force: bool, allow_other_acquisition: bool) -> tuple[list[str], int]:
     from mixmap import cohort as co
     from mixmap.acquisition import Acquisition
+    from mixmap.fitting import distributed
     from mixmap.io import AtomicOutput
     from mixmap.io.checkpoint import load_fitter
 
@@ -475,6 +487,8 @@ def _apply_cohort(model_file: Path, inputs: list[Path], bvals: Path | None,
     co.check_outputs(out, scans, fitter.model.name, force=force)
     cohort = co.load_cohort(scans, same_acquisition=False)
     results = co.apply_cohort(fitter, cohort, allow_other_acquisition=allow_other_acquisition)
+    if not distributed.is_main():  # torchrun: each process mapped its share, one writes
+        return [], len(scans)
     extras = [{"TrainedModel": str(model_file),
                "InputChecksums": input_checksums(model=model_file, dwi=s.dwi, bvals=s.bvals,
                                                  bvecs=s.bvecs, mask=s.mask)}
