@@ -299,3 +299,34 @@ def test_model_file_with_other_bounds_is_refused(sim, gmm_fit, tmp_path):
     (folder / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="other parameters or bounds"):
         load_fitter(folder)
+
+
+def test_large_scans_train_on_a_random_subset_per_epoch_and_map_every_voxel(sim):
+    """Above ``epoch_voxels`` an epoch is a fresh random subset (training cost stops growing
+    with the scan); the loss and the EM update see that subset, and every voxel is mapped."""
+    f = get_fitter("vae-gmm", "msdki", seed=0, **{**FAST, "epochs": 8, "n_components": 2})
+    f.epoch_voxels = 250
+    seen, em = [], []
+    loss, end = f._loss, f._end_epoch
+
+    def counting_loss(batch, scheme, epoch):
+        seen.append((epoch, batch.n, batch.y[:, 0].sum().item()))
+        return loss(batch, scheme, epoch)
+
+    def counting_end(data, scheme, epoch):
+        em.append(data.n)
+        return end(data, scheme, epoch)
+
+    f._loss, f._end_epoch = counting_loss, counting_end
+    res = f.fit(sim.signals, sim.acquisition)
+    assert res.settings["epoch_voxels"] == 250
+    per_epoch = {}
+    for epoch, k, _ in seen:
+        per_epoch[epoch] = per_epoch.get(epoch, 0) + k
+    assert set(per_epoch.values()) == {250}  # of 600 voxels
+    assert em == [250] * len(res.history)
+    sums = {}
+    for epoch, _, s in seen:
+        sums[epoch] = sums.get(epoch, 0.0) + s
+    assert len({round(v, 3) for v in sums.values()}) > 1  # another subset each epoch
+    assert res.params["D"].shape == (600,) and np.isfinite(res.params["D"]).all()

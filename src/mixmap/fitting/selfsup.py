@@ -49,6 +49,12 @@ from mixmap.nn.encoders import mlp
 
 log = logging.getLogger(__name__)
 
+#: Voxels in one training epoch. A larger scan trains on a fresh random subset of this size
+#: each epoch: the plateau rule and the EM prior update then see the same amount of data per
+#: epoch whatever the scan's size, and training time stops growing with the number of voxels
+#: (the maps of every voxel still cost time linear in voxels).
+EPOCH_VOXELS = 50_000
+
 #: Bad steps (non-finite loss or gradient, or a diverged epoch) tolerated before giving up.
 MAX_BAD_STEPS = 12
 
@@ -111,6 +117,8 @@ class LearnedFitter(Fitter):
 
     #: Hyper-parameter names saved with the weights and passed back to ``__init__`` on load.
     hyper_names: tuple[str, ...] = ()
+    #: Voxels per epoch (see :data:`EPOCH_VOXELS`).
+    epoch_voxels: int = EPOCH_VOXELS
 
     def __init__(self, model, *, device: str = "cpu", seed: int = 0, quiet: bool = True) -> None:
         super().__init__(model, device=device, seed=seed, quiet=quiet)
@@ -153,7 +161,7 @@ class LearnedFitter(Fitter):
         return {k: getattr(self, k) for k in self.hyper_names}
 
     def settings(self) -> dict:
-        return {**super().settings(), **self.hyper()}
+        return {**super().settings(), **self.hyper(), "epoch_voxels": int(self.epoch_voxels)}
 
     # ---------------------------------------------------------------- fit / apply
     def fit(self, signals: np.ndarray, acquisition: Acquisition) -> FitResult:
@@ -313,7 +321,8 @@ class LearnedFitter(Fitter):
         lr = float(self.lr)
         opt = torch.optim.Adam(net.parameters(), lr=lr)
         gen = torch.Generator().manual_seed(self.seed)
-        n = data.n
+        n_all = data.n
+        n = min(n_all, max(1, int(self.epoch_voxels)))  # voxels per epoch
         bs = max(1, min(int(self.batch_size), n))
         world = distributed.world_size() if distributed.active() else 1
         me = distributed.rank()
@@ -351,14 +360,20 @@ class LearnedFitter(Fitter):
                    disable=self.quiet or not distributed.is_main(), leave=False)
         for epoch in bar:
             snapshot = (copy.deepcopy(net.state_dict()), copy.deepcopy(opt.state_dict()))
-            perm = torch.randperm(n, generator=gen).to(data.y.device)
+            perm = torch.randperm(n_all, generator=gen)
+            epoch_data = data
+            if n < n_all:  # a large scan: this epoch's random subset
+                perm = perm[:n].sort().values
+                epoch_data = data.rows(perm.to(data.y.device))
+                perm = torch.randperm(n, generator=gen)
+            perm = perm.to(data.y.device)
             sums: dict[str, float] = {}
             seen = 0
             for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
                 idx = perm[start:stop]
                 if world > 1:
                     idx = idx.tensor_split(world)[me]
-                loss, terms = step(data.rows(idx), scheme, epoch)
+                loss, terms = step(epoch_data.rows(idx), scheme, epoch)
                 if world > 1:
                     # DDP averages the gradients over processes: weigh each by its voxels. A
                     # non-finite loss in any process must undo the step in all: its weight NaN
@@ -398,7 +413,7 @@ class LearnedFitter(Fitter):
                 continue
             row["lr"] = lr
             history.append(row)
-            self._end_epoch(data, scheme, epoch)
+            self._end_epoch(epoch_data, scheme, epoch)
             bar.set_postfix(loss=f"{row['loss']:.4g}")
             if row["loss"] < best - self.tol * (abs(best) if math.isfinite(best) else 1.0):
                 best, since_best = row["loss"], 0
