@@ -8,6 +8,9 @@ docs/learned.json.
 
     python benchmarks/learned.py --snr 10 20 50 [--methods lsq,ssl,vae,vae-gmm] [--threads 2]
     python benchmarks/learned.py --snr 20 --extra-snr 20  # + vae-gmm: Gumbel y, Rician
+
+Other presets, schemes and noise (issue #4): ``benchmarks/learned_variants.py``, which imports
+the scoring and fitting helpers below.
 """
 
 from __future__ import annotations
@@ -15,11 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from mixmap.demo import dipy_msdki
+from mixmap.evaluate import angular_error, bayes_reference
 from mixmap.fitting import get_fitter
 from mixmap.report import machine_description, markdown_table, update_section
 from mixmap.simulate import simulate
@@ -28,60 +34,124 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 NAMES = ("D", "K")
 
 
-def rmse_table(est: dict, sim) -> dict:
+def rmse_table(est: dict, sim, names: tuple[str, ...] = NAMES) -> dict:
+    """RMSE of each scalar parameter in ``names``, overall and per cluster of ``sim``."""
     out = {}
-    names = [c.name for c in sim.preset.clusters]
-    for p in NAMES:
+    clusters = [c.name for c in sim.preset.clusters]
+    for p in names:
         e = np.asarray(est[p], dtype=np.float64) - sim.truth[p]
         row = {"all": float(np.sqrt(np.mean(e**2)))}
-        for i, c in enumerate(names):
+        for i, c in enumerate(clusters):
             row[c] = float(np.sqrt(np.mean(e[sim.labels == i] ** 2)))
         out[p] = row
     return out
+
+
+def angle_table(est: dict, sim, name: str = "n") -> dict:
+    """Sign-invariant angular error (degrees) of direction ``name``: mean and median, overall and
+    per cluster of ``sim``."""
+    ang = angular_error(np.asarray(est[name], dtype=np.float64),
+                        np.asarray(sim.truth[name], dtype=np.float64))
+    out = {"mean": {"all": float(ang.mean())}, "median": {"all": float(np.median(ang))}}
+    for i, c in enumerate(c.name for c in sim.preset.clusters):
+        sel = ang[sim.labels == i]
+        out["mean"][c], out["median"][c] = float(sel.mean()), float(np.median(sel))
+    return out
+
+
+def bayes_entry(sim, names: tuple[str, ...] = NAMES) -> dict:
+    """The Bayes reference's RMSE table and time, or ``{"error": why}`` where
+    :func:`mixmap.evaluate.bayes_reference` cannot integrate the preset."""
+    try:
+        t = time.perf_counter()
+        ref = bayes_reference(sim.signals, sim.acquisition, sim.preset, sim.sigma, sim.noise)
+    except Exception as exc:  # the reference covers the MSDKI presets only
+        return {"error": str(exc)}
+    return {"rmse": rmse_table(ref, sim, names), "seconds": time.perf_counter() - t}
+
+
+def fit_entry(sim, method: str, kw: dict, names: tuple[str, ...] = NAMES,
+              direction: str | None = None) -> dict:
+    """Fit ``sim`` with ``method`` (a mixmap fitter, or ``dipy`` for dipy's MSDKI) and score it:
+    RMSE table, angular errors of ``direction`` if given, time, epochs and settings. A fit that
+    raises is recorded with its traceback (``error``, ``traceback``) instead of stopping the run."""
+    t = time.perf_counter()
+    try:
+        if method == "dipy":
+            params = dipy_msdki(sim.signals, sim.acquisition)
+            if params is None:
+                return {"error": "dipy is not importable"}
+            history, settings = [], {"method": "dipy MeanDiffusionKurtosisModel"}
+        else:
+            f = get_fitter(method, sim.preset.model, seed=0, quiet=True, **kw)
+            r = f.fit(sim.signals, sim.acquisition)
+            params, history, settings = r.params, r.history, r.settings
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(),
+                "seconds": time.perf_counter() - t}
+    secs = time.perf_counter() - t
+    entry = {"rmse": rmse_table(params, sim, names), "seconds": secs,
+             "epochs": len(history), "settings": settings}
+    bad = {p: int((~np.isfinite(np.asarray(params[p]))).sum()) for p in names}
+    if any(bad.values()):
+        entry["non_finite"] = bad
+    if direction is not None:
+        entry["angle"] = angle_table(params, sim, direction)
+    return entry
 
 
 def run(snr: float, methods: list[str], extra: bool, preset: str, scheme: str,
         noise: str) -> dict:
     sim = simulate(preset, scheme, snr=snr, noise=noise, seed=0)
     res: dict = {"snr": snr, "preset": preset, "scheme": scheme, "noise": noise, "methods": {}}
-    try:
-        from mixmap.evaluate import bayes_reference
-
-        t = time.perf_counter()
-        ref = bayes_reference(sim.signals, sim.acquisition, sim.preset, sim.sigma, sim.noise)
-        res["methods"]["bayes"] = {"rmse": rmse_table(ref, sim),
-                                   "seconds": time.perf_counter() - t}
-    except Exception as exc:  # the reference covers the MSDKI presets only
-        res["bayes_error"] = str(exc)
+    ref = bayes_entry(sim)
+    if "error" in ref:
+        res["bayes_error"] = ref["error"]
+    else:
+        res["methods"]["bayes"] = ref
     runs = [(m, m, {}) for m in methods]
     if extra:
         runs.append(("vae-gmm (gumbel)", "vae-gmm", {"y_inference": "gumbel"}))
         runs.append(("vae-gmm (rician)", "vae-gmm", {"likelihood": "rician"}))
     for label, method, kw in runs:
-        f = get_fitter(method, sim.preset.model, seed=0, quiet=True, **kw)
-        t = time.perf_counter()
-        r = f.fit(sim.signals, sim.acquisition)
-        secs = time.perf_counter() - t
-        res["methods"][label] = {"rmse": rmse_table(r.params, sim), "seconds": secs,
-                                 "epochs": len(r.history), "settings": r.settings}
-        print(f"SNR {snr:g} {label}: {res['methods'][label]['rmse']} ({secs:.0f} s)",
-              flush=True)
+        res["methods"][label] = entry = fit_entry(sim, method, kw)
+        print(f"SNR {snr:g} {label}: {entry.get('rmse', entry.get('error'))} "
+              f"({entry.get('seconds', 0):.0f} s)", flush=True)
     return res
+
+
+def table(res: dict, names: tuple[str, ...] = NAMES, direction: str | None = None) -> str:
+    """Markdown table of one run: a row per method, RMSE of ``names`` overall and per cluster,
+    the mean angular error of ``direction`` (if given), time and epochs; a failed fit is a row
+    that says so."""
+    clusters = res["clusters"] if "clusters" in res else [
+        k for k in next(m for m in res["methods"].values() if "rmse" in m)["rmse"][names[0]]
+        if k != "all"]
+    cols = [(p, c) for p in names for c in ["all", *clusters]]
+    header = ["method"] + [f"{p} {c}" for p, c in cols]
+    if direction:
+        header += [f"{direction} {c} mean°" for c in ["all", *clusters]] + [
+            f"{direction} all median°"]
+    header += ["time (s)", "epochs"]
+    rows = []
+    for label, m in res["methods"].items():
+        if "rmse" not in m:
+            rows.append([label, f"failed: {m.get('error', '?')}"] + [""] * (len(header) - 2))
+            continue
+        row = [label] + [m["rmse"][p][c] for p, c in cols]
+        if direction:
+            ang = m.get("angle", {}).get("mean", {})
+            row += [ang.get(c) for c in ["all", *clusters]] + [
+                m.get("angle", {}).get("median", {}).get("all")]
+        rows.append(row + [round(m["seconds"]), m.get("epochs")])
+    return markdown_table(header, rows)
 
 
 def markdown(results: list[dict]) -> str:
     parts = []
     for res in results:
-        clusters = [k for k in next(iter(res["methods"].values()))["rmse"]["D"] if k != "all"]
-        header = ["method"] + [f"{p} {c}" for p in NAMES for c in ["all", *clusters]] + [
-            "time (s)", "epochs"]
-        rows = []
-        for label, m in res["methods"].items():
-            rows.append([label] + [m["rmse"][p][c] for p in NAMES for c in ["all", *clusters]]
-                        + [round(m["seconds"]), m.get("epochs")])
         parts.append(f"**{res['preset']}, {res['scheme']} scheme, {res['noise']} noise, "
-                     f"SNR {res['snr']:g}** — RMSE (D in µm²/ms)\n\n"
-                     + markdown_table(header, rows))
+                     f"SNR {res['snr']:g}** — RMSE (D in µm²/ms)\n\n" + table(res))
     return ("### Learned fitters vs least squares and the Bayes-optimal reference\n\n"
             "Written by `python benchmarks/learned.py --snr 10 20 50 --extra-snr 20` (default "
             f"configurations, seed 0; times on {machine_description()}, a machine shared with "
