@@ -115,9 +115,17 @@ def verdicts(res: dict, names: tuple[str, ...], direction: str | None) -> list[s
         if bayes:
             r = [g[p] / bayes[p] for p in names]
             met = "met" if max(r) <= 1.25 else "not met"
+            per = [f"{p} {c} {m[label]['rmse'][p][c] / m['bayes']['rmse'][p][c]:.2f}×"
+                   for p in names for c in m["bayes"]["rmse"][p] if c != "all"]
             out.append(f"{label} / Bayes RMSE: " + ", ".join(
                 f"{p} {x:.2f}×" for p, x in zip(names, r, strict=True))
-                + f" (goal ≤ 1.25×: {met}).")
+                + f" (goal ≤ 1.25×: {met}); per cluster: {', '.join(per)}.")
+    vae = overall("vae")
+    for label in [k for k in m if k.startswith("vae-gmm")]:
+        g = overall(label)
+        if vae:
+            out.append(f"{label} vs vae, overall: " + ", ".join(
+                f"{p} {g[p]:.3f} vs {vae[p]:.3f}" for p in names) + ".")
     for label in [k for k in m if k.startswith("vae")]:
         v = overall(label)
         if lsq:
@@ -128,8 +136,9 @@ def verdicts(res: dict, names: tuple[str, ...], direction: str | None) -> list[s
                    f" — beats lsq in {', '.join(better) or 'none'}."))
         if ssl:
             better = [p for p in names if v[p] < ssl[p]]
-            out.append(f"{label} vs ssl, overall: beats ssl in {', '.join(better) or 'none'} "
-                       f"of {', '.join(names)}.")
+            which = ("all of " + ", ".join(names) if len(better) == len(names)
+                     else "only " + ", ".join(better) if better else "none of " + ", ".join(names))
+            out.append(f"{label} vs ssl, overall: beats ssl in {which}.")
         if direction and lsq and "angle" in m[label] and "angle" in m["lsq"]:
             a, b = m[label]["angle"]["mean"]["all"], m["lsq"]["angle"]["mean"]["all"]
             out.append(f"{label} vs lsq, mean angular error of {direction}: {a:.2f}° vs "
