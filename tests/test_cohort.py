@@ -300,3 +300,46 @@ def test_bad_cohort_input_gives_one_line_and_writes_nothing(bids, tmp_path):
     line = one_line_error(run("fit", root, "--out", out))
     assert "sub-02_dwi.bval: not found beside sub-02_dwi.nii.gz" in line
     assert not out.exists()
+
+
+def test_large_cohort_is_streamed_one_scan_at_a_time(bids, tmp_path, monkeypatch):
+    """Above --train-voxels the cohort is never loaded whole: the model trains on an equal
+    share of each scan, then each scan is mapped in turn with the trained model, exactly as
+    `mixmap apply` maps it; least squares fits each scan on its own, as in a pooled fit."""
+    import mixmap.cohort as co
+
+    root, truths = bids
+
+    def refuse(*a, **k):
+        raise AssertionError("a streamed cohort must not load all scans at once")
+
+    monkeypatch.setattr(co, "load_cohort", refuse)
+    out = tmp_path / "maps"
+    r = run("fit", root, "--method", "vae-gmm", "--epochs", "4", "--hidden", "16",
+            "--train-voxels", "120", "--out", out, "--quiet")
+    assert r.exit_code == 0, r.output
+    summary = json.loads((out / "cohort.json").read_text())
+    assert summary["Streamed"] is True and summary["TrainingVoxels"] == 120
+    assert [s["NumberOfVoxels"] for s in summary["Subjects"]] == [150, 200, 150]
+    model_dir = out / "model-msdki_method-vae-gmm"
+    again = tmp_path / "again"
+    assert run("apply", model_dir, root, "--out", again, "--quiet").exit_code == 0
+    for entities, truth in truths.items():
+        a = nib.load(map_path(out, entities, "D")).get_fdata()
+        b = nib.load(map_path(again, entities, "D")).get_fdata()
+        assert np.isfinite(a[truth["inside"]]).all()
+        np.testing.assert_allclose(a[truth["inside"]], b[truth["inside"]], rtol=1e-5)
+    # least squares: streamed and pooled give the same maps
+    streamed, pooled = tmp_path / "lsq-s", tmp_path / "lsq-p"
+    assert run("fit", root, "--train-voxels", "100", "--out", streamed, "--quiet").exit_code == 0
+    monkeypatch.undo()
+    assert run("fit", root, "--out", pooled, "--quiet").exit_code == 0
+    for entities, truth in truths.items():
+        for param in ("D", "S0"):
+            a = nib.load(map_path(streamed, entities, param)).get_fdata()[truth["tissue"]]
+            b = nib.load(map_path(pooled, entities, param)).get_fdata()[truth["tissue"]]
+            np.testing.assert_allclose(a, b, rtol=3e-3)
+    r = run("fit", root / "sub-01/dwi/sub-01_dwi.nii.gz", "--bvals",
+            root / "sub-01/dwi/sub-01_dwi.bval", "--bvecs", root / "sub-01/dwi/sub-01_dwi.bvec",
+            "--train-voxels", "10", "--out", tmp_path / "one")
+    assert "--train-voxels is for several scans" in one_line_error(r)

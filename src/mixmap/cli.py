@@ -279,6 +279,10 @@ def fit(
     likelihood: str | None = typer.Option(None, help="Learned: gaussian | rician."),
     n_samples: int | None = typer.Option(None, help="Learned: posterior samples per voxel."),
     save_model: bool = typer.Option(True, help="Learned: save the trained model in --out."),
+    train_voxels: int | None = typer.Option(
+        None, help="Cohort: the most voxels held in memory to train the shared model "
+        "(default 2,000,000); a larger cohort trains on an equal random share of each scan "
+        "and then maps the scans one at a time."),
     resume: bool = typer.Option(
         False, help="Learned: continue an interrupted training from its checkpoint in --out."),
 ) -> None:
@@ -317,11 +321,14 @@ def fit(
         _refuse_single_mask(mask)
         written, n_scans = _fit_cohort(fitter, dwi, bvals, bvecs, mask_pattern, out=out,
                                        seed=seed, force=force, save_model=save_model,
-                                       resume=resume)
+                                       resume=resume, train_voxels=train_voxels)
         if not quiet and written:
             typer.echo(f"wrote {len(written)} maps of {n_scans} scans to {out}/")
         return
     _single_scan_gradients(bvals, bvecs, mask_pattern)
+    if train_voxels is not None:
+        raise ValueError("--train-voxels is for several scans or a BIDS folder; a single scan "
+                         "always trains on all its voxels")
     written = _fit_scan(fitter, dwi[0], bvals, bvecs, mask, out=out, seed=seed, force=force,
                         save_model=save_model, resume=resume)
     if not quiet and written:
@@ -373,35 +380,77 @@ def _fit_scan(fitter, dwi: Path, bvals: Path, bvecs: Path, mask: Path | None, *,
 
 def _fit_cohort(fitter, inputs: list[Path], bvals: Path | None, bvecs: Path | None,
                 mask_pattern: str | None, *, out: Path, seed: int, force: bool,
-                save_model: bool, resume: bool) -> tuple[list[str], int]:
-    """Every input is found, read and checked, and OUT checked, before the (long) fit; all
-    subjects' maps, the model and cohort.json are then written in one atomic step."""
+                save_model: bool, resume: bool, train_voxels: int | None = None
+                ) -> tuple[list[str], int]:
+    """Every input is found and checked, and OUT checked, before the (long) fit; all
+    subjects' maps, the model and cohort.json are then written in one atomic step. A cohort
+    larger than ``train_voxels`` is streamed (see :mod:`mixmap.cohort`)."""
     from mixmap import cohort as co
     from mixmap.fitting import distributed
     from mixmap.io import AtomicOutput
+    from mixmap.io.output import stage_maps
 
     model, method = fitter.model.name, fitter.name
     scans = co.find_scans(inputs, bvals=bvals, bvecs=bvecs, mask_pattern=mask_pattern)
     acq = co.check_acquisitions(scans)
     _check_supported(model, acq, scans[0].bvals)
-    model_dir = co.model_folder(model, method) if save_model and hasattr(fitter, "save") else None
+    learned = hasattr(fitter, "save")
+    model_dir = co.model_folder(model, method) if save_model and learned else None
     co.check_outputs(out, scans, model, force=force,
                      also=[co.COHORT_JSON, *([model_dir] if model_dir else [])])
-    cohort = co.load_cohort(scans)
-    log.info("cohort: %d scans, %d voxels × %d measurements", len(scans), sum(cohort.sizes),
-             acq.n)
+    budget = co.TRAIN_VOXELS if train_voxels is None else int(train_voxels)
+    if budget < 1:
+        raise ValueError(f"--train-voxels {train_voxels}: give a positive number of voxels")
+    streamed = co.estimated_voxels(scans) > budget
     _use_checkpoint(fitter, out / f".mixmap-checkpoint-cohort-{model}-{method}.pt", resume)
-    pooled, results = co.fit_cohort(fitter, cohort)
+
+    def extra(scan, data, scale):
+        return {"DroppedVoxels": data.n_dropped, "Seed": seed, "CohortSignalScale": scale,
+                "Cohort": co.COHORT_JSON, "TrainedModel": model_dir,
+                "InputChecksums": input_checksums(dwi=scan.dwi, bvals=scan.bvals,
+                                                  bvecs=scan.bvecs, mask=scan.mask)}
+
+    if not streamed:
+        cohort = co.load_cohort(scans)
+        log.info("cohort: %d scans, %d voxels × %d measurements", len(scans),
+                 sum(cohort.sizes), acq.n)
+        pooled, results = co.fit_cohort(fitter, cohort)
+        infos, trained_on = cohort.infos(), None
+    else:
+        pooled = None
+        if learned:
+            sample, infos = co.sample_cohort(scans, budget, seed)
+            trained_on = sample.shape[0]
+            log.info("cohort: %d scans, %d voxels; the model trains on a sample of %d "
+                     "(--train-voxels), then maps each scan in turn", len(scans),
+                     sum(i.n_voxels for i in infos), trained_on)
+            pooled = fitter.fit(sample, acq)
+            del sample
     if not distributed.is_main():  # torchrun: every process trained, the main one writes
+        if streamed and learned:  # mapping a scan is shared by all processes too
+            for _ in co.map_scans(fitter, scans, trained=True):
+                pass
         return [], len(scans)
-    extras = [{"DroppedVoxels": d.n_dropped, "Seed": seed, "CohortSignalScale": scale,
-               "Cohort": co.COHORT_JSON, "TrainedModel": model_dir,
-               "InputChecksums": input_checksums(dwi=s.dwi, bvals=s.bvals, bvecs=s.bvecs,
-                                                 mask=s.mask)}
-              for s, d, scale in zip(scans, cohort.data, cohort.scales, strict=True)]
+    written: list[str] = []
     with AtomicOutput(out, force=force) as w:
-        written = co.stage_cohort_maps(w, cohort, results, extras)
-        co.write_cohort_extras(w, cohort, pooled, model_dir=model_dir, seed=seed)
+        if not streamed:
+            for scan, d, res, scale in zip(scans, cohort.data, results, cohort.scales,
+                                           strict=True):
+                written += stage_maps(w, res, d, scan.folder, extra=extra(scan, d, scale))
+        else:
+            infos_seen = []
+            for scan, d, res in co.map_scans(fitter, scans, trained=learned):
+                scale = res.settings.get("signal_scale", 1.0)
+                written += stage_maps(w, res, d, scan.folder, extra=extra(scan, d, scale))
+                if not learned:
+                    infos_seen.append(co.ScanInfo.of(d, scale))
+                    pooled = pooled or res
+            if not learned:
+                infos, trained_on = infos_seen, None
+        summary = co.cohort_summary(scans, infos, acq, pooled, model_dir=model_dir, seed=seed,
+                                    trained_on=trained_on)
+        summary["Streamed"] = streamed
+        co.write_cohort_extras(w, summary, pooled)
         if model_dir is not None:
             fitter.save(w.path(model_dir))
     if hasattr(fitter, "finish_checkpoint"):
@@ -472,6 +521,7 @@ def _apply_cohort(model_file: Path, inputs: list[Path], bvals: Path | None,
     from mixmap.fitting import distributed
     from mixmap.io import AtomicOutput
     from mixmap.io.checkpoint import load_fitter
+    from mixmap.io.output import stage_maps
 
     fitter = load_fitter(model_file, device=device)
     scans = co.find_scans(inputs, bvals=bvals, bvecs=bvecs, mask_pattern=mask_pattern)
@@ -485,16 +535,17 @@ def _apply_cohort(model_file: Path, inputs: list[Path], bvals: Path | None,
                 f"--allow-other-acquisition to apply it anyway"
             )
     co.check_outputs(out, scans, fitter.model.name, force=force)
-    cohort = co.load_cohort(scans, same_acquisition=False)
-    results = co.apply_cohort(fitter, cohort, allow_other_acquisition=allow_other_acquisition)
-    if not distributed.is_main():  # torchrun: each process mapped its share, one writes
-        return [], len(scans)
-    extras = [{"TrainedModel": str(model_file),
-               "InputChecksums": input_checksums(model=model_file, dwi=s.dwi, bvals=s.bvals,
-                                                 bvecs=s.bvecs, mask=s.mask)}
-              for s in scans]
+    # One scan in memory at a time; a scan that fails to load leaves nothing written.
+    written: list[str] = []
     with AtomicOutput(out, force=force) as w:
-        written = co.stage_cohort_maps(w, cohort, results, extras)
+        for scan, d, res in co.map_scans(fitter, scans, trained=True,
+                                         allow_other_acquisition=allow_other_acquisition):
+            if distributed.is_main():  # torchrun: each process mapped its share, one writes
+                written += stage_maps(w, res, d, scan.folder, extra={
+                    "TrainedModel": str(model_file),
+                    "InputChecksums": input_checksums(model=model_file, dwi=scan.dwi,
+                                                      bvals=scan.bvals, bvecs=scan.bvecs,
+                                                      mask=scan.mask)})
     return written, len(scans)
 
 

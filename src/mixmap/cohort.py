@@ -21,6 +21,15 @@ Intensities: subjects differ in scanner gain, so each scan is divided by its own
 (S0) and their standard deviations are multiplied back by that scan's scale. The pooled data
 then has a signal scale of about 1 (each scan's 95th percentile of b=0 is 1, so is the pool's).
 
+Size: a cohort of up to :data:`TRAIN_VOXELS` voxels (``--train-voxels``) is held in memory and
+the model is trained on all of its voxels. A larger one (hundreds of subjects) is streamed: each
+scan is loaded in turn, checked, and an equal random share of the budget is kept from it
+(normalised by its own scale); the model is trained on that sample, then every scan is loaded
+again and mapped with the trained model (as ``mixmap apply`` maps a new scan: its own scale and
+noise level), one scan in memory at a time. Least squares is voxelwise: it fits each scan on its
+own in that case. Epochs of the learned fitters are capped at 50,000 voxels anyway, so a sample
+of millions of voxels loses nothing that training could use.
+
 Noise: a learned fitter estimates one noise level from the repeated b=0 volumes of all pooled
 voxels (median of per-voxel variances), in normalised units, i.e. relative to each scan's
 signal scale. That is the right likelihood when the scans have a similar SNR at their own
@@ -43,13 +52,16 @@ from mixmap import __version__
 from mixmap.acquisition import Acquisition
 from mixmap.fitting.base import FitResult, noise_sigma_from_b0, signal_scale
 from mixmap.io import AtomicOutput, DWIData, InputError, bids_entities, existing_maps, load_dwi
-from mixmap.io.output import _label, command_line, loss_csv, stage_maps
+from mixmap.io.output import _label, command_line, loss_csv
 
 log = logging.getLogger(__name__)
 
 #: Ratio of the largest to the smallest per-scan noise level (normalised units) above which
 #: the pooled noise estimate is called out in the log.
 SNR_SPREAD_WARNING = 1.5
+
+#: Voxels of a cohort above which it is streamed (the model trained on a sample of this size).
+TRAIN_VOXELS = 2_000_000
 
 DWI_SUFFIXES = ("_dwi.nii.gz", "_dwi.nii")
 MASK_NAMES = ("desc-brain_mask.nii.gz", "mask.nii.gz")
@@ -80,6 +92,22 @@ class Scan:
         return "/".join([self.subject, *([self.session] if self.session else []), "dwi"])
 
 
+@dataclass(frozen=True)
+class ScanInfo:
+    """What the cohort summary keeps of a scan once its voxels are let go."""
+
+    n_voxels: int
+    n_dropped: int
+    scale: float
+    noise: float | None  # b=0 noise level relative to the scan's scale
+
+    @classmethod
+    def of(cls, data: DWIData, scale: float) -> ScanInfo:
+        sigma = noise_sigma_from_b0(data.signals, data.acquisition)
+        return cls(int(data.signals.shape[0]), int(data.n_dropped), float(scale),
+                   None if sigma is None else sigma / scale)
+
+
 @dataclass
 class Cohort:
     """Scans that were loaded and checked to share one acquisition."""
@@ -95,6 +123,9 @@ class Cohort:
     @property
     def sizes(self) -> list[int]:
         return [d.signals.shape[0] for d in self.data]
+
+    def infos(self) -> list[ScanInfo]:
+        return [ScanInfo.of(d, s) for d, s in zip(self.data, self.scales, strict=True)]
 
 
 # ------------------------------------------------------------------------------- discovery
@@ -298,33 +329,79 @@ def split_result(result: FitResult, sizes: Sequence[int], scales: Sequence[float
     return out
 
 
-def fit_cohort(fitter, cohort: Cohort) -> tuple[FitResult, list[FitResult]]:
-    """Fit one model on the pooled, per-scan normalised voxels. Returns the pooled result
-    (normalised units, with the loss curve) and one result per scan (its own units)."""
-    noise = per_scan_noise(cohort)
-    known = [s for s in noise if s is not None]
+def _warn_noise_spread(infos: Sequence[ScanInfo]) -> None:
+    known = [i.noise for i in infos if i.noise is not None]
     if len(known) > 1 and max(known) > SNR_SPREAD_WARNING * min(known):
         log.warning("cohort: noise levels relative to each scan's signal scale range from %.3g "
                     "to %.3g; the learned fitters use one pooled level for all scans",
                     min(known), max(known))
+
+
+def fit_cohort(fitter, cohort: Cohort) -> tuple[FitResult, list[FitResult]]:
+    """Fit one model on the pooled, per-scan normalised voxels. Returns the pooled result
+    (normalised units, with the loss curve) and one result per scan (its own units)."""
+    _warn_noise_spread(cohort.infos())
     pooled = fitter.fit(pooled_signals(cohort), cohort.acquisition)
     return pooled, split_result(pooled, cohort.sizes, cohort.scales, fitter.model)
 
 
-def apply_cohort(fitter, cohort: Cohort, *, allow_other_acquisition: bool = False
-                 ) -> list[FitResult]:
-    """Map each scan with a trained fitter (each with its own scale and noise level)."""
-    return [fitter.apply(d.signals, d.acquisition,
-                         allow_other_acquisition=allow_other_acquisition) for d in cohort.data]
+def estimated_voxels(scans: Sequence[Scan]) -> int:
+    """Voxels the cohort will have, from the masks (the whole grid for a scan without one),
+    read without loading any DWI: decides whether the cohort is streamed."""
+    import nibabel as nib
+
+    total = 0
+    for scan in scans:
+        if scan.mask is not None:
+            total += int((np.asarray(nib.load(str(scan.mask)).dataobj) > 0).sum())
+        else:
+            total += int(np.prod(nib.load(str(scan.dwi)).shape[:3]))
+    return total
 
 
-def per_scan_noise(cohort: Cohort) -> list[float | None]:
-    """Each scan's b=0 noise level relative to its signal scale (None with < 2 b=0)."""
-    out = []
-    for d, s in zip(cohort.data, cohort.scales, strict=True):
-        sigma = noise_sigma_from_b0(d.signals, d.acquisition)
-        out.append(None if sigma is None else sigma / s)
-    return out
+def load_scan(scan: Scan) -> DWIData:
+    data = load_dwi(scan.dwi, scan.bvals, scan.bvecs, scan.mask)
+    log.info("%s: %d voxels × %d measurements%s", scan.dwi, *data.signals.shape,
+             "" if scan.mask else " (no mask: voxels with positive b=0 signal)")
+    return data
+
+
+def sample_cohort(scans: Sequence[Scan], train_voxels: int, seed: int = 0
+                  ) -> tuple[np.ndarray, list[ScanInfo]]:
+    """Load and check every scan in turn, keeping an equal random share of ``train_voxels``
+    from each (normalised by its own scale): (sample (n, m) float32, each scan's info). Only
+    one scan and the sample are in memory at a time."""
+    check_acquisitions(scans)
+    share = max(1, -(-int(train_voxels) // len(scans)))
+    rng = np.random.default_rng(seed)
+    parts, infos = [], []
+    for scan in scans:
+        data = load_scan(scan)
+        scale = signal_scale(data.signals, data.acquisition)
+        infos.append(ScanInfo.of(data, scale))
+        n = data.signals.shape[0]
+        rows = np.sort(rng.choice(n, size=min(n, share), replace=False))
+        parts.append(data.signals[rows] / np.float32(scale))
+        del data
+    _warn_noise_spread(infos)
+    return np.concatenate(parts, 0), infos
+
+
+def map_scans(fitter, scans: Sequence[Scan], *, trained: bool,
+              allow_other_acquisition: bool = False):
+    """Yield (scan, data, result) one scan at a time: ``trained`` fitters map each scan as a
+    new scan (:meth:`apply`); others (least squares) fit each scan, normalised by its own
+    scale, on its own."""
+    for scan in scans:
+        data = load_scan(scan)
+        if trained:
+            res = fitter.apply(data.signals, data.acquisition,
+                               allow_other_acquisition=allow_other_acquisition)
+        else:
+            scale = signal_scale(data.signals, data.acquisition)
+            res = split_result(fitter.fit(data.signals / np.float32(scale), data.acquisition),
+                               [data.signals.shape[0]], [scale], fitter.model)[0]
+        yield scan, data, res
 
 
 # ------------------------------------------------------------------------------- output
@@ -351,29 +428,19 @@ def check_outputs(out: Path, scans: Sequence[Scan], model: str, *, force: bool,
                                   f"choose another --out")
 
 
-def stage_cohort_maps(w: AtomicOutput, cohort: Cohort, results: Sequence[FitResult],
-                      extras: Sequence[dict]) -> list[str]:
-    """Stage each scan's maps in its ``sub-*/[ses-*/]dwi`` folder of an open AtomicOutput."""
-    written = []
-    for scan, d, res, extra in zip(cohort.scans, cohort.data, results, extras, strict=True):
-        written += stage_maps(w, res, d, scan.folder, extra=extra)
-    return written
-
-
-def cohort_summary(cohort: Cohort, pooled: FitResult, *, model_dir: str | None,
-                   seed: int) -> dict:
+def cohort_summary(scans: Sequence[Scan], infos: Sequence[ScanInfo], acquisition: Acquisition,
+                   pooled: FitResult, *, model_dir: str | None, seed: int,
+                   trained_on: int | None = None) -> dict:
     """What ``OUT/cohort.json`` holds: subjects, voxels, acquisition, method and settings."""
-    noise = per_scan_noise(cohort)
     subjects = []
-    for scan, d, scale, sigma in zip(cohort.scans, cohort.data, cohort.scales, noise,
-                                     strict=True):
+    for scan, info in zip(scans, infos, strict=True):
         subjects.append({
             "Subject": scan.subject, "Session": scan.session, "Entities": scan.entities,
             "Maps": scan.folder, "DWI": str(scan.dwi), "Bvals": str(scan.bvals),
             "Bvecs": str(scan.bvecs), "Mask": None if scan.mask is None else str(scan.mask),
-            "NumberOfVoxels": int(d.signals.shape[0]), "DroppedVoxels": d.n_dropped,
-            "SignalScale": scale,
-            "NoiseSigmaB0Normalised": sigma,
+            "NumberOfVoxels": info.n_voxels, "DroppedVoxels": info.n_dropped,
+            "SignalScale": info.scale,
+            "NoiseSigmaB0Normalised": info.noise,
         })
     return {
         "Model": pooled.model,
@@ -382,9 +449,11 @@ def cohort_summary(cohort: Cohort, pooled: FitResult, *, model_dir: str | None,
         "Seed": seed,
         "MixmapVersion": __version__,
         "CommandLine": command_line(),
-        "Acquisition": cohort.acquisition.describe(),
-        "AcquisitionFingerprint": cohort.acquisition.fingerprint(),
-        "NumberOfVoxels": int(sum(cohort.sizes)),
+        "Acquisition": acquisition.describe(),
+        "AcquisitionFingerprint": acquisition.fingerprint(),
+        "NumberOfVoxels": int(sum(i.n_voxels for i in infos)),
+        "TrainingVoxels": int(trained_on if trained_on is not None
+                              else sum(i.n_voxels for i in infos)),
         "NoiseSigmaNormalised": pooled.noise_sigma,
         "NoiseSigmaNote": "pooled over all scans, relative to each scan's SignalScale; each "
                           "subject's NoiseSigma (its fit.json) is this times its SignalScale",
@@ -393,10 +462,9 @@ def cohort_summary(cohort: Cohort, pooled: FitResult, *, model_dir: str | None,
     }
 
 
-def write_cohort_extras(w: AtomicOutput, cohort: Cohort, pooled: FitResult, *,
-                        model_dir: str | None, seed: int) -> None:
+def write_cohort_extras(w: AtomicOutput, summary: dict, pooled: FitResult) -> None:
     """Stage ``cohort.json`` and the shared loss curve (learned fitters)."""
-    w.json(COHORT_JSON, cohort_summary(cohort, pooled, model_dir=model_dir, seed=seed))
+    w.json(COHORT_JSON, summary)
     if pooled.history:
         w.text(f"cohort_model-{_label(pooled.model)}_loss.csv", loss_csv(pooled.history))
 
@@ -404,7 +472,7 @@ def write_cohort_extras(w: AtomicOutput, cohort: Cohort, pooled: FitResult, *,
 __all__ = [
     "Cohort",
     "Scan",
-    "apply_cohort",
+    "ScanInfo",
     "check_acquisitions",
     "check_outputs",
     "discover_bids",
@@ -413,8 +481,9 @@ __all__ = [
     "fit_cohort",
     "gradient_siblings",
     "load_cohort",
+    "map_scans",
     "model_folder",
+    "sample_cohort",
     "split_result",
-    "stage_cohort_maps",
     "write_cohort_extras",
 ]
