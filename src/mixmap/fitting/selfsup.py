@@ -2,7 +2,8 @@
 baseline ``ssl``.
 
 Shared by the learned fitters (:class:`LearnedFitter`): data preparation in working units, a
-mini-batch Adam loop with a NaN/explosion guard and an ELBO-plateau stopping rule, save / apply.
+mini-batch Adam loop with a NaN/explosion guard (:func:`epoch_exploded`) and an ELBO-plateau
+stopping rule, save / apply.
 
 Working units: signals are divided by the scan's :func:`~mixmap.fitting.base.signal_scale`, so
 S0 is about 1 and the bounds of scaled parameters apply; scaled parameters are multiplied back
@@ -57,6 +58,34 @@ EPOCH_VOXELS = 50_000
 
 #: Bad steps (non-finite loss or gradient, or a diverged epoch) tolerated before giving up.
 MAX_BAD_STEPS = 12
+
+#: An epoch whose loss is this many scales above the best epoch's has exploded (see
+#: :func:`epoch_exploded`).
+EXPLOSION_FACTOR = 10.0
+
+#: Epoch term the explosion guard watches when a fitter logs it: the loss under the weights
+#: that training ends with (a VAE's KL weight after its warm-up). The loss itself may rise on
+#: purpose while the KL weight is raised; this one stays comparable from epoch to epoch.
+GUARD_TERM = "loss_final"
+
+
+def epoch_exploded(loss: float, best: float, first: float) -> bool:
+    """Whether an epoch's loss is a divergence rather than training noise.
+
+    ``loss``, ``best`` and ``first`` are the epoch means of one fixed objective (see
+    :data:`GUARD_TERM`) for this epoch, the best accepted epoch and the first accepted epoch.
+    The loss has exploded when it lies more than :data:`EXPLOSION_FACTOR` scales above the
+    best, the scale being the larger of ``1 + |best|`` and the training's own progress
+    ``first − best``. A negative ELBO in nats per voxel has an arbitrary zero (it moves with
+    the units of the signal through log σ), so ``|best|`` alone is no scale: it can be near
+    zero while an epoch's loss legitimately moves by hundreds of nats.
+    """
+    if not math.isfinite(loss):
+        return True
+    if not math.isfinite(best):
+        return False
+    scale = max(1.0 + abs(best), first - best if math.isfinite(first) else 0.0)
+    return loss > best + EXPLOSION_FACTOR * scale
 
 
 class TrainingDiverged(FloatingPointError):
@@ -208,6 +237,15 @@ class LearnedFitter(Fitter):
         so a scan with another intensity scaling maps the same. A different acquisition is
         refused unless ``allow_other_acquisition``.
         """
+        data, scheme, scale = self._apply_data(signals, acquisition, allow_other_acquisition)
+        result = self._result(data, scheme, scale)
+        result.settings["applied"] = True
+        return result
+
+    def _apply_data(self, signals: np.ndarray, acquisition: Acquisition,
+                    allow_other_acquisition: bool) -> tuple[Data, Scheme, float]:
+        """A new scan's voxels in working units for the trained network (see :meth:`apply`);
+        returns (data, scheme, signal scale)."""
         if self.net is None or self.trained is None:
             raise RuntimeError(f"{self.name}: fit() or load_fitter() first; nothing is trained")
         signals = self._check_inputs(signals, acquisition)
@@ -229,9 +267,7 @@ class LearnedFitter(Fitter):
             self._set_sigma_working(sigma_in / scale)
         scheme = Scheme.build(self.model, acquisition, self._reduce(), device)
         data = self._prepare(signals / scale, acquisition, scheme, device, calibrate=False)
-        result = self._result(data, scheme, scale)
-        result.settings["applied"] = True
-        return result
+        return data, scheme, scale
 
     def _result(self, data: Data, scheme: Scheme, scale: float) -> FitResult:
         """Maps of every voxel; on several processes each maps its share, and all get all."""
@@ -402,9 +438,14 @@ class LearnedFitter(Fitter):
                 tot = distributed.all_reduce_sum(tot.to(data.y.device)).tolist()
                 seen, sums = tot[0], dict(zip(names, tot[1:], strict=True))
             row = {"epoch": epoch, **{k: v / max(seen, 1) for k, v in sums.items()}}
+            # The guard compares one fixed objective across epochs (GUARD_TERM when logged):
+            # a loss that rises because the KL weight is being raised has not diverged.
+            watched = [h.get(GUARD_TERM, h["loss"]) for h in history]
             diverged = (not all(torch.isfinite(p).all() for p in net.parameters())
                         or not math.isfinite(row.get("loss", math.nan))
-                        or (math.isfinite(best) and row["loss"] > best + 10 * (1 + abs(best))))
+                        or epoch_exploded(row.get(GUARD_TERM, row["loss"]),
+                                          min(watched, default=math.inf),
+                                          watched[0] if watched else math.inf))
             if diverged:
                 net.load_state_dict(snapshot[0])
                 opt.load_state_dict(snapshot[1])

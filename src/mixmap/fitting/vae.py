@@ -23,12 +23,14 @@ of q samples).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
 from mixmap.acquisition import Acquisition
+from mixmap.fitting.base import signal_scale
 from mixmap.fitting.distributed import all_reduce_sum
 from mixmap.fitting.selfsup import Data, LearnedFitter, Scheme
 from mixmap.models import SignalModel
@@ -323,7 +325,12 @@ class VAEFitter(LearnedFitter):
         beta = self.kl_weight * warm
         loss = robust_mean(-(recon - beta * (kl_z + kl_y)))
         elbo = (recon - kl_z - kl_y).mean()
-        return loss, {"loss": loss.detach(), "recon": recon.mean().detach(),
+        with torch.no_grad():
+            # The same loss at the KL weight after warm-up: while beta rises the loss above
+            # rises with it by design (KL is hundreds of nats at first), this one does not, and
+            # the training loop's explosion guard watches it (selfsup.GUARD_TERM).
+            final = robust_mean(-(recon - self.kl_weight * (kl_z + kl_y)))
+        return loss, {"loss": loss.detach(), "loss_final": final, "recon": recon.mean().detach(),
                       "kl_z": kl_z.mean().detach(), "kl_y": kl_y.mean().detach(),
                       "elbo": elbo.detach(), "beta": torch.tensor(beta)}
 
@@ -386,16 +393,22 @@ class VAEFitter(LearnedFitter):
         return params, std, probs
 
     def _predict_chunk(self, batch: Data, scheme: Scheme, gen: torch.Generator):
+        log_qy, mu, L = self._q_chunk(batch, scheme)
+        with torch.no_grad():
+            z, w = self._posterior_draws(log_qy, mu, L, batch, scheme, gen)
+            params, std = self._moments(z, w)
+        return params, std, log_qy.exp().cpu().numpy()
+
+    def _q_chunk(self, batch: Data, scheme: Scheme):
+        """q of each voxel as the maps use it: the encoder's output, refined per voxel when
+        ``refine_steps`` > 0. Returns log q(y|x) (n, K), μ (n, K, d), L (n, K, d, d)."""
         enc = self.net.encoder
         with torch.no_grad():
             logits, mu, raw = enc(batch.feats, self._base(batch))
         if self.refine_steps > 0:
             logits, mu, raw = self._refine(logits, mu, raw, batch, scheme)
         with torch.no_grad():
-            L = enc.cholesky(raw)
-            log_qy = torch.log_softmax(logits, -1)
-            params, std = self._posterior_moments(log_qy, mu, L, batch, scheme, gen)
-        return params, std, log_qy.exp().cpu().numpy()
+            return torch.log_softmax(logits, -1), mu, enc.cholesky(raw)
 
     def _refine(self, logits, mu, raw, batch: Data, scheme: Scheme):
         """A few Adam steps on each voxel's own q (the network's output as the start)."""
@@ -413,8 +426,8 @@ class VAEFitter(LearnedFitter):
             opt.step()
         return logits.detach(), mu.detach(), raw.detach()
 
-    def _posterior_moments(self, log_qy, mu, L, batch: Data, scheme: Scheme, gen):
-        """Posterior mean and std of each bounded parameter from S draws per component.
+    def _posterior_draws(self, log_qy, mu, L, batch: Data, scheme: Scheme, gen):
+        """S draws of z per component and their normalised weights: z (S·K, n, d), w (S·K, n).
 
         With ``posterior="is"`` every draw is weighted by p(x, z) / q(z|x) (q the mixture
         over components, drawn stratified: S per component, each stratum weighted by
@@ -432,8 +445,13 @@ class VAEFitter(LearnedFitter):
             log_prior = net.prior.log_prob(z)
             ll = self._loglik(net.decoder(z), batch, scheme)
             logw = logw + ll + log_prior - log_q
-        w = torch.softmax(logw.reshape(S * K, n), 0)  # (S*K, n)
-        theta = self.model.split(net.decoder(z).reshape(S * K, n, -1))
+        return z.reshape(S * K, n, d), torch.softmax(logw.reshape(S * K, n), 0)
+
+    def _moments(self, z: torch.Tensor, w: torch.Tensor):
+        """Posterior mean and std of each bounded parameter from weighted draws of z
+        (S, n, d) with weights (S, n) summing to 1 per voxel (directions: a mean axis)."""
+        n = z.shape[1]
+        theta = self.model.split(self.net.decoder(z))
         params, std = {}, {}
         for p in self.model.parameters:
             v = theta[p.name]
@@ -449,6 +467,127 @@ class VAEFitter(LearnedFitter):
             params[p.name] = mean.cpu().numpy()
             std[p.name] = var.clamp_min(0).sqrt().cpu().numpy()
         return params, std
+
+    # ---------------------------------------------------------------- latent space
+    def encode(self, signals: np.ndarray, acquisition: Acquisition, n_samples: int = 16, *,
+               allow_other_acquisition: bool = False) -> LatentSamples:
+        """Posterior samples of z for every voxel, and q(y|x): the paper's latent space.
+
+        The samples are drawn from the posterior the maps use: q after its per-voxel refinement
+        and, with ``posterior="is"``, reweighted by importance sampling. They are
+        ``n_samples`` draws (with replacement, by weight) from the same weighted draws, with
+        the same random stream, that :meth:`fit` / :meth:`apply` average into the maps; so on
+        the scan it was trained on (one process), the mean of the decoded samples is the
+        map up to the Monte-Carlo error of ``n_samples`` draws.
+
+        Coordinates (see :class:`LatentSamples`): with the identity decoder (the default
+        configuration) z *is* the model's unbounded parameter vector in working units (S0 of
+        the signal divided by the scan's signal scale), coordinates named after the
+        parameters; otherwise (``paper``, ``vae``'s affine decoder) an abstract latent
+        z1 … zd. The learned prior's Gaussians live in :attr:`LatentSamples.prior_space`
+        coordinates, which are returned too (``z_prior``), with the prior's parameters.
+
+        Parameters
+        ----------
+        signals, acquisition
+            As for :meth:`apply` (a trained fitter; a different acquisition is refused
+            unless ``allow_other_acquisition``).
+        n_samples
+            Posterior draws per voxel.
+        """
+        if int(n_samples) < 1:
+            raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+        data, scheme, _ = self._apply_data(signals, acquisition, allow_other_acquisition)
+        net = self.net
+        net.eval()
+        # The same seeds and order of draws as LearnedFitter._result, so that the weighted
+        # draws are those the maps were computed from.
+        seed = self.seed + 1
+        gen = torch.Generator().manual_seed(seed)
+        pick = torch.Generator().manual_seed(seed + 1)
+        flags = [p.requires_grad for p in net.parameters()]
+        for p in net.parameters():
+            p.requires_grad_(False)
+        zs, probs = [], []
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                for start in range(0, data.n, PREDICT_CHUNK):
+                    batch = data.rows(slice(start, start + PREDICT_CHUNK))
+                    log_qy, mu, L = self._q_chunk(batch, scheme)
+                    with torch.no_grad():
+                        z, w = self._posterior_draws(log_qy, mu, L, batch, scheme, gen)
+                        idx = torch.multinomial(w.T.cpu(), int(n_samples), replacement=True,
+                                                generator=pick).to(z.device)  # (n, S')
+                        rows = torch.arange(z.shape[1], device=z.device)[:, None]
+                        zs.append(z[idx, rows])  # (n, S', d)
+                    probs.append(log_qy.exp())
+        finally:
+            for p, flag in zip(net.parameters(), flags, strict=True):
+                p.requires_grad_(flag)
+        z = torch.cat(zs)
+        prior = net.prior
+        with torch.no_grad():
+            z_prior = prior.to_prior_space(z)
+        identity = net.decoder.kind == "identity"
+        axes = [f"z{i + 1}" for i in range(z.shape[-1])]
+        if identity:
+            axes = []
+            for p in self.model.parameters:
+                axes += [f"{p.name}_{c}" for c in "xyz"] if p.is_direction else [p.name]
+        space = ("unbounded parameters (working units)" if identity else "latent")
+        prior_space = space if prior.analytic else "bounded parameters (working units)"
+        return LatentSamples(
+            z=z.cpu().numpy(), z_prior=z_prior.cpu().numpy(),
+            cluster_probs=torch.cat(probs).cpu().numpy(),
+            axes=axes, space=space, prior_space=prior_space,
+            prior_means=prior.mu.detach().cpu().numpy().copy(),
+            prior_stds=prior.log_std.detach().exp().cpu().numpy(),
+            prior_weights=prior.log_pi().detach().exp().cpu().numpy(),
+            signal_scale=float(signal_scale(signals, acquisition)),
+        )
+
+
+@dataclass
+class LatentSamples:
+    """What :meth:`VAEFitter.encode` returns for n voxels, S draws each, latent dimension d
+    and K mixture components (K = 1 for ``vae``).
+
+    Attributes
+    ----------
+    z
+        (n, S, d) posterior samples of z in the latent coordinates (:attr:`space`).
+    z_prior
+        (n, S, d) the same samples in the coordinates the prior's Gaussians live in
+        (:attr:`prior_space`): the bounded parameter values (θ = lower + (upper −
+        lower)·sigmoid(z), directions' components unchanged) for the default ``vae-gmm``,
+        z itself otherwise.
+    cluster_probs
+        (n, K) q(y|x), as in the maps (after refinement).
+    axes
+        Name of each of the d coordinates: the model's parameters (directions as
+        ``n_x, n_y, n_z``) when z is the parameter space, else ``z1 … zd``.
+    space, prior_space
+        What the coordinates of ``z`` and ``z_prior`` are.
+    prior_means, prior_stds
+        (K, d) the learned prior's component means and standard deviations (diagonal), in
+        ``prior_space`` coordinates.
+    prior_weights
+        (K,) the prior's mixing weights p(y).
+    signal_scale
+        The scan's signal scale: S0 in working units times it is S0 in the signal's units.
+    """
+
+    z: np.ndarray
+    z_prior: np.ndarray
+    cluster_probs: np.ndarray
+    axes: list[str]
+    space: str
+    prior_space: str
+    prior_means: np.ndarray
+    prior_stds: np.ndarray
+    prior_weights: np.ndarray
+    signal_scale: float
 
 
 #: Per-voxel loss (nats) above which training compresses it logarithmically (see robust_mean).
