@@ -199,4 +199,95 @@ def latent_scatter(
     return fig
 
 
-__all__ = ["latent_scatter", "loss_curves", "map_panels", "scatter_truth_vs_estimate"]
+def latent_projection(lat, axes: tuple[str, str] | None = None,
+                      labels: tuple[str, str] | None = None) -> dict:
+    """2-D view of :meth:`~mixmap.fitting.vae.VAEFitter.encode`'s samples and of the learned
+    prior, in the prior's coordinates (``lat.z_prior``, where its components are Gaussian, so
+    that their projections are exact ellipses).
+
+    ``axes`` names two coordinates (e.g. ``("D", "K")`` for MSDKI) to show as they are;
+    without it, the first two principal components of the scalar coordinates, each first
+    divided by its spread over the samples (directions are left out: n and −n are one
+    direction). Returns ``points`` (n, S, 2), ``means`` (K, 2), ``covs`` (K, 2, 2), ``weights``
+    (K,) and axis labels ``xlabel``, ``ylabel`` (``labels`` when given).
+    """
+    x = np.asarray(lat.z_prior, dtype=np.float64)
+    d = x.shape[-1]
+    var = np.asarray(lat.prior_stds, dtype=np.float64) ** 2
+    if axes is not None:
+        missing = [a for a in axes if a not in lat.axes]
+        if missing:
+            raise ValueError(f"no latent coordinate {missing}; coordinates: {lat.axes}")
+        A = np.zeros((d, 2))
+        for j, a in enumerate(axes):
+            A[lat.axes.index(a), j] = 1.0
+        centre = np.zeros(d)
+        auto = [f"{a} ({lat.prior_space})" for a in axes]
+    else:
+        keep = np.array([not a.endswith(("_x", "_y", "_z")) for a in lat.axes])
+        flat = x.reshape(-1, d)[:, keep]
+        centre = np.zeros(d)
+        centre[keep] = flat.mean(0)
+        spread = flat.std(0)
+        spread[spread == 0] = 1.0
+        _, _, vt = np.linalg.svd((flat - centre[keep]) / spread, full_matrices=False)
+        A = np.zeros((d, 2))
+        k = min(2, vt.shape[0])
+        A[keep, :k] = (vt[:k] / spread).T
+        names = [a for a, kp in zip(lat.axes, keep, strict=True) if kp]
+        auto = []
+        for j in range(2):
+            top = np.argsort(-np.abs(vt[j]))[:2] if j < vt.shape[0] else []
+            auto.append(f"PC {j + 1} (" + ", ".join(f"{vt[j, i]:+.2f} {names[i]}"
+                                                      for i in top) + ", standardised)")
+    points = (x - centre) @ A
+    means = (np.asarray(lat.prior_means, dtype=np.float64) - centre) @ A
+    covs = np.einsum("di,kd,dj->kij", A, var, A)
+    names = labels if labels is not None else auto
+    return {"points": points, "means": means, "covs": covs,
+            "weights": np.asarray(lat.prior_weights), "xlabel": names[0], "ylabel": names[1]}
+
+
+def latent_panel(ax, view: dict, labels: np.ndarray, names: list[str] | None = None, *,
+                 title: str = "", max_points: int = 6000, seed: int = 0) -> None:
+    """Draw one :func:`latent_projection` on ``ax``: the samples coloured by their voxel's
+    label, each prior component's mean (black cross, labelled with its index y and weight
+    p(y)) and its 1σ (dashed) and 2σ (dotted) ellipses."""
+    from matplotlib.patches import Ellipse
+
+    pts = np.asarray(view["points"])
+    n, S = pts.shape[:2]
+    lab = np.repeat(np.asarray(labels).astype(int), S)
+    flat = pts.reshape(-1, 2)
+    show = np.random.default_rng(seed).permutation(flat.shape[0])[:max_points]
+    for ci in np.unique(lab):
+        sel = show[lab[show] == ci]
+        name = names[ci] if names and ci < len(names) else str(ci)
+        ax.scatter(flat[sel, 0], flat[sel, 1], s=2, alpha=0.35, color=_colour(ci),
+                   rasterized=True, label=name)
+    for k, (m, c) in enumerate(zip(view["means"], view["covs"], strict=True)):
+        vals, vecs = np.linalg.eigh(c)
+        angle = float(np.degrees(np.arctan2(vecs[1, -1], vecs[0, -1])))
+        for r, ls in ((1, "--"), (2, ":")):
+            w, h = 2 * r * np.sqrt(np.maximum(vals[::-1], 0))
+            ax.add_patch(Ellipse(m, w, h, angle=angle, fill=False, lw=1.0, ls=ls,
+                                 color="k", zorder=3))
+        ax.plot(*m, "kx", ms=7, mew=2, zorder=4)
+        ax.annotate(f"y={k}, p={view['weights'][k]:.2f}", m, xytext=(4, 4),
+                    textcoords="offset points", fontsize=7, zorder=5)
+    lo, hi = np.nanpercentile(flat, [0.5, 99.5], axis=0)
+    pad = 0.08 * (hi - lo + 1e-9)
+    ax.set_xlim(min(lo[0], view["means"][:, 0].min()) - pad[0],
+                max(hi[0], view["means"][:, 0].max()) + pad[0])
+    ax.set_ylim(min(lo[1], view["means"][:, 1].min()) - pad[1],
+                max(hi[1], view["means"][:, 1].max()) + pad[1])
+    ax.set_xlabel(view["xlabel"], fontsize=8)
+    ax.set_ylabel(view["ylabel"], fontsize=8)
+    ax.set_title(title, fontsize=9)
+    leg = ax.legend(fontsize=7, markerscale=4, loc="best")
+    for h in leg.legend_handles:
+        h.set_alpha(1)
+
+
+__all__ = ["latent_panel", "latent_projection", "latent_scatter", "loss_curves", "map_panels",
+           "scatter_truth_vs_estimate"]

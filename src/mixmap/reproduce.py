@@ -9,8 +9,9 @@ Four parts, each writing PNG figures, JSON/CSV numbers and a ``repro-…`` secti
 2. **Hyper-parameter sensitivity** (paper Fig. 6): RMSE of D against latent size and KL weight of
    ``vae-gmm`` (``vae`` where the mixture fitter is not registered), optimum marked.
 3. **Real data** (paper Fig. 2, 3, 5): ball-stick and MSDKI maps of the ``b1k_b2k`` in-vivo scan
-   on one slice and colour scale, posterior std maps, the ``vae-gmm`` cluster map and the latent
-   space (or, where the fitter does not expose latent samples, its cluster probabilities).
+   on one slice and colour scale, posterior std maps, the ``vae-gmm`` cluster map, and the latent
+   space (Fig. 3): posterior samples of z (:meth:`~mixmap.fitting.vae.VAEFitter.encode`) of the
+   simulation and of the scan in 2-D, coloured by cluster, with the learned prior overlaid.
 4. **Real data without truth**: (a) repeatability between two disjoint halves of the gradient
    directions (RMS difference, ICC(3,1)); (b) goodness of fit: residual RMS against the noise σ
    of the b=0 volumes; (c) a realistic phantom: smoothed least-squares maps of the scan as truth,
@@ -126,6 +127,8 @@ class _Run:
         self.t0 = time.perf_counter()
         #: (model, method) pairs whose residual is far above least squares' (see _unfit).
         self.unfit: set = set()
+        #: (vae-gmm fitter, simulation, SNR) of the simulation nearest SNR 20, for repro-latent.
+        self.latent_sim = None
         self.command = "mixmap reproduce" + (" --quick" if settings.name == "quick" else "")
 
     def log(self, msg: str) -> None:
@@ -257,7 +260,9 @@ def _simulation(run: _Run) -> dict:
         est[snr] = {}
         for m in run.methods:
             run.log(f"simulation SNR {snr:g}: fitting {m} on {s.n_sim} voxels")
-            res, _, sec = _fit(run, m, "msdki", sim.signals, sim.acquisition)
+            res, fitter, sec = _fit(run, m, "msdki", sim.signals, sim.acquisition)
+            if m == "vae-gmm" and snr == min(s.snrs, key=lambda v: abs(v - 20)):
+                run.latent_sim = (fitter, sim, snr)  # the latent figure's simulation panels
             est[snr][m] = {k: res.params[k] for k in ("D", "K")}
             per[m] = {"metrics": metrics(est[snr][m], sim.truth, sim.labels, names, ["D", "K"]),
                       "seconds": sec, "epochs": len(res.history) or None}
@@ -745,34 +750,6 @@ def _real(run: _Run) -> dict:
     return out
 
 
-def _latent_samples(fitter, signals, acq):
-    """Latent samples if the fitter exposes them (``latent_samples``, ``encode`` or
-    ``latent``), as an (n, ..., d) array, else None."""
-    for attr in ("latent_samples", "encode", "latent"):
-        fn = getattr(fitter, attr, None)
-        if not callable(fn):
-            continue
-        try:
-            z = fn(signals, acq)
-        except Exception:  # an API we do not know: fall back
-            continue
-        if isinstance(z, tuple):
-            z = z[0]
-        if isinstance(z, dict):
-            z = z.get("z", z.get("samples"))
-        if isinstance(z, torch.Tensor):
-            z = z.detach().cpu().numpy()
-        if isinstance(z, np.ndarray) and z.ndim >= 2 and z.shape[0] == signals.shape[0]:
-            return attr, z
-    return None, None
-
-
-def _pca2(x: np.ndarray) -> np.ndarray:
-    x = x - x.mean(0)
-    _, _, vt = np.linalg.svd(x, full_matrices=False)
-    return x @ vt[:2].T if vt.shape[0] >= 2 else np.column_stack([x[:, 0], np.zeros(len(x))])
-
-
 def _clusters_and_latent(run: _Run, scan: _Scan, fits, fitters) -> str:
     plt = _plt()
     gmm = "vae-gmm" if "vae-gmm" in run.methods else None
@@ -798,41 +775,102 @@ def _clusters_and_latent(run: _Run, scan: _Scan, fits, fitters) -> str:
                      fontsize=9)
     fig.tight_layout()
     run.figure("repro_real_clusters.png", fig)
-    # latent space
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.6))
+    return _latent(run, scan, fits, fitters)
+
+
+#: Display coordinates of the latent figure per model (None: principal components) and
+#: their axis labels (None: the projection's own).
+LATENT_AXES = {"msdki": ("D", "K"), "ball-stick": None}
+LATENT_LABELS = {"msdki": ("D (µm²/ms)", "K"), "ball-stick": None}
+#: Posterior draws per voxel shown in the latent figure.
+LATENT_DRAWS = 4
+
+
+def _latent(run: _Run, scan: _Scan, fits, fitters) -> str:
+    """The paper's Fig. 3: posterior samples of z (vae-gmm's ``encode``) in 2-D, coloured by
+    cluster, the learned prior's components overlaid; the simulation (true and vae-gmm
+    clusters) and the real scan (vae-gmm clusters)."""
+    from mixmap.plots import latent_panel, latent_projection
+
+    plt = _plt()
+    panels = []  # (title, view, labels, names)
     notes = []
-    for ax, model in zip(axes, ("ball-stick", "msdki"), strict=True):
-        res = fits[model][gmm]
-        lab = res.clusters if res.clusters is not None else np.zeros(res.n_voxels, int)
-        attr, z = _latent_samples(fitters[model][gmm], scan.signals, scan.acq)
-        if z is not None:
-            zz = z.reshape(z.shape[0], -1, z.shape[-1])  # (n, S, d)
-            pts = _pca2(zz.reshape(-1, zz.shape[-1]))
-            col = np.repeat(lab, zz.shape[1])
-            what = f"PCA of posterior samples of z (fitter.{attr})"
-        else:
-            probs = res.cluster_probs
-            pts = _pca2(probs) if probs is not None else np.zeros((len(lab), 2))
-            col = lab
-            what = "PCA of q(y|x) (no latent samples exposed)"
-        pick = np.random.default_rng(0).permutation(len(pts))[:5000]
-        ax.scatter(pts[pick, 0], pts[pick, 1], c=col[pick] % 10, cmap="tab10", vmin=-0.5,
-                   vmax=9.5, s=2, alpha=0.5, rasterized=True)
-        ax.set_title(f"{model}: {what}", fontsize=8)
-        ax.set_xlabel("PC 1")
-        ax.set_ylabel("PC 2")
-        notes.append(f"{model}: {what}")
-    fig.suptitle("vae-gmm latent space, coloured by most likely component", fontsize=10)
+    if run.latent_sim is not None:
+        fitter, sim, snr = run.latent_sim
+        lat = fitter.encode(sim.signals, sim.acquisition, n_samples=LATENT_DRAWS)
+        view = latent_projection(lat, LATENT_AXES["msdki"], LATENT_LABELS["msdki"])
+        names = [c.name for c in sim.preset.clusters]
+        panels.append((f"simulation (msdki, SNR {snr:g}): true cluster", view, sim.labels,
+                       names))
+        panels.append((f"simulation (msdki, SNR {snr:g}): vae-gmm cluster", view,
+                       lat.cluster_probs.argmax(1), None))
+        notes.append(_latent_note(f"simulation SNR {snr:g}", lat, sim.labels))
+    else:
+        notes.append("simulation panels left out (vae-gmm was not run on the simulation)")
+    for model in ("msdki", "ball-stick"):
+        lat = fitters[model]["vae-gmm"].encode(scan.signals, scan.acq,
+                                                n_samples=LATENT_DRAWS)
+        view = latent_projection(lat, LATENT_AXES[model], LATENT_LABELS[model])
+        panels.append((f"{run.s.dataset} ({model}): vae-gmm cluster", view,
+                       lat.cluster_probs.argmax(1), None))
+        notes.append(_latent_note(f"{run.s.dataset} {model}", lat, None))
+    fig, axes = plt.subplots(1, len(panels), squeeze=False,
+                             figsize=(4.2 * len(panels), 4.0))
+    for ax, (title, view, labels, names) in zip(axes[0], panels, strict=True):
+        latent_panel(ax, view, labels, names, title=title)
+    fig.suptitle(f"vae-gmm latent space: {LATENT_DRAWS} posterior samples of z per voxel "
+                 f"(refined q, importance-weighted), in the prior's coordinates; crosses and "
+                 f"black ellipses (1σ dashed, 2σ dotted): the learned prior's components y",
+                 fontsize=9)
     fig.tight_layout()
     run.figure("repro_latent.png", fig)
-    exposed = all("posterior samples" in n for n in notes)
-    lead = ("Latent space of vae-gmm (paper Fig. 3): posterior samples of z projected to 2-D "
-            "by PCA, coloured by the most likely component." if exposed else
-            "The vae-gmm fitter does not expose latent samples (no public `encode`, `latent` "
-            "or `latent_samples`), so this figure is **not** the paper's Fig. 3: it shows the "
-            "cluster probabilities q(y|x) projected to 2-D by PCA instead, coloured by the most "
-            "likely component.")
-    return lead + " " + "; ".join(notes) + "."
+    lead = (f"Latent space of vae-gmm (paper Fig. 3), from `VAEFitter.encode`: "
+            f"{LATENT_DRAWS} posterior samples of z per voxel, drawn from the same "
+            f"importance-weighted posterior (after the per-voxel refinement of q) whose mean "
+            f"the maps show. In the default configuration z is the model's unbounded parameter "
+            f"vector and the learned mixture prior is Gaussian in the bounded parameters, so "
+            f"the samples are drawn in those coordinates, where the prior's components are "
+            f"exact ellipses: MSDKI on its D (µm²/ms) and K axes (S0 not shown; the ellipses "
+            f"are the components' marginals), ball-stick on the first two principal "
+            f"components of its standardised scalar coordinates (S0 in working units, f, "
+            f"Dpar, Diso; the stick direction left out). Panels: the simulation coloured by "
+            f"the true cluster and by vae-gmm's most likely component, then the real scan "
+            f"coloured by vae-gmm's component.")
+    return lead + "\n\n" + "\n".join(f"- {n}" for n in notes)
+
+
+def _latent_note(what: str, lat, truth: np.ndarray | None) -> str:
+    """One line per panel group: how many components are used, their weights and means."""
+    k = lat.cluster_probs.argmax(1)
+    used = np.bincount(k, minlength=lat.prior_means.shape[0])
+    comps = []
+    for j in np.argsort(-lat.prior_weights):
+        mean = ", ".join(f"{a} {m:.2f}" for a, m in zip(lat.axes, lat.prior_means[j],
+                                                         strict=True)
+                         if not a.endswith(("_x", "_y", "_z")) and a != "S0")
+        comps.append(f"component {j}: p(y) {lat.prior_weights[j]:.2f}, {used[j]} voxels, "
+                     f"mean {mean}")
+    line = f"{what}: " + "; ".join(comps)
+    if truth is not None:
+        line += f"; adjusted Rand index with the true clusters {adjusted_rand(truth, k):.2f}"
+    return line + "."
+
+
+def adjusted_rand(a: np.ndarray, b: np.ndarray) -> float:
+    """Adjusted Rand index of two labelings (1: the same partition, about 0: chance)."""
+    _, ia = np.unique(a, return_inverse=True)
+    _, ib = np.unique(b, return_inverse=True)
+    table = np.zeros((ia.max() + 1, ib.max() + 1))
+    np.add.at(table, (ia, ib), 1)
+
+    def pairs(x):
+        return float((x * (x - 1) / 2).sum())
+
+    both, rows, cols, total = pairs(table), pairs(table.sum(1)), pairs(table.sum(0)), pairs(
+        np.array([float(len(ia))]))
+    expected = rows * cols / total if total else 0.0
+    top = 0.5 * (rows + cols) - expected
+    return float((both - expected) / top) if top else 1.0
 
 
 def _scalar_params(model_name: str) -> list[str]:
