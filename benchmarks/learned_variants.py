@@ -126,6 +126,10 @@ def verdicts(res: dict, names: tuple[str, ...], direction: str | None) -> list[s
         if vae:
             out.append(f"{label} vs vae, overall: " + ", ".join(
                 f"{p} {g[p]:.3f} vs {vae[p]:.3f}" for p in names) + ".")
+    for label in [k for k in m if k.endswith(" (rician)") and k[:-9] in m]:
+        r, g = overall(label), overall(label[:-9])
+        out.append(f"{label} vs {label[:-9]} (Gaussian likelihood), overall: " + ", ".join(
+            f"{p} {r[p]:.3f} vs {g[p]:.3f}" for p in names) + ".")
     for label in [k for k in m if k.startswith("vae")]:
         v = overall(label)
         if lsq:
