@@ -120,7 +120,8 @@ def run(snr: float, methods: list[str], extra: bool, preset: str, scheme: str,
     return res
 
 
-def table(res: dict, names: tuple[str, ...] = NAMES, direction: str | None = None) -> str:
+def table(res: dict, names: tuple[str, ...] = NAMES, direction: str | None = None,
+          floatfmt: str = ".3f") -> str:
     """Markdown table of one run: a row per method, RMSE of ``names`` overall and per cluster,
     the mean angular error of ``direction`` (if given), time and epochs; a failed fit is a row
     that says so."""
@@ -144,7 +145,7 @@ def table(res: dict, names: tuple[str, ...] = NAMES, direction: str | None = Non
             row += [ang.get(c) for c in ["all", *clusters]] + [
                 m.get("angle", {}).get("median", {}).get("all")]
         rows.append(row + [round(m["seconds"]), m.get("epochs")])
-    return markdown_table(header, rows)
+    return markdown_table(header, rows, floatfmt)
 
 
 def markdown(results: list[dict]) -> str:

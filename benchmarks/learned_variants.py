@@ -30,6 +30,7 @@ import argparse
 import fcntl
 import json
 import sys
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -77,6 +78,7 @@ VARIANTS: dict[str, dict] = {
              "exact Rician likelihood."),
     "ballstick": dict(
         preset="ball-stick", scheme="hcp", noise="gaussian", names=BALL_STICK, direction="n",
+        floatfmt=".4f",
         runs=[("lsq", "lsq", {}), ("vae", "vae", {}), ("vae-gmm", "vae-gmm", {})],
         title="Ball-stick: the ball-stick preset, HCP scheme",
         what="`ball-stick` preset (WM-, GM-, CSF-like clusters in f, Dpar, Diso; uniformly "
@@ -89,7 +91,8 @@ VARIANTS: dict[str, dict] = {
 @contextmanager
 def _locked(path: Path):
     """Serialise read-modify-write of RESULTS.md between runs of this script."""
-    with open(path.with_name(".results.lock"), "w") as fh:
+    lock = Path(tempfile.gettempdir()) / f"mixmap-{path.name}.lock"  # not in the repository
+    with open(lock, "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
@@ -97,8 +100,9 @@ def _locked(path: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _ratio(a: float | None, b: float | None) -> str:
-    return f"{a / b:.2f}×" if a is not None and b else "–"
+def _f(x: float) -> str:
+    """A number for the measured lines: 3 decimals, 3 significant digits below 0.1."""
+    return f"{x:#.3g}" if abs(x) < 0.1 else f"{x:.3f}"
 
 
 def verdicts(res: dict, names: tuple[str, ...], direction: str | None) -> list[str]:
@@ -125,17 +129,17 @@ def verdicts(res: dict, names: tuple[str, ...], direction: str | None) -> list[s
         g = overall(label)
         if vae:
             out.append(f"{label} vs vae, overall: " + ", ".join(
-                f"{p} {g[p]:.3f} vs {vae[p]:.3f}" for p in names) + ".")
+                f"{p} {_f(g[p])} vs {_f(vae[p])}" for p in names) + ".")
     for label in [k for k in m if k.endswith(" (rician)") and k[:-9] in m]:
         r, g = overall(label), overall(label[:-9])
         out.append(f"{label} vs {label[:-9]} (Gaussian likelihood), overall: " + ", ".join(
-            f"{p} {r[p]:.3f} vs {g[p]:.3f}" for p in names) + ".")
+            f"{p} {_f(r[p])} vs {_f(g[p])}" for p in names) + ".")
     for label in [k for k in m if k.startswith("vae")]:
         v = overall(label)
         if lsq:
             better = [p for p in names if v[p] < lsq[p]]
             out.append(f"{label} vs lsq, overall: " + ", ".join(
-                f"{p} {v[p]:.3f} vs {lsq[p]:.3f}" for p in names)
+                f"{p} {_f(v[p])} vs {_f(lsq[p])}" for p in names)
                 + (" — beats lsq in all." if len(better) == len(names) else
                    f" — beats lsq in {', '.join(better) or 'none'}."))
         if ssl:
@@ -148,7 +152,7 @@ def verdicts(res: dict, names: tuple[str, ...], direction: str | None) -> list[s
             out.append(f"{label} vs lsq, mean angular error of {direction}: {a:.2f}° vs "
                        f"{b:.2f}°.")
         if lsq:
-            worse = [f"{p} {c} ({m[label]['rmse'][p][c]:.3f} vs {m['lsq']['rmse'][p][c]:.3f})"
+            worse = [f"{p} {c} ({_f(m[label]['rmse'][p][c])} vs {_f(m['lsq']['rmse'][p][c])})"
                      for p in names for c in m["lsq"]["rmse"][p] if c != "all"
                      and m[label]["rmse"][p][c] > 1.02 * m["lsq"]["rmse"][p][c]]
             if worse:
@@ -177,7 +181,7 @@ def section(variant: str, results: list[dict]) -> str:
                      + (" — RMSE (D in µm²/ms)" if v["direction"] is None else "") + "\n")
         if res.get("bayes_error"):
             parts.append(f"No Bayes reference: {res['bayes_error']}\n")
-        parts.append(table(res, v["names"], v["direction"]) + "\n")
+        parts.append(table(res, v["names"], v["direction"], v.get("floatfmt", ".3f")) + "\n")
         failed = {k: e for k, e in res["methods"].items() if "rmse" not in e}
         for label, e in failed.items():
             tb = e.get("traceback", "").strip().splitlines()
