@@ -32,6 +32,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -97,9 +98,9 @@ def worker(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(int(spec.get("threads", 2)))
-    kind, n, seed = spec["kind"], int(spec["n"]), int(spec.get("seed", 0))
-    if kind == "cli":
+    if spec["kind"] == "cli":
         return cli_worker(spec)
+    kind, n, seed = spec["kind"], int(spec["n"]), int(spec.get("seed", 0))
     preset = "ball-stick" if kind in ("ball-stick-lsq", "dmipy") else "paper-msdki"
     signals, truth, acq = make_data(preset, n, seed)
     extra: dict = {}
@@ -319,12 +320,14 @@ def markdown(results: dict, brain: list[dict], info: dict) -> str:
         a = {r["n"]: r for r in results.get(ours, []) if "seconds" in r}
         b = {r["n"]: r for r in results.get(peer, []) if "seconds" in r}
         for n in sorted(set(a) & set(b)):
+            acc = ""
+            if a[n].get("rmse") and b[n].get("rmse"):
+                acc = (" (RMSE ours " + ", ".join(f"{k} {v:.3f}" for k, v in a[n]["rmse"].items())
+                       + "; theirs "
+                       + ", ".join(f"{k} {v:.3f}" for k, v in b[n]["rmse"].items()) + ")")
             ratios.append(f"{n:,} voxels: {LABELS[peer]} takes "
-                          f"{b[n]['seconds'] / a[n]['seconds']:.2f}× the time of {LABELS[ours]} "
-                          f"(RMSE ours "
-                          + ", ".join(f"{k} {v:.3f}" for k, v in a[n]["rmse"].items())
-                          + "; theirs " + ", ".join(f"{k} {v:.3f}" for k, v in b[n]["rmse"].items())
-                          + ")")
+                          f"{b[n]['seconds'] / a[n]['seconds']:.2f}× the time of "
+                          f"{LABELS[ours]}{acc}")
     if ratios:
         lines += ["", "Side by side on the same voxels:", ""] + [f"- {r}" for r in ratios]
     if brain:
@@ -359,28 +362,36 @@ def main(argv=None) -> int:
                     "speed-brain")
     ap.add_argument("--threads", type=int, default=2,
                     help="torch threads of our fits (and dmipy's processes); OMP_NUM_THREADS")
+    ap.add_argument("--reuse", type=Path, metavar="JSON",
+                    help="keep the cells of an interrupted run (its partial JSON, written to "
+                    "the temp folder after every cell) and measure only the missing ones")
     ap.add_argument("--no-write", action="store_true", help="print the section, write nothing")
     args = ap.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
-    import tempfile
-
     import torch
 
     from mixmap.report import cpu_description, update_section
 
     results: dict[str, list] = {}
+    if args.reuse:  # cells measured by an earlier (interrupted) run of the same command
+        results = {k: [r for r in v if "error" not in r]
+                   for k, v in json.loads(args.reuse.read_text())["results"].items()}
+    partial = Path(tempfile.gettempdir()) / "mixmap-speed-partial.json"
     for kind in args.methods:
         sizes = args.dmipy_sizes if kind == "dmipy" else [
             n for n in args.sizes if kind != "dipy" or n <= args.dipy_max]
         for n in sizes:
+            if any(r["n"] == n for r in results.get(kind, [])):
+                continue
             res = run_worker({"kind": kind, "n": n, "threads": args.threads,
                               "processors": args.threads})
             results.setdefault(kind, []).append(res)
             msg = res.get("error") or (f"{res['seconds']:.2f} s, +{res['peak_extra'] / 2**20:.0f}"
                                        f" MiB (data {res['data_bytes'] / 2**20:.0f} MiB)")
             print(f"{kind:>15} {n:>9,}: {msg}", flush=True)
+            partial.write_text(json.dumps({"results": results}, indent=1))
     brain = []
     with tempfile.TemporaryDirectory(prefix="mixmap-speed-") as tmp:
         if args.whole_brain:
