@@ -245,24 +245,26 @@ def figure(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for kind, rows in results.items():
+    for i, (kind, rows) in enumerate(results.items()):
         rows = [r for r in rows if "seconds" in r]
         if not rows:
             continue
         n = [r["n"] for r in rows]
-        axes[0].loglog(n, [r["seconds"] for r in rows], "o-", label=kind)
+        style = dict(color=f"C{i}", label=LABELS.get(kind, kind))
+        axes[0].loglog(n, [r["seconds"] for r in rows], "o-", **style)
         if kind == "dmipy":
             continue
-        axes[1].loglog(n, [max(r["peak_extra"], 1) / 2**20 for r in rows], "o-", label=kind)
+        # (floored at 1 MiB: apply reuses memory the training left, so it may add nothing)
+        axes[1].loglog(n, [max(r["peak_extra"] / 2**20, 1.0) for r in rows], "o-", **style)
     all_n = sorted({r["n"] for rows in results.values() for r in rows})
     if all_n:
         data_mb = [n * 288 * 4 / 2**20 for n in all_n]
         axes[1].loglog(all_n, data_mb, "k--", label="the data (float32)")
     axes[0].set(xlabel="voxels", ylabel="seconds", title="time")
-    axes[1].set(xlabel="voxels", ylabel="MiB above the data", title="peak memory of the step")
+    axes[1].set(xlabel="voxels", ylabel="MiB (at least 1)", title="peak memory of the step")
     for ax in axes:
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -365,10 +367,16 @@ def main(argv=None) -> int:
     ap.add_argument("--reuse", type=Path, metavar="JSON",
                     help="keep the cells of an interrupted run (its partial JSON, written to "
                     "the temp folder after every cell) and measure only the missing ones")
+    ap.add_argument("--figure-only", action="store_true",
+                    help="redraw docs/figures/speed_scaling.png from docs/speed.json")
     ap.add_argument("--no-write", action="store_true", help="print the section, write nothing")
     args = ap.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
+        return 0
+    if args.figure_only:
+        figure(json.loads((DOCS / "speed.json").read_text())["results"],
+               DOCS / "figures" / "speed_scaling.png")
         return 0
     import torch
 
