@@ -435,3 +435,21 @@ def test_encode_paper_config_has_an_abstract_latent(sim):
     assert lat.z.shape == (200, 5, 4) and lat.axes == ["z1", "z2", "z3", "z4"]
     assert lat.space == lat.prior_space == "latent"
     np.testing.assert_array_equal(lat.z, lat.z_prior)
+
+
+def test_plateau_rule_follows_the_loss_at_the_final_weights(sim):
+    """A loss raised on purpose after the first epoch (as a KL warm-up raises it) must not stop
+    training: the plateau rule, like the guard, follows ``loss_final``. With the old rule the
+    first epoch's loss stayed the best and training stopped at ``min_epochs``."""
+    from mixmap.fitting.selfsup import SelfSupervisedFitter
+
+    class Raised(SelfSupervisedFitter):
+        def _loss(self, batch, scheme, epoch):
+            mse, terms = super()._loss(batch, scheme, epoch)
+            raised = mse + (0.0 if epoch == 0 else 1e4)  # same gradients, a higher loss
+            return raised, {"loss": raised.detach(), "loss_final": mse.detach()}
+
+    f = Raised("msdki", epochs=40, min_epochs=5, patience=3, batch_size=64, lr=3e-3, seed=0)
+    res = f.fit(sim.signals, sim.acquisition)
+    final = [h["loss_final"] for h in res.history]
+    assert len(res.history) > 8 and final[-1] < final[4]

@@ -456,8 +456,11 @@ class LearnedFitter(Fitter):
             history.append(row)
             self._end_epoch(epoch_data, scheme, epoch)
             bar.set_postfix(loss=f"{row['loss']:.4g}")
-            if row["loss"] < best - self.tol * (abs(best) if math.isfinite(best) else 1.0):
-                best, since_best = row["loss"], 0
+            # The plateau rule, like the guard, follows the fixed objective: a best loss set
+            # during a KL warm-up (small KL weight) could never be beaten after it.
+            watched_now = row.get(GUARD_TERM, row["loss"])
+            if watched_now < best - self.tol * (abs(best) if math.isfinite(best) else 1.0):
+                best, since_best = watched_now, 0
             else:
                 since_best += 1
             self._save_checkpoint(epoch, opt, gen, best, since_best, bad, history)
