@@ -204,9 +204,11 @@ class LearnedFitter(Fitter):
         sigma_w = None if sigma_in is None else sigma_in / scale
         import hashlib
 
-        self._data_key = hashlib.sha256(
-            signals.tobytes() + json_dumps(self.settings()).encode()
-        ).hexdigest()
+        # Hashed in place (the same digest as of the concatenated bytes): ``tobytes() + ...``
+        # made two transient copies of the signals, 2.2 GB on a whole brain.
+        key = hashlib.sha256(memoryview(np.ascontiguousarray(signals)).cast("B"))
+        key.update(json_dumps(self.settings()).encode())
+        self._data_key = key.hexdigest()
         distributed.check_same(self._data_key, "data or settings")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
