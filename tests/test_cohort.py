@@ -332,6 +332,8 @@ def test_large_cohort_is_streamed_one_scan_at_a_time(bids, tmp_path, monkeypatch
     # least squares: streamed and pooled give the same maps
     streamed, pooled = tmp_path / "lsq-s", tmp_path / "lsq-p"
     assert run("fit", root, "--train-voxels", "100", "--out", streamed, "--quiet").exit_code == 0
+    # each scan fitted on its own: no cohort-wide (normalised) noise level to report
+    assert json.loads((streamed / "cohort.json").read_text())["NoiseSigmaNormalised"] is None
     monkeypatch.undo()
     assert run("fit", root, "--out", pooled, "--quiet").exit_code == 0
     for entities, truth in truths.items():

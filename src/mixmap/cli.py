@@ -385,6 +385,8 @@ def _fit_cohort(fitter, inputs: list[Path], bvals: Path | None, bvecs: Path | No
     """Every input is found and checked, and OUT checked, before the (long) fit; all
     subjects' maps, the model and cohort.json are then written in one atomic step. A cohort
     larger than ``train_voxels`` is streamed (see :mod:`mixmap.cohort`)."""
+    from dataclasses import replace
+
     from mixmap import cohort as co
     from mixmap.fitting import distributed
     from mixmap.io import AtomicOutput
@@ -415,7 +417,7 @@ def _fit_cohort(fitter, inputs: list[Path], bvals: Path | None, bvecs: Path | No
         log.info("cohort: %d scans, %d voxels × %d measurements", len(scans),
                  sum(cohort.sizes), acq.n)
         pooled, results = co.fit_cohort(fitter, cohort)
-        infos, trained_on = cohort.infos(), None
+        infos, trained_on = cohort.infos, None
     else:
         pooled = None
         if learned:
@@ -444,7 +446,8 @@ def _fit_cohort(fitter, inputs: list[Path], bvals: Path | None, bvecs: Path | No
                 written += stage_maps(w, res, d, scan.folder, extra=extra(scan, d, scale))
                 if not learned:
                     infos_seen.append(co.ScanInfo.of(d, scale))
-                    pooled = pooled or res
+                    # each scan fitted on its own: no noise level pooled over the cohort
+                    pooled = pooled or replace(res, noise_sigma=None)
             if not learned:
                 infos, trained_on = infos_seen, None
         summary = co.cohort_summary(scans, infos, acq, pooled, model_dir=model_dir, seed=seed,

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -110,11 +110,12 @@ class ScanInfo:
 
 @dataclass
 class Cohort:
-    """Scans that were loaded and checked to share one acquisition."""
+    """Scans that were loaded and checked to share one acquisition, with what the summary
+    keeps of each (its scale and noise level, computed once)."""
 
     scans: list[Scan]
     data: list[DWIData]
-    scales: list[float] = field(default_factory=list)
+    infos: list[ScanInfo]
 
     @property
     def acquisition(self) -> Acquisition:
@@ -122,10 +123,11 @@ class Cohort:
 
     @property
     def sizes(self) -> list[int]:
-        return [d.signals.shape[0] for d in self.data]
+        return [i.n_voxels for i in self.infos]
 
-    def infos(self) -> list[ScanInfo]:
-        return [ScanInfo.of(d, s) for d, s in zip(self.data, self.scales, strict=True)]
+    @property
+    def scales(self) -> list[float]:
+        return [i.scale for i in self.infos]
 
 
 # ------------------------------------------------------------------------------- discovery
@@ -283,18 +285,16 @@ def _scheme_text(acq: Acquisition) -> str:
     return f"{acq.n} volumes: {shells}, fingerprint {acq.fingerprint()}"
 
 
-def load_cohort(scans: Sequence[Scan], *, same_acquisition: bool = True) -> Cohort:
-    """Load every scan (all inputs are read and checked before anything is fitted); with
-    ``same_acquisition``, refuse scans whose acquisitions differ first."""
-    if same_acquisition:
-        check_acquisitions(scans)
+def load_cohort(scans: Sequence[Scan]) -> Cohort:
+    """Load every scan (all inputs are read and checked before anything is fitted), after
+    refusing scans whose acquisitions differ."""
+    check_acquisitions(scans)
     data = [load_dwi(scan.dwi, scan.bvals, scan.bvecs, scan.mask) for scan in scans]
     for scan, d in zip(scans, data, strict=True):  # after all loaded: an error stays one line
         log.info("%s: %d voxels × %d measurements%s", scan.dwi, *d.signals.shape,
                  "" if scan.mask else " (no mask: voxels with positive b=0 signal)")
-    cohort = Cohort(list(scans), data)
-    cohort.scales = [signal_scale(d.signals, d.acquisition) for d in data]
-    return cohort
+    return Cohort(list(scans), data,
+                  [ScanInfo.of(d, signal_scale(d.signals, d.acquisition)) for d in data])
 
 
 # ------------------------------------------------------------------------------- fitting
@@ -340,7 +340,7 @@ def _warn_noise_spread(infos: Sequence[ScanInfo]) -> None:
 def fit_cohort(fitter, cohort: Cohort) -> tuple[FitResult, list[FitResult]]:
     """Fit one model on the pooled, per-scan normalised voxels. Returns the pooled result
     (normalised units, with the loss curve) and one result per scan (its own units)."""
-    _warn_noise_spread(cohort.infos())
+    _warn_noise_spread(cohort.infos)
     pooled = fitter.fit(pooled_signals(cohort), cohort.acquisition)
     return pooled, split_result(pooled, cohort.sizes, cohort.scales, fitter.model)
 
