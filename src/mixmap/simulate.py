@@ -366,10 +366,12 @@ def write_simulation(sim: Simulation, out_dir: str | Path, *, force: bool = Fals
     return out
 
 
-def _volume_blocks(signals: np.ndarray, mask: np.ndarray, max_bytes: int = 64 << 20):
+def _volume_blocks(signals: np.ndarray, mask: np.ndarray):
     """The (x, y, z, k) float32 volumes of ``signals`` (rows = mask voxels), a block at a time
     (a whole-brain 4-D volume is never held: 4 GB on the HCP grid)."""
-    k = max(1, max_bytes // (4 * mask.size))
+    from mixmap.io.nifti import volumes_per_block
+
+    k = volumes_per_block(mask.shape)
     for t0 in range(0, signals.shape[1], k):
         block = np.zeros(mask.shape + (min(k, signals.shape[1] - t0),), dtype=np.float32)
         block[mask] = signals[:, t0 : t0 + k]

@@ -126,14 +126,14 @@ def load_dwi(
         # No mask: voxels whose mean b=0 signal (mean signal without b=0) is positive.
         ref_vols = np.flatnonzero(b0) if b0.any() else np.arange(n_vol)
         ref = np.zeros(grid, dtype=np.float64)
-        for t0, t1 in _runs(ref_vols, _block_size(grid)):
+        for t0, t1 in _runs(ref_vols, volumes_per_block(grid)):
             ref += np.asarray(proxy[..., t0:t1], dtype=np.float32).sum(-1)
         with np.errstate(invalid="ignore"):
             sel_mask = ref > 0
     n_sel = int(sel_mask.sum())
     signals = np.empty((n_sel, n_vol), dtype=np.float32)
     finite_rows = np.ones(n_sel, dtype=bool)
-    for t0, t1 in _runs(np.arange(n_vol), _block_size(grid)):
+    for t0, t1 in _runs(np.arange(n_vol), volumes_per_block(grid)):
         rows = np.asarray(proxy[..., t0:t1], dtype=np.float32)[sel_mask]
         signals[:, t0:t1] = rows
         finite_rows &= np.isfinite(rows).all(1)
@@ -161,11 +161,12 @@ def load_dwi(
     return DWIData(signals, final_mask, img.affine, img.header, acq, dwi, n_dropped)
 
 
-#: Bytes of float32 volumes read at once by :func:`load_dwi`.
+#: Bytes of float32 volumes read (by :func:`load_dwi`) or written at once.
 READ_BLOCK_BYTES = 64 << 20
 
 
-def _block_size(grid: tuple[int, ...]) -> int:
+def volumes_per_block(grid: tuple[int, ...]) -> int:
+    """Whole float32 volumes of ``grid`` that fit in :data:`READ_BLOCK_BYTES` (at least 1)."""
     return max(1, READ_BLOCK_BYTES // (4 * int(np.prod(grid))))
 
 
