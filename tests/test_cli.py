@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mixmap.cli import app
-from mixmap.testing import bad_input_cases, left_behind
+from mixmap.testing import bad_input_cases, interrupt_training, left_behind
 
 runner = CliRunner()
 
@@ -283,17 +283,7 @@ def test_cli_resume_continues_an_interrupted_training(scan, tmp_path, monkeypatc
     f = get_fitter("vae-gmm", "msdki", epochs=8, hidden=16, device="cpu", seed=0, quiet=True)
     ckpt = out / ".mixmap-checkpoint-scan-msdki-vae-gmm.pt"
     f.use_checkpoint(ckpt)
-    original = type(f)._end_epoch
-
-    def stop(self, d, scheme, epoch):
-        original(self, d, scheme, epoch)
-        if epoch == 3:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(type(f), "_end_epoch", stop)
-    with pytest.raises(KeyboardInterrupt):
-        f.fit(data.signals, data.acquisition)
-    monkeypatch.setattr(type(f), "_end_epoch", original)
+    interrupt_training(f, data.signals, data.acquisition, after_epoch=3)
     assert ckpt.exists()
     loaded = []
     load = type(f)._load_checkpoint

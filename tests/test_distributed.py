@@ -22,6 +22,7 @@ import torch
 
 from mixmap.fitting import distributed, get_fitter
 from mixmap.simulate import simulate
+from mixmap.testing import interrupt_training
 
 #: Not a multiple of the batch size nor of 2: the last, smaller batch is shared unevenly.
 N_VOXELS = 1001
@@ -84,21 +85,7 @@ def worker(out: Path) -> None:
     ckpt = out / "ckpt.pt"
     f = get_fitter("vae-gmm", "msdki", seed=0, **GMM)
     f.use_checkpoint(ckpt)
-    cls = type(f)
-    original = cls._end_epoch
-
-    def crash(self, data, scheme, epoch):
-        original(self, data, scheme, epoch)
-        if epoch == INTERRUPT_AT:
-            raise KeyboardInterrupt
-
-    cls._end_epoch = crash
-    try:
-        f.fit(sim.signals, sim.acquisition)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        cls._end_epoch = original
+    interrupt_training(f, sim.signals, sim.acquisition, after_epoch=INTERRUPT_AT)
     if distributed.is_main():
         shutil.copy(ckpt, out / "ckpt-interrupted.pt")
     g = get_fitter("vae-gmm", "msdki", seed=0, **GMM)

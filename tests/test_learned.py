@@ -18,6 +18,7 @@ from mixmap.io.checkpoint import load_fitter
 from mixmap.models import get_model
 from mixmap.nn.likelihoods import gaussian_loglik, rician_loglik
 from mixmap.simulate import Cluster, Preset, simulate
+from mixmap.testing import interrupt_training
 
 torch.set_num_threads(1)
 
@@ -228,7 +229,7 @@ def test_paper_config_fits_saves_and_reloads(sim, method, tmp_path):
     np.testing.assert_array_equal(r2.params["K"], r.params["K"])
 
 
-def test_interrupted_training_resumes_to_the_same_maps(sim, tmp_path, monkeypatch):
+def test_interrupted_training_resumes_to_the_same_maps(sim, tmp_path):
     """Kill training after a few epochs (checkpoint left behind), resume: same maps as an
     uninterrupted run, and the checkpoint is refused for other data."""
     data = sim.signals[:200]
@@ -238,17 +239,7 @@ def test_interrupted_training_resumes_to_the_same_maps(sim, tmp_path, monkeypatc
     ckpt = tmp_path / "ckpt.pt"
     f = get_fitter("vae-gmm", "msdki", seed=5, **kw)
     f.use_checkpoint(ckpt)
-    original = type(f)._end_epoch
-
-    def crash_at_epoch_4(self, d, scheme, epoch):
-        original(self, d, scheme, epoch)
-        if epoch == 4:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(type(f), "_end_epoch", crash_at_epoch_4)
-    with pytest.raises(KeyboardInterrupt):
-        f.fit(data, sim.acquisition)
-    monkeypatch.setattr(type(f), "_end_epoch", original)
+    interrupt_training(f, data, sim.acquisition, after_epoch=4)
     assert ckpt.exists()
 
     other = get_fitter("vae-gmm", "msdki", seed=5, **kw)

@@ -93,3 +93,24 @@ def bad_input_cases(scan: Path, tmp: Path) -> list[BadCase]:
 def left_behind(out: Path) -> list[str]:
     """Files in an output folder (hidden staging folders included)."""
     return sorted(str(p.relative_to(out)) for p in out.rglob("*")) if out.exists() else []
+
+
+def interrupt_training(fitter, signals: np.ndarray, acquisition, after_epoch: int) -> None:
+    """Run ``fitter.fit`` and stop it with KeyboardInterrupt (what Ctrl-C raises) right after
+    epoch ``after_epoch`` has ended, leaving what an interrupted run leaves (its checkpoint).
+    Fails if training finished before that epoch."""
+    end_epoch = fitter._end_epoch
+
+    def stop(data, scheme, epoch):
+        end_epoch(data, scheme, epoch)
+        if epoch == after_epoch:
+            raise KeyboardInterrupt
+
+    fitter._end_epoch = stop
+    try:
+        fitter.fit(signals, acquisition)
+    except KeyboardInterrupt:
+        return
+    finally:
+        del fitter._end_epoch
+    raise AssertionError(f"training finished before epoch {after_epoch} ended")
