@@ -11,9 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -92,22 +94,47 @@ def worker(out: Path) -> None:
     g.use_checkpoint(ckpt, resume=True)
     r_res = g.fit(sim.signals, sim.acquisition)
     report.update(resumed_digest=_digest(g), resumed_epochs=[h["epoch"] for h in r_res.history])
-    (out / f"rank{me}.json").write_text(json.dumps(report, default=str))
     if distributed.is_main():
         np.savez(out / "ssl.npz", **_maps(r_ssl))
         np.savez(out / "gmm.npz", **_maps(r_gmm))
         np.savez(out / "resumed.npz", **_maps(r_res))
+    (out / f"rank{me}.json").write_text(json.dumps(report, default=str))
+    distributed.barrier()  # leave together, with every file written
+    distributed.teardown()
+
+
+def _launch(out: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+           "PYTHONFAULTHANDLER": "1"}  # a crash prints every thread's Python stack
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           "2", __file__, str(out)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _killed_by_signal(proc: subprocess.CompletedProcess) -> bool:
+    """The first worker to fail died by a signal (torchrun reports a negative exit code), not
+    by an exception of ours (exit code 1): torch's gloo backend has aborted a worker this way
+    once in CI ("terminate called without an active exception"), never reproduced locally in
+    60 launches."""
+    root = proc.stderr.rpartition("Root Cause")[2]
+    code = re.search(r"exitcode\s*:\s*(-?\d+)", root)
+    return proc.returncode != 0 and code is not None and int(code.group(1)) < 0
 
 
 @pytest.fixture(scope="module")
 def two(tmp_path_factory):
     """Run the worker on 2 CPU processes; returns (folder, [report of rank 0, rank 1])."""
     out = tmp_path_factory.mktemp("ddp")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-           "2", __file__, str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    proc = _launch(out)
+    if _killed_by_signal(proc):  # one more try; a second crash fails with both outputs
+        first = proc.stderr[-4000:]
+        warnings.warn(f"a torchrun worker was killed by a signal; launched again:\n{first}",
+                      stacklevel=1)
+        shutil.rmtree(out)
+        out.mkdir()
+        proc = _launch(out)
+        proc.stderr = first + "\n--- second launch ---\n" + proc.stderr
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-8000:]
     return out, [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
