@@ -218,6 +218,21 @@ def test_shell_mean_likelihood_equals_full(sim):
     torch.testing.assert_close(red, full, rtol=1e-5, atol=1e-3)
 
 
+def test_shell_means_in_blocks_equal_one_pass(sim, monkeypatch):
+    """working_signals reduces a scan in blocks of rows (its temporaries stay small); the
+    block boundaries change nothing."""
+    import mixmap.fitting.base as base
+
+    sch = Scheme.build(get_model("msdki"), sim.acquisition, True, "cpu")
+    y = torch.as_tensor(sim.signals[:101])
+    one = sch.working_signals(y)
+    monkeypatch.setattr(base, "WORKING_BLOCK_ELEMENTS", 7 * sim.acquisition.n)  # 15 blocks
+    blocks = sch.working_signals(y)
+    for a, b in zip(one, blocks, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert blocks[0].shape == (101, len(sch.groups)) and blocks[1].shape == (101,)
+
+
 @pytest.mark.parametrize("method", ["vae", "vae-gmm"])
 def test_paper_config_fits_saves_and_reloads(sim, method, tmp_path):
     kw = {"n_components": 2} if method == "vae-gmm" else {}

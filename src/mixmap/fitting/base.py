@@ -154,6 +154,10 @@ class Fitter:
         return signals
 
 
+#: Elements (voxels × measurements) per block when signals are reduced to shell means.
+WORKING_BLOCK_ELEMENTS = 4_000_000
+
+
 @dataclass
 class Scheme:
     """The acquisition as the physics sees it: all measurements, or (for a direction-independent
@@ -186,7 +190,16 @@ class Scheme:
         """(n, m) -> working signals (n, m') and within-shell scatter (n,) (None if unreduced)."""
         if self.groups is None:
             return y, None
-        means = torch.stack([y[:, g].mean(1) for g in self.groups], 1)
-        within = sum(((y[:, g] - means[:, i : i + 1]) ** 2).sum(1)
-                     for i, g in enumerate(self.groups))
+        # In blocks of rows: each shell's columns are gathered (a copy) and squared, so on
+        # a whole scan at once the temporaries alone came to most of the scan's size again.
+        n = y.shape[0]
+        means = y.new_empty(n, len(self.groups))
+        within = y.new_empty(n)
+        rows = max(1, WORKING_BLOCK_ELEMENTS // max(1, y.shape[1]))
+        for start in range(0, n, rows):
+            blk = y[start:start + rows]
+            m = torch.stack([blk[:, g].mean(1) for g in self.groups], 1)
+            means[start:start + rows] = m
+            within[start:start + rows] = sum(((blk[:, g] - m[:, i:i + 1]) ** 2).sum(1)
+                                             for i, g in enumerate(self.groups))
         return means, within
