@@ -218,6 +218,18 @@ def test_shell_mean_likelihood_equals_full(sim):
     torch.testing.assert_close(red, full, rtol=1e-5, atol=1e-3)
 
 
+def test_ssl_leaves_the_saturated_start():
+    """The voxelwise baseline starts at the median of quick per-voxel estimates and compresses
+    the loss of voxels whose signal at high b is many times S0. From the old start (every
+    output mid-range) it stayed where MSDKI's signal explodes: white-matter D RMSE 0.88 and
+    0.72 overall after these 40 epochs, against 0.16 and 0.24 now."""
+    sim = simulate("paper-msdki", "hcp", snr=20, n_voxels=2000, seed=1)
+    r = get_fitter("ssl", "msdki", epochs=40, min_epochs=40).fit(sim.signals, sim.acquisition)
+    wm = sim.labels == 0
+    assert np.sqrt(np.mean((r.params["D"][wm] - sim.truth["D"][wm]) ** 2)) < 0.4
+    assert np.sqrt(np.mean((r.params["D"] - sim.truth["D"]) ** 2)) < 0.4
+
+
 def test_shell_means_in_blocks_equal_one_pass(sim, monkeypatch):
     """working_signals reduces a scan in blocks of rows (its temporaries stay small); the
     block boundaries change nothing."""

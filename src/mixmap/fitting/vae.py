@@ -32,7 +32,7 @@ from torch import nn
 from mixmap.acquisition import Acquisition
 from mixmap.fitting.base import signal_scale
 from mixmap.fitting.distributed import all_reduce_sum
-from mixmap.fitting.selfsup import Data, LearnedFitter, Scheme
+from mixmap.fitting.selfsup import Data, LearnedFitter, Scheme, robust_mean
 from mixmap.models import SignalModel
 from mixmap.nn.encoders import Decoder, FeatureMap, MixtureEncoder
 from mixmap.nn.likelihoods import LIKELIHOODS, NoiseModel
@@ -588,19 +588,6 @@ class LatentSamples:
     prior_stds: np.ndarray
     prior_weights: np.ndarray
     signal_scale: float
-
-
-#: Per-voxel loss (nats) above which training compresses it logarithmically (see robust_mean).
-ROBUST_NATS = 1e4
-
-
-def robust_mean(per_voxel: torch.Tensor, c: float = ROBUST_NATS) -> torch.Tensor:
-    """Mean of c·asinh(loss/c): the loss itself wherever |loss| << c (every voxel that the
-    model fits sanely: a few hundred nats), logarithmic beyond. Some simulated voxels have
-    signals thousands of times S0 (MSDKI's exponent at high b), whose ELBO reaches -1e11 early in
-    training and would otherwise steer the whole shared network; per-voxel refinement later
-    optimises the exact ELBO of every voxel."""
-    return (c * torch.asinh(per_voxel / c)).mean()
 
 
 def mixture_log_prob(z: torch.Tensor, log_qy: torch.Tensor, mu: torch.Tensor,
