@@ -115,7 +115,7 @@ def _killed_by_signal(proc: subprocess.CompletedProcess) -> bool:
     """The first worker to fail died by a signal (torchrun reports a negative exit code), not
     by an exception of ours (exit code 1): torch's gloo backend has aborted a worker this way
     once in CI ("terminate called without an active exception"), never reproduced locally in
-    60 launches."""
+    about 30 launches."""
     root = proc.stderr.rpartition("Root Cause")[2]
     code = re.search(r"exitcode\s*:\s*(-?\d+)", root)
     return proc.returncode != 0 and code is not None and int(code.group(1)) < 0
