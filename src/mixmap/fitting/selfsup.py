@@ -723,12 +723,8 @@ class SelfSupervisedFitter(LearnedFitter):
                 if self._sigma_b0 is not None:
                     var = float(self._sigma_b0) ** 2
                 else:
-                    s = self.model.forward(self.model.split(u), scheme.work)
-                    r2 = (s - data.yw) ** 2
-                    if scheme.weights is not None:
-                        r2 = r2 * scheme.weights
-                    ss = r2.sum(-1) + (0 if data.extra_ss is None else data.extra_ss)
-                    var = float((ss / scheme.n_meas).median())
+                    start = self.model.forward(self.model.split(u), scheme.work)
+                    var = float(self._mse(data, scheme, start).median())
                 self._robust_mse = ROBUST_NATS * 2.0 * max(var, 1e-12) / scheme.n_meas
         return data
 
@@ -736,9 +732,12 @@ class SelfSupervisedFitter(LearnedFitter):
         u = self.net(batch.feats)
         return self.model.forward(self.model.split(u), scheme.work)
 
-    def _mse(self, batch: Data, scheme: Scheme) -> torch.Tensor:
-        """Mean squared error over all original measurements, per voxel (n,)."""
-        r2 = (self._signals(batch, scheme) - batch.yw) ** 2
+    def _mse(self, batch: Data, scheme: Scheme, signals: torch.Tensor | None = None
+             ) -> torch.Tensor:
+        """Mean squared error over all original measurements, per voxel (n,), of the network's
+        predicted signals (or of ``signals``, working units)."""
+        pred = self._signals(batch, scheme) if signals is None else signals
+        r2 = (pred - batch.yw) ** 2
         if scheme.weights is not None:
             r2 = r2 * scheme.weights
         ss = r2.sum(-1)
