@@ -27,10 +27,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.special import logsumexp, ndtr
+from scipy.special import logsumexp
 
-from mixmap.evaluate import bayes_reference
+from mixmap.evaluate import _log_prior, bayes_reference
 from mixmap.fitting import get_fitter
+from mixmap.fitting.base import Scheme
 from mixmap.models import get_model
 from mixmap.report import machine_description, markdown_table, update_section
 from mixmap.simulate import Cluster, Preset, get_preset, simulate
@@ -55,36 +56,35 @@ def learned_preset(fitter) -> Preset:
                 {n: float(sd[k, i]) for n, i in cols.items()}) for k in range(len(pi))))
 
 
-def log_evidence(signals, acquisition, preset: Preset, sigma: float, step: float) -> np.ndarray:
-    """log p(x) per voxel up to a constant shared by all priors: Gaussian noise on the
-    direction-averaged shell means, S0 = 1, the prior a mixture of Gaussians truncated to the
-    bounds, integrated on a grid of the given step (rectangle rule)."""
-    model = get_model(preset.model)
-    bounds = {n: (model.parameter(n).lower, model.parameter(n).upper) for n in ("D", "K")}
-    axes = [np.arange(lo, hi + step / 2, step) for lo, hi in bounds.values()]
-    D, K = (a.ravel() for a in np.meshgrid(*axes, indexing="ij"))
-    terms = []
-    for c, w in zip(preset.clusters, preset.weights, strict=True):
-        lp = np.full(D.shape, np.log(w))
-        for name, x in (("D", D), ("K", K)):
-            lo, hi = bounds[name]
-            m, s = c.mean[name], c.std[name]
-            lp -= 0.5 * ((x - m) / s) ** 2 + np.log(s * np.sqrt(2 * np.pi)
-                                                   * (ndtr((hi - m) / s) - ndtr((lo - m) / s)))
-        terms.append(lp)
-    log_prior = np.logaddexp.reduce(np.stack(terms), 0) + 2 * np.log(step)
-    b = np.asarray(acquisition.bvals, dtype=np.float64)
-    shells = [s for s in np.unique(np.round(b, 2)) if s > 0]
-    out = []
+def log_evidence(signals, acquisition, presets: list[Preset], sigma: float,
+                 step: float) -> list[np.ndarray]:
+    """log p(x) per voxel under each preset's prior, up to a constant shared by all priors
+    (the likelihood on the grid is computed once for all of them): Gaussian noise on the
+    direction-averaged shell means (the fitters' reduced scheme), S0 = 1, the preset's prior
+    (the truncated mixture of :func:`mixmap.evaluate.bayes_reference`), integrated on a grid of
+    the given step over the bounds of D and K (rectangle rule)."""
+    model = get_model(presets[0].model)
+    names = ["D", "K"]
+    axes = [np.linspace(p.lower, p.upper, int(round((p.upper - p.lower) / step)) + 1)
+            for p in map(model.parameter, names)]
+    grid = [a.ravel() for a in np.meshgrid(*axes, indexing="ij")]
+    log_priors = [_log_prior(p, names, grid, model) + 2 * np.log(step) for p in presets]
+    scheme = Scheme.build(model, acquisition, True, "cpu")
+    params = {n: torch.as_tensor(x) for n, x in zip(names, grid, strict=True)}
+    params["S0"] = torch.ones_like(params["D"])
+    model_signal = model.forward(params, scheme.work).numpy()  # (grid, shells)
+    counts = scheme.weights.numpy()
+    out: list[list[np.ndarray]] = [[] for _ in presets]
     for start in range(0, signals.shape[0], 500):
-        y = signals[start:start + 500]
-        ll = np.zeros((y.shape[0], D.size))
-        for s in shells:
-            g = np.abs(b - s) < 0.05
-            model_signal = np.exp(-s * D + s**2 * D**2 * K / 6)
-            ll -= g.sum() * (y[:, g].mean(1)[:, None] - model_signal) ** 2 / (2 * sigma**2)
-        out.append(logsumexp(ll + log_prior, 1))
-    return np.concatenate(out)
+        means, _ = scheme.working_signals(torch.as_tensor(signals[start:start + 500],
+                                                          dtype=torch.float64))
+        ll = np.zeros((means.shape[0], model_signal.shape[0]))
+        for g in range(model_signal.shape[1]):
+            ll -= counts[g] * (means[:, g, None].numpy() - model_signal[:, g]) ** 2 / (
+                2 * sigma**2)
+        for parts, log_prior in zip(out, log_priors, strict=True):
+            parts.append(logsumexp(ll + log_prior, 1))
+    return [np.concatenate(parts) for parts in out]
 
 
 def rmse(est, truth, sel) -> float:
@@ -115,8 +115,8 @@ def run_snr(snr: float, n_voxels: int, seed: int) -> dict:
     csf = groups[names[-1]]
     evidence = {}
     for step in (0.02, 0.01):
-        ev_true = log_evidence(sim.signals[csf], sim.acquisition, truth_preset, sigma, step)
-        ev_learned = log_evidence(sim.signals[csf], sim.acquisition, learned, sigma, step)
+        ev_true, ev_learned = log_evidence(sim.signals[csf], sim.acquisition,
+                                           [truth_preset, learned], sigma, step)
         evidence[str(step)] = float(np.mean(ev_true - ev_learned))
     prior = [{"weight": c.weight, "mean": c.mean, "std": c.std} for c in learned.clusters]
     return {"snr": snr, "rmse": table, "evidence_gain_per_voxel": evidence,
