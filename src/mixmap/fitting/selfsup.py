@@ -182,6 +182,11 @@ class LearnedFitter(Fitter):
     def _end_epoch(self, data: Data, scheme: Scheme, epoch: int) -> None:
         """Called after each accepted epoch (e.g. a closed-form prior update)."""
 
+    def _after_training(self, data: Data, scheme: Scheme) -> dict | None:
+        """Called once after training, before the maps (e.g. an empirical-Bayes refit of a
+        learned prior); what it returns is added to the result's settings."""
+        return None
+
     def _predict(self, data: Data, scheme: Scheme, gen: torch.Generator):
         """-> (params (bounded, working units), std, cluster_probs or None) as numpy."""
         raise NotImplementedError
@@ -219,7 +224,10 @@ class LearnedFitter(Fitter):
             if distributed.active():  # each process its own draws for its own voxels
                 torch.manual_seed(distributed.rank_seed(self.seed))
             history = self._train(data, scheme)
+            extra = self._after_training(data, scheme)
         result = self._result(data, scheme, scale)
+        if extra:
+            result.settings.update(extra)
         self.trained = {
             "fingerprint": acquisition.fingerprint(),
             "bvals": acquisition.bvals.tolist(),

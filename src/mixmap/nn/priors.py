@@ -73,12 +73,82 @@ class MixturePrior(nn.Module):
         lj = torch.log(self.span) + nn.functional.logsigmoid(z) + nn.functional.logsigmoid(-z)
         return torch.where(self.bounded, lj, torch.zeros_like(lj)).sum(-1)
 
+    def log_mass(self) -> torch.Tensor:
+        """(K,) log of each component's mass inside the bounds (0 where nothing is bounded):
+        a Gaussian in bounded coordinates is truncated to them and renormalised, so that
+        p(z|y) is a density and the prior can be sampled exactly (:meth:`sample`)."""
+        if self.analytic:
+            return self.mu.new_zeros(self.n_components)
+        a, b = self._standard_bounds()
+        mass = (torch.special.ndtr(b) - torch.special.ndtr(a)).clamp_min(1e-30)
+        return torch.where(self.bounded, mass.log(), torch.zeros_like(mass)).sum(-1)
+
+    def _standard_bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The bounds of each component in its standard units, (K, d) each (±inf where a
+        coordinate is unbounded)."""
+        sd = self.log_std.exp()
+        inf = torch.full_like(self.mu, math.inf)
+        a = torch.where(self.bounded, (self.lo - self.mu) / sd, -inf)
+        b = torch.where(self.bounded, (self.lo + self.span - self.mu) / sd, inf)
+        return a, b
+
     def component_log_prob(self, z: torch.Tensor) -> torch.Tensor:
         """log p(z | y=k) for every component: z (..., d) -> (..., K)."""
         x = self.to_prior_space(z)
         d = (x[..., None, :] - self.mu) / self.log_std.exp()
         lp = (-0.5 * d * d - self.log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
-        return lp + self.log_jacobian(z)[..., None]
+        return lp - self.log_mass() + self.log_jacobian(z)[..., None]
+
+    @torch.no_grad()
+    def sample(self, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+        """Draws of z (*shape, d) from p(z): a component by π, then each coordinate from its
+        Gaussian truncated to the bounds (inverse CDF) and mapped back to the latent
+        coordinate. ``generator`` is a CPU generator; the draws move to the prior's device."""
+        n = math.prod(shape)
+        dev = self.mu.device
+        k = torch.multinomial(self.log_pi().exp().cpu(), n, replacement=True,
+                              generator=generator).to(dev)
+        a, b = (t[k] for t in self._standard_bounds())
+        lo_p, hi_p = torch.special.ndtr(a), torch.special.ndtr(b)
+        u = torch.rand(n, self.latent_dim, generator=generator).to(dev)
+        p = (lo_p + (hi_p - lo_p) * u).clamp(1e-7, 1 - 1e-7)
+        x = self.mu[k] + self.log_std.exp()[k] * torch.special.ndtri(p)
+        # back to the latent coordinate: the logit of the position within the bounds
+        frac = ((x - self.lo) / self.span).clamp(1e-6, 1 - 1e-6)
+        z = torch.where(self.bounded, torch.log(frac) - torch.log1p(-frac), x)
+        return z.reshape(*shape, self.latent_dim)
+
+    def packed(self) -> torch.Tensor:
+        """log π, μ and log σ as one float64 vector (for extrapolating EM updates)."""
+        return torch.cat([self.log_pi().detach().double(), self.mu.detach().double().ravel(),
+                          self.log_std.detach().double().ravel()])
+
+    @torch.no_grad()
+    def unpack(self, v: torch.Tensor) -> None:
+        """Set log π, μ, log σ from :meth:`packed`'s layout; σ floored as in
+        :meth:`set_moments`."""
+        K, d = self.mu.shape
+        logits, mu, log_std = torch.split(v.to(self.mu), [K, K * d, K * d])
+        self.logits.copy_(torch.log_softmax(logits, 0))
+        self.mu.copy_(mu.reshape(K, d))
+        floor = torch.log(1e-3 * self.span).expand(K, d)
+        self.log_std.copy_(torch.maximum(log_std.reshape(K, d), floor))
+
+    @torch.no_grad()
+    def set_moments(self, nk: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, *,
+                    min_share: float = 0.0) -> None:
+        """The M-step: weights ∝ ``nk`` (K,), means and variances (K, d) in the prior's
+        coordinates. Variances are floored at (10⁻³ · range)² so no component collapses onto
+        a point; a component whose share is below ``min_share`` keeps its mean and spread
+        (too few voxels to place it; it may take voxels again later)."""
+        nk = nk.to(self.mu)
+        share = nk / nk.sum().clamp_min(1e-30)
+        floor = (1e-3 * self.span) ** 2
+        keep = (share < min_share)[:, None]
+        self.logits.copy_(torch.log(share.clamp_min(1e-12)))
+        self.mu.copy_(torch.where(keep, self.mu, mean.to(self.mu)))
+        log_std = 0.5 * torch.log(torch.maximum(var.to(self.mu), floor))
+        self.log_std.copy_(torch.where(keep, self.log_std, log_std))
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
         """Marginal log p(z) = logsumexp_k [log π_k + log N(z; μ_k, σ_k²)], (...,)."""
