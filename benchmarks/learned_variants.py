@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from learned import DOCS, bayes_entry, fit_entry, table  # noqa: E402
+from learned import DOCS, bayes_entry, fit_entry, table, verdicts  # noqa: E402
 
 from mixmap.report import cpu_description, update_section  # noqa: E402
 from mixmap.simulate import simulate  # noqa: E402
@@ -98,66 +98,6 @@ def _locked(path: Path):
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def _f(x: float) -> str:
-    """A number for the measured lines: 3 decimals, 3 significant digits below 0.1."""
-    return f"{x:#.3g}" if abs(x) < 0.1 else f"{x:.3f}"
-
-
-def verdicts(res: dict, names: tuple[str, ...], direction: str | None) -> list[str]:
-    """Measured comparisons the issue asks for, computed from the table (no judgement)."""
-    m = {k: v for k, v in res["methods"].items() if "rmse" in v}
-    out = []
-
-    def overall(label: str) -> dict | None:
-        return {p: m[label]["rmse"][p]["all"] for p in names} if label in m else None
-
-    bayes, lsq, ssl = overall("bayes"), overall("lsq"), overall("ssl")
-    for label in [k for k in m if k.startswith("vae-gmm")]:
-        g = overall(label)
-        if bayes:
-            r = [g[p] / bayes[p] for p in names]
-            met = "met" if max(r) <= 1.25 else "not met"
-            per = [f"{p} {c} {m[label]['rmse'][p][c] / m['bayes']['rmse'][p][c]:.2f}×"
-                   for p in names for c in m["bayes"]["rmse"][p] if c != "all"]
-            out.append(f"{label} / Bayes RMSE: " + ", ".join(
-                f"{p} {x:.2f}×" for p, x in zip(names, r, strict=True))
-                + f" (goal ≤ 1.25×: {met}); per cluster: {', '.join(per)}.")
-    vae = overall("vae")
-    for label in [k for k in m if k.startswith("vae-gmm")]:
-        g = overall(label)
-        if vae:
-            out.append(f"{label} vs vae, overall: " + ", ".join(
-                f"{p} {_f(g[p])} vs {_f(vae[p])}" for p in names) + ".")
-    for label in [k for k in m if k.endswith(" (rician)") and k[:-9] in m]:
-        r, g = overall(label), overall(label[:-9])
-        out.append(f"{label} vs {label[:-9]} (Gaussian likelihood), overall: " + ", ".join(
-            f"{p} {_f(r[p])} vs {_f(g[p])}" for p in names) + ".")
-    for label in [k for k in m if k.startswith("vae")]:
-        v = overall(label)
-        if lsq:
-            better = [p for p in names if v[p] < lsq[p]]
-            out.append(f"{label} vs lsq, overall: " + ", ".join(
-                f"{p} {_f(v[p])} vs {_f(lsq[p])}" for p in names)
-                + (" — beats lsq in all." if len(better) == len(names) else
-                   f" — beats lsq in {', '.join(better) or 'none'}."))
-        if ssl:
-            better = [p for p in names if v[p] < ssl[p]]
-            which = ("all of " + ", ".join(names) if len(better) == len(names)
-                     else "only " + ", ".join(better) if better else "none of " + ", ".join(names))
-            out.append(f"{label} vs ssl, overall: beats ssl in {which}.")
-        if direction and lsq and "angle" in m[label] and "angle" in m["lsq"]:
-            a, b = m[label]["angle"]["mean"]["all"], m["lsq"]["angle"]["mean"]["all"]
-            out.append(f"{label} vs lsq, mean angular error of {direction}: {a:.2f}° vs "
-                       f"{b:.2f}°.")
-        if lsq:
-            worse = [f"{p} {c} ({_f(m[label]['rmse'][p][c])} vs {_f(m['lsq']['rmse'][p][c])})"
-                     for p in names for c in m["lsq"]["rmse"][p] if c != "all"
-                     and m[label]["rmse"][p][c] > 1.02 * m["lsq"]["rmse"][p][c]]
-            if worse:
-                out.append(f"{label} worse than lsq (by > 2 %) in: {', '.join(worse)}.")
-    return out
 
 
 def section(variant: str, results: list[dict]) -> str:
