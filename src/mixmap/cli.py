@@ -169,7 +169,7 @@ def simulate(
 
 # ---------------------------------------------------------------------------------- fit
 LEARNED_OPTIONS = ("config", "latent_dim", "n_components", "hidden", "epochs", "batch_size",
-                   "lr", "kl_weight", "likelihood", "n_samples")
+                   "lr", "kl_weight", "likelihood", "n_samples", "refine_steps", "eb_rounds")
 
 
 def build_fitter(method: str, model: str, options: dict):
@@ -278,6 +278,12 @@ def fit(
     kl_weight: float | None = typer.Option(None, help="Learned: KL weight (1 = true ELBO)."),
     likelihood: str | None = typer.Option(None, help="Learned: gaussian | rician."),
     n_samples: int | None = typer.Option(None, help="Learned: posterior samples per voxel."),
+    refine_steps: int | None = typer.Option(
+        None, help="vae, vae-gmm: per-voxel refinement steps of q before the maps (default "
+        "200; fewer is faster, 0 = the encoder's q alone)."),
+    eb_rounds: int | None = typer.Option(
+        None, help="vae-gmm: empirical-Bayes rounds that refit the mixture prior to the scan "
+        "after training (default 6; 0 = the prior the ELBO learned)."),
     save_model: bool = typer.Option(True, help="Learned: save the trained model in --out."),
     train_voxels: int | None = typer.Option(
         None, help="Cohort: the most voxels held in memory to train the shared model "
@@ -313,7 +319,8 @@ def fit(
     options = dict(config=config, latent_dim=latent_dim, n_components=n_components,
                    hidden=hidden, epochs=epochs, batch_size=batch_size, lr=lr,
                    kl_weight=kl_weight, likelihood=likelihood, n_samples=n_samples,
-                   device=device.value, seed=seed, quiet=quiet)
+                   refine_steps=refine_steps, eb_rounds=eb_rounds, device=device.value,
+                   seed=seed, quiet=quiet)
     fitter = build_fitter(method, model, options)
     if resume and not hasattr(fitter, "use_checkpoint"):
         raise ValueError(f"--resume applies to learned methods, not --method {method}")

@@ -846,6 +846,7 @@ class GaussianVAEFitter(VAEFitter):
         kl_weight: float | None = None,
         likelihood: str | None = None,
         n_samples: int | None = None,
+        refine_steps: int | None = None,
         device: str = "cpu",
         seed: int = 0,
         quiet: bool = True,
@@ -854,7 +855,8 @@ class GaussianVAEFitter(VAEFitter):
         super().__init__(model, prior="gaussian", config=config, latent_dim=latent_dim,
                          hidden=hidden, epochs=epochs, batch_size=batch_size, lr=lr,
                          kl_weight=kl_weight, likelihood=likelihood, n_samples=n_samples,
-                         device=device, seed=seed, quiet=quiet, **advanced)
+                         refine_steps=refine_steps, device=device, seed=seed, quiet=quiet,
+                         **advanced)
 
 
 class MixtureVAEFitter(VAEFitter):
@@ -876,6 +878,8 @@ class MixtureVAEFitter(VAEFitter):
         kl_weight: float | None = None,
         likelihood: str | None = None,
         n_samples: int | None = None,
+        refine_steps: int | None = None,
+        eb_rounds: int | None = None,
         device: str = "cpu",
         seed: int = 0,
         quiet: bool = True,
@@ -884,5 +888,6 @@ class MixtureVAEFitter(VAEFitter):
         super().__init__(model, prior="gmm", config=config, latent_dim=latent_dim,
                          n_components=n_components, hidden=hidden, epochs=epochs,
                          batch_size=batch_size, lr=lr, kl_weight=kl_weight,
-                         likelihood=likelihood, n_samples=n_samples, device=device, seed=seed,
-                         quiet=quiet, **advanced)
+                         likelihood=likelihood, n_samples=n_samples, refine_steps=refine_steps,
+                         eb_rounds=eb_rounds, device=device, seed=seed, quiet=quiet,
+                         **advanced)
