@@ -11,9 +11,13 @@ Default configuration ("default", chosen by ``benchmarks/learned.py``): the late
 the model's unbounded parameter space (identity decoder, latent_dim = model.n_unbounded), so the
 learned mixture prior is a prior over the parameters and the fit is empirical Bayes. q(z|x,y) is a
 full-covariance Gaussian per component from an encoder that also sees the least-squares estimate
-(computed inside the fitter, no truth involved). After training, q is refined per voxel for a few
-steps (closing the amortisation gap) and the posterior mean and standard deviation are computed
-by self-normalised importance sampling with q as proposal, ``n_samples`` draws per component.
+(computed inside the fitter, no truth involved). After training, the mixture prior is refitted
+to the scan by maximum marginal likelihood (Monte-Carlo EM with importance-sampled E-steps,
+accelerated by SQUAREM: empirical Bayes, ``eb_rounds``), since the ELBO fits the prior to the
+amortised q and inherits its errors where the data leave a direction free. Then q is refined per
+voxel (closing the amortisation gap) and the posterior mean and standard deviation are computed
+by self-normalised importance sampling, ``n_samples`` draws per voxel from a defensive mixture
+of q, q widened and the prior.
 
 "paper" configuration: the architecture of Xu et al. (3 linear layers encoder, one linear layer
 decoder from a latent space of ``latent_dim``, Gumbel-softmax for y, diagonal q, posterior mean
@@ -107,7 +111,8 @@ class VAEFitter(LearnedFitter):
     refine_steps, refine_lr
         Per-voxel Adam steps on q after training (0 = purely amortised).
     posterior
-        ``is``: importance-weighted posterior moments (q as proposal); ``q``: moments of q.
+        ``is``: importance-weighted posterior moments (proposal: q, q widened and the prior,
+        see :meth:`_propose`); ``q``: moments of q.
     y_inference
         ``exact`` (sum over components) or ``gumbel`` (straight-through Gumbel-softmax).
     eb_rounds, eb_steps, eb_voxels, eb_samples
