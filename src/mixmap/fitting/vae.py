@@ -65,6 +65,8 @@ CONFIGS: dict[str, dict] = {
 GUMBEL_TAU = 1.0
 #: Voxels per chunk at prediction time.
 PREDICT_CHUNK = 2048
+#: Posterior draws (voxels × draws per voxel) evaluated at once for the maps.
+DRAWS_PER_SLICE = 2048 * 96
 #: Standard-deviation factor of the widened part of the importance-sampling proposal.
 WIDEN = 2.0
 
@@ -427,10 +429,25 @@ class VAEFitter(LearnedFitter):
 
     def _predict_chunk(self, batch: Data, scheme: Scheme, gen: torch.Generator):
         log_qy, mu, L = self._q_chunk(batch, scheme)
-        with torch.no_grad():
-            z, w = self._posterior_draws(log_qy, mu, L, batch, scheme, gen)
-            params, std = self._moments(z, w)
+        parts = [self._moments(z, w) for _, z, w in
+                 self._weighted_draws(log_qy, mu, L, batch, scheme, gen)]
+        params = {k: np.concatenate([p[0][k] for p in parts]) for k in parts[0][0]}
+        std = {k: np.concatenate([p[1][k] for p in parts]) for k in parts[0][1]}
         return params, std, log_qy.exp().cpu().numpy()
+
+    @torch.no_grad()
+    def _weighted_draws(self, log_qy, mu, L, batch: Data, scheme: Scheme, gen):
+        """:meth:`_posterior_draws` over a chunk's voxels in slices of at most
+        ``DRAWS_PER_SLICE`` draws in all, yielding (rows, z, w): the densities of the
+        proposal's parts hold a few (draws × voxels × K × d) temporaries, 0.4 GB at 384
+        draws for a 2,048-voxel chunk otherwise. The maps and :meth:`encode` both go through
+        here, so they see the same draws."""
+        step = max(1, DRAWS_PER_SLICE // int(self.n_samples))
+        for start in range(0, batch.n, step):
+            rows = slice(start, start + step)
+            z, w = self._posterior_draws(log_qy[rows], mu[rows], L[rows], batch.rows(rows),
+                                         scheme, gen)
+            yield rows, z, w
 
     def _q_chunk(self, batch: Data, scheme: Scheme):
         """q of each voxel as the maps use it: the encoder's output, refined per voxel when
@@ -537,9 +554,10 @@ class VAEFitter(LearnedFitter):
             idx = torch.randperm(local.n, generator=gen)[:n_use].sort().values
             local = local.rows(idx.to(local.y.device))
         qs = []
+        step = max(1, min(PREDICT_CHUNK, DRAWS_PER_SLICE // int(self.eb_samples)))
         with self._frozen():
-            for start in range(0, local.n, PREDICT_CHUNK):
-                batch = local.rows(slice(start, start + PREDICT_CHUNK))
+            for start in range(0, local.n, step):
+                batch = local.rows(slice(start, start + step))
                 qs.append((batch, *self._q_chunk(batch, scheme)))
         with torch.no_grad():
             return self._em_rounds(qs, scheme, gen, local.n)
@@ -678,8 +696,7 @@ class VAEFitter(LearnedFitter):
                 for start in range(0, data.n, PREDICT_CHUNK):
                     batch = data.rows(slice(start, start + PREDICT_CHUNK))
                     log_qy, mu, L = self._q_chunk(batch, scheme)
-                    with torch.no_grad():
-                        z, w = self._posterior_draws(log_qy, mu, L, batch, scheme, gen)
+                    for _, z, w in self._weighted_draws(log_qy, mu, L, batch, scheme, gen):
                         idx = torch.multinomial(w.T.cpu(), int(n_samples), replacement=True,
                                                 generator=pick).to(z.device)  # (n, S')
                         rows = torch.arange(z.shape[1], device=z.device)[:, None]
