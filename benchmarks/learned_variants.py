@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
+import os
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -102,9 +103,12 @@ def _locked(path: Path):
 
 def section(variant: str, results: list[dict]) -> str:
     v = VARIANTS[variant]
+    nice = os.nice(0)  # the priority this run had (the command line says so)
+    prefix = f"nice -n {nice} " if nice else ""
+    where = f" at low priority (nice {nice})" if nice else ""
     parts = [f"### {v['title']}\n",
              f"{v['what']}\n",
-             "Written by `nice -n 19 .venv/bin/python benchmarks/learned_variants.py "
+             f"Written by `{prefix}.venv/bin/python benchmarks/learned_variants.py "
              f"{variant} --snr {' '.join(format(r['snr'], 'g') for r in results)}"
              + (f" --voxels {results[0]['n_voxels']}" if results
                 and results[0]["n_voxels"] != 10000 else "")
@@ -112,9 +116,9 @@ def section(variant: str, results: list[dict]) -> str:
              f"`docs/learned_{variant}.json`). "
              + ("`bayes` is the posterior mean under the true prior and noise model, the floor "
                 "no method beats on average. " if variant != "ballstick" else "")
-             + f"Times were measured at low priority (nice 19) on {cpu_description()} with "
-             f"{results[0].get('threads', '?') if results else '?'} torch thread(s), "
-             "while another benchmark ran: they are not speed results.\n"]
+             + f"Times were measured{where} on {cpu_description()} with "
+             f"{results[0].get('threads', '?') if results else '?'} torch thread(s): they are "
+             "indicative, not speed results (`benchmarks/speed.py` is).\n"]
     for res in results:
         parts.append(f"**{res['preset']}, {res['scheme']} scheme, {res['noise']} noise, "
                      f"SNR {res['snr']:g}, {res['n_voxels']} voxels**"
