@@ -168,10 +168,6 @@ def simulate(
 
 
 # ---------------------------------------------------------------------------------- fit
-LEARNED_OPTIONS = ("config", "latent_dim", "n_components", "hidden", "epochs", "batch_size",
-                   "lr", "kl_weight", "likelihood", "n_samples", "refine_steps", "eb_rounds")
-
-
 def build_fitter(method: str, model: str, options: dict):
     """A fitter with only the options the user set; an option the method does not take is an
     error rather than silently ignored."""

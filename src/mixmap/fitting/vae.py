@@ -516,11 +516,12 @@ class VAEFitter(LearnedFitter):
                                   generator=gen).T.to(mu.device)  # (c, n)
             eps = torch.randn(c, n, d, generator=gen).to(mu.device)
             zs.append(mu[rows, k] + scale * (L[rows, k] @ eps[..., None])[..., 0])
-            parts.append((c, mixture_log_prob, scale))
+            parts.append((c, scale))
         if counts[2]:
             zs.append(self.net.prior.sample((counts[2], n), gen))
         z = torch.cat(zs)
-        log_r = [math.log(c / S) + f(z, log_qy, mu, scale * L) for c, f, scale in parts]
+        log_r = [math.log(c / S) + mixture_log_prob(z, log_qy, mu, scale * L)
+                 for c, scale in parts]
         if counts[2]:
             log_r.append(math.log(counts[2] / S) + self.net.prior.log_prob(z))
         return z, torch.logsumexp(torch.stack(log_r), 0)
@@ -570,6 +571,7 @@ class VAEFitter(LearnedFitter):
         of two EM steps and keeps the result only if the (importance-sampled) marginal
         likelihood does not fall, so it never does worse than EM."""
         prior = self.net.prior
+        n_all = float(all_reduce_sum(torch.tensor(float(n_local), device=prior.mu.device)))
         history = []
         for _ in range(int(self.eb_rounds)):
             draws = []
@@ -597,11 +599,9 @@ class VAEFitter(LearnedFitter):
                 left -= 2
                 if not math.isfinite(log_ev) or log_ev < log_ev0:
                     prior.unpack(theta2)  # extrapolation overshot: plain EM's two steps
-            n_all = all_reduce_sum(torch.tensor(float(n_local), device=prior.mu.device))
-            history.append({"log_evidence_per_voxel": log_ev0 / float(n_all),
+            history.append({"log_evidence_per_voxel": log_ev0 / n_all,
                             "median_ess": float(torch.cat(ess).median())})
-        n_all = all_reduce_sum(torch.tensor(float(n_local), device=prior.mu.device))
-        return {"voxels": int(n_all.item()), "rounds": history}
+        return {"voxels": int(n_all), "rounds": history}
 
     def _em_step(self, draws) -> tuple[float, list[torch.Tensor]]:
         """One EM update of the prior from fixed draws [(z (S, n, d), log p(x|z) − log r(z))];
