@@ -9,6 +9,7 @@ pytest launches this same file under ``torch.distributed.run`` as the worker (se
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -198,8 +199,20 @@ def test_vae_gmm_on_two_processes_matches_one_within_seed_variation(two, one):
         rmse_1 = np.sqrt(np.mean((ref - truth) ** 2))
         rmse_2 = np.sqrt(np.mean((d2[name] - truth) ** 2))
         assert abs(rmse_2 - rmse_1) < 0.1 * rmse_1, (name, rmse_1, rmse_2)
-    same = (d2["cluster_probs"].argmax(1) == r_gmm.cluster_probs.argmax(1)).mean()
-    assert same > 0.9
+    # cluster labels: as alike as another seed's, up to the components' order (a seed may
+    # order them otherwise); posterior cluster probabilities split the voxels of two
+    # overlapping components by their data, so on this small, briefly trained fit the
+    # agreement is well below 1 for two seeds too
+    same = _label_agreement(d2["cluster_probs"], r_gmm.cluster_probs)
+    assert same >= _label_agreement(r_seed.cluster_probs, r_gmm.cluster_probs), same
+    assert same > 0.6
+
+
+def _label_agreement(a: np.ndarray, b: np.ndarray) -> float:
+    """Share of voxels with the same most likely component, under the best relabelling."""
+    la, lb = a.argmax(1), b.argmax(1)
+    return max(float((np.asarray(p)[la] == lb).mean())
+               for p in itertools.permutations(range(a.shape[1])))
 
 
 def test_two_process_training_resumes_to_the_same_maps(two):

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from mixmap.acquisition import Acquisition
-from mixmap.fitting import distributed
+from mixmap.fitting import distributed, eb
 from mixmap.fitting.base import signal_scale
 from mixmap.fitting.distributed import all_reduce_sum
 from mixmap.fitting.selfsup import Data, LearnedFitter, Scheme, robust_mean
@@ -51,14 +51,14 @@ CONFIGS: dict[str, dict] = {
                     shell_features=True, decoder=None, y_inference="exact", refine_steps=200,
                     refine_lr=0.02, posterior="is", patience=30, tol=1e-4, min_epochs=100,
                     prior_update="em", prior_space="bounded", eb_rounds=6, eb_steps=10,
-                    eb_voxels=20_000, eb_samples=192),
+                    eb_voxels=20_000, eb_samples=192, eb_split_merge=True),
     "paper": dict(latent_dim=4, n_components=4, hidden=256, n_layers=2, epochs=300,
                   batch_size=256, lr=1e-3, kl_weight=1.0, warmup_epochs=0,
                   likelihood="gaussian", n_samples=128, full_cov=False, lsq_features=False,
                   shell_features=False, decoder="linear", y_inference="gumbel", refine_steps=0,
                   refine_lr=0.02, posterior="q", patience=20, tol=1e-4, min_epochs=40,
                   prior_update="grad", prior_space="latent", eb_rounds=0, eb_steps=10,
-                  eb_voxels=20_000, eb_samples=192),
+                  eb_voxels=20_000, eb_samples=192, eb_split_merge=False),
 }
 
 #: Gumbel-softmax temperature (straight-through, so the forward pass uses one component).
@@ -123,6 +123,11 @@ class VAEFitter(LearnedFitter):
         on up to ``eb_voxels`` voxels: ``eb_rounds`` rounds of ``eb_samples`` importance
         draws per voxel, each followed by ``eb_steps`` EM updates that reweight the same
         draws. 0 rounds = the prior as the ELBO left it.
+    eb_split_merge
+        Between empirical-Bayes rounds, try one split-and-merge move of the mixture (merge two
+        components, split a third) and keep it when the marginal likelihood rises: the
+        components go to the clusters that the data support, whichever way training left
+        them (three or more components).
     """
 
     name = "vae-any"
@@ -131,7 +136,7 @@ class VAEFitter(LearnedFitter):
                    "n_samples", "full_cov", "lsq_features", "shell_features", "decoder",
                    "y_inference", "refine_steps", "refine_lr", "posterior", "patience", "tol",
                    "min_epochs", "prior_update", "prior_space", "eb_rounds", "eb_steps",
-                   "eb_voxels", "eb_samples")
+                   "eb_voxels", "eb_samples", "eb_split_merge")
 
     def __init__(
         self,
@@ -167,6 +172,7 @@ class VAEFitter(LearnedFitter):
         eb_steps: int | None = None,
         eb_voxels: int | None = None,
         eb_samples: int | None = None,
+        eb_split_merge: bool | None = None,
         device: str = "cpu",
         seed: int = 0,
         quiet: bool = True,
@@ -185,7 +191,8 @@ class VAEFitter(LearnedFitter):
                      refine_steps=refine_steps, refine_lr=refine_lr, posterior=posterior,
                      patience=patience, tol=tol, min_epochs=min_epochs,
                      prior_update=prior_update, prior_space=prior_space, eb_rounds=eb_rounds,
-                     eb_steps=eb_steps, eb_voxels=eb_voxels, eb_samples=eb_samples)
+                     eb_steps=eb_steps, eb_voxels=eb_voxels, eb_samples=eb_samples,
+                     eb_split_merge=eb_split_merge)
         self.config = config
         self.prior = prior
         for k, v in given.items():
@@ -429,11 +436,26 @@ class VAEFitter(LearnedFitter):
 
     def _predict_chunk(self, batch: Data, scheme: Scheme, gen: torch.Generator):
         log_qy, mu, L = self._q_chunk(batch, scheme)
-        parts = [self._moments(z, w) for _, z, w in
-                 self._weighted_draws(log_qy, mu, L, batch, scheme, gen)]
+        parts, probs = [], []
+        for rows, z, w in self._weighted_draws(log_qy, mu, L, batch, scheme, gen):
+            parts.append(self._moments(z, w))
+            probs.append(self._cluster_probs(log_qy[rows], z, w))
         params = {k: np.concatenate([p[0][k] for p in parts]) for k in parts[0][0]}
         std = {k: np.concatenate([p[1][k] for p in parts]) for k in parts[0][1]}
-        return params, std, log_qy.exp().cpu().numpy()
+        return params, std, torch.cat(probs).cpu().numpy()
+
+    @torch.no_grad()
+    def _cluster_probs(self, log_qy: torch.Tensor, z: torch.Tensor,
+                       w: torch.Tensor) -> torch.Tensor:
+        """P(y=k | x) per voxel, (n, K). With importance-sampled maps, the posterior's own:
+        Σ_s w_s p(y=k | z_s) under the prior, the same draws and weights as the maps (so it
+        follows the prior wherever empirical Bayes moved its components, and no trained
+        pairing of q's components with the prior's is assumed). Otherwise q(y|x)."""
+        if self.posterior != "is":
+            return log_qy.exp()
+        prior = self.net.prior
+        resp = torch.softmax(prior.component_log_prob(z) + prior.log_pi(), -1)  # (S, n, K)
+        return (w[..., None] * resp).sum(0)
 
     @torch.no_grad()
     def _weighted_draws(self, log_qy, mu, L, batch: Data, scheme: Scheme, gen):
@@ -565,71 +587,33 @@ class VAEFitter(LearnedFitter):
 
     def _em_rounds(self, qs, scheme: Scheme, gen: torch.Generator, n_local: int) -> dict:
         """``eb_rounds`` rounds: draw, then ``eb_steps`` EM updates on those draws, sped up by
-        SQUAREM (Varadhan & Roland 2008). Where the data leave a direction nearly free (along
-        MSDKI's D–K ridge in CSF-like voxels) plain EM moves the prior by a small fraction of
-        the way per step and stalls far from the maximum; SQUAREM extrapolates along the path
-        of two EM steps and keeps the result only if the (importance-sampled) marginal
-        likelihood does not fall, so it never does worse than EM."""
+        SQUAREM (:func:`mixmap.fitting.eb.squarem`). With ``eb_split_merge`` and three or more
+        components, after each round but the last one split-and-merge move is tried
+        (:func:`mixmap.fitting.eb.split_merge`), until one does not pay: EM alone cannot move
+        a component from a cluster that two of them share to two clusters that one of them
+        spans, and which clusters end up sharing depends on the path of training. The next
+        round's fresh draws then measure the moved prior. Each round's entry records the move
+        (None: none paid)."""
         prior = self.net.prior
         n_all = float(all_reduce_sum(torch.tensor(float(n_local), device=prior.mu.device)))
         history = []
-        for _ in range(int(self.eb_rounds)):
+        rounds = int(self.eb_rounds)
+        moving = bool(self.eb_split_merge) and prior.n_components >= 3
+        for round_ in range(rounds):
             draws = []
             for batch, log_qy, mu, L in qs:
                 z, log_r = self._propose(log_qy, mu, L, int(self.eb_samples), gen)
                 base = self._loglik(self.net.decoder(z), batch, scheme) - log_r
-                draws.append((z, base))
-            left = int(self.eb_steps)
-            while left > 0:
-                theta0 = prior.packed()
-                log_ev0, ess = self._em_step(draws)
-                left -= 1
-                if left < 2:
-                    continue
-                theta1 = prior.packed()
-                self._em_step(draws)
-                theta2 = prior.packed()
-                r, v = theta1 - theta0, theta2 - 2 * theta1 + theta0
-                if float(v.norm()) == 0.0:
-                    left -= 1
-                    continue
-                alpha = min(-1.0, -float(r.norm() / v.norm()))
-                prior.unpack(theta0 - 2 * alpha * r + alpha**2 * v)
-                log_ev, _ = self._em_step(draws)  # the extrapolated point, then one EM step
-                left -= 2
-                if not math.isfinite(log_ev) or log_ev < log_ev0:
-                    prior.unpack(theta2)  # extrapolation overshot: plain EM's two steps
-            history.append({"log_evidence_per_voxel": log_ev0 / n_all,
-                            "median_ess": float(torch.cat(ess).median())})
+                draws.append(eb.prepare(prior, z, base))
+            log_ev, ess = eb.squarem(prior, draws, all_reduce_sum, int(self.eb_steps))
+            entry = {"log_evidence_per_voxel": log_ev / n_all,
+                     "median_ess": float(torch.cat(ess).median())}
+            if moving and round_ < rounds - 1:
+                move = eb.split_merge(prior, draws, all_reduce_sum, int(self.eb_steps), n_all)
+                entry["split_merge"] = move
+                moving = move is not None  # once no move pays, the next would not either
+            history.append(entry)
         return {"voxels": int(n_all), "rounds": history}
-
-    def _em_step(self, draws) -> tuple[float, list[torch.Tensor]]:
-        """One EM update of the prior from fixed draws [(z (S, n, d), log p(x|z) − log r(z))];
-        returns the importance-sampled log evidence Σ log p(x) at the prior it started from
-        (float64, summed over processes) and each voxel's effective sample size."""
-        prior = self.net.prior
-        K, d = prior.mu.shape
-        dev = prior.mu.device
-        nk = torch.zeros(K, dtype=torch.float64, device=dev)
-        m1 = torch.zeros(K, d, dtype=torch.float64, device=dev)
-        m2 = torch.zeros_like(m1)
-        log_ev, ess = torch.zeros((), dtype=torch.float64, device=dev), []
-        for z, base in draws:
-            lpk = prior.component_log_prob(z) + prior.log_pi()  # (S, n, K)
-            logw = (base + torch.logsumexp(lpk, -1)).double()
-            log_ev += (torch.logsumexp(logw, 0) - math.log(z.shape[0])).sum()
-            w = torch.softmax(logw, 0)
-            ess.append(1.0 / (w * w).sum(0))
-            r = w[..., None] * torch.softmax(lpk.double(), -1)  # (S, n, K)
-            x = prior.to_prior_space(z).double()[..., None, :] - prior.mu.double()
-            nk += r.sum((0, 1))
-            m1 += torch.einsum("snk,snkd->kd", r, x)  # about the current means
-            m2 += torch.einsum("snk,snkd->kd", r, x * x)
-        nk, m1, m2, log_ev = (all_reduce_sum(t) for t in (nk, m1, m2, log_ev))
-        shift = m1 / nk[:, None].clamp_min(1e-30)
-        var = m2 / nk[:, None].clamp_min(1e-30) - shift**2
-        prior.set_moments(nk, prior.mu + shift, var, min_share=1e-3)
-        return float(log_ev), ess
 
     def _moments(self, z: torch.Tensor, w: torch.Tensor):
         """Posterior mean and std of each bounded parameter from weighted draws of z
@@ -655,7 +639,8 @@ class VAEFitter(LearnedFitter):
     # ---------------------------------------------------------------- latent space
     def encode(self, signals: np.ndarray, acquisition: Acquisition, n_samples: int = 16, *,
                allow_other_acquisition: bool = False) -> LatentSamples:
-        """Posterior samples of z for every voxel, and q(y|x): the paper's latent space.
+        """Posterior samples of z for every voxel, and the cluster probabilities: the paper's
+        latent space.
 
         The samples are drawn from the posterior the maps use: q after its per-voxel refinement
         and, with ``posterior="is"``, reweighted by importance sampling. They are
@@ -696,12 +681,12 @@ class VAEFitter(LearnedFitter):
                 for start in range(0, data.n, PREDICT_CHUNK):
                     batch = data.rows(slice(start, start + PREDICT_CHUNK))
                     log_qy, mu, L = self._q_chunk(batch, scheme)
-                    for _, z, w in self._weighted_draws(log_qy, mu, L, batch, scheme, gen):
+                    for rows, z, w in self._weighted_draws(log_qy, mu, L, batch, scheme, gen):
                         idx = torch.multinomial(w.T.cpu(), int(n_samples), replacement=True,
                                                 generator=pick).to(z.device)  # (n, S')
-                        rows = torch.arange(z.shape[1], device=z.device)[:, None]
-                        zs.append(z[idx, rows])  # (n, S', d)
-                    probs.append(log_qy.exp())
+                        voxels = torch.arange(z.shape[1], device=z.device)[:, None]
+                        zs.append(z[idx, voxels])  # (n, S', d)
+                        probs.append(self._cluster_probs(log_qy[rows], z, w))
         z = torch.cat(zs)
         prior = net.prior
         with torch.no_grad():
@@ -740,7 +725,8 @@ class LatentSamples:
         lower)·sigmoid(z), directions' components unchanged) for the default ``vae-gmm``,
         z itself otherwise.
     cluster_probs
-        (n, K) q(y|x), as in the maps (after refinement).
+        (n, K) the cluster probabilities of the maps: P(y|x) under the learned prior from
+        the importance-weighted draws (``posterior="is"``), else q(y|x) after refinement.
     axes
         Name of each of the d coordinates: the model's parameters (directions as
         ``n_x, n_y, n_z``) when z is the parameter space, else ``z1 … zd``.

@@ -222,7 +222,7 @@ def stage_maps(
         if param in ("cluster", "clusterprob"):
             unit, text = "1", (
                 "most likely mixture component" if param == "cluster"
-                else "probability of each mixture component q(y|x)"
+                else "posterior probability of each mixture component P(y|x)"
             )
         else:
             p = model.parameter(param)
