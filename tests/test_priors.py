@@ -77,3 +77,13 @@ def test_m_step_floors_spreads_and_keeps_unplaced_components():
     assert float(p.log_std[0, 1].exp()) == pytest.approx(2.0, rel=1e-5)
     # the empty component keeps where it was
     assert torch.equal(p.mu[1], before_mu[1]) and torch.equal(p.log_std[1], before_sd[1])
+
+
+def test_matched_log_prob_is_the_diagonal_of_all_components():
+    """The ELBO's KL terms evaluate component k at q's k-th draws only; the same numbers as
+    the full (draws x components) table's diagonal."""
+    p = _prior()
+    z = torch.randn(5, 2, 7, 2) * 2  # (S, K, n, d)
+    full = p.component_log_prob(z)  # (S, K, n, K)
+    diag = torch.diagonal(full, dim1=1, dim2=-1).permute(0, 2, 1)  # (S, K, n)
+    torch.testing.assert_close(p.matched_log_prob(z), diag)

@@ -338,7 +338,7 @@ class VAEFitter(LearnedFitter):
             eps = torch.randn(n_draws, n, d, device=mu.device)
             m_sel = (c[..., None] * mu).sum(1)
             L_sel = (c[..., None, None] * L).sum(1)
-            z = m_sel + (L_sel @ eps[..., None])[..., 0]  # (S, n, d)
+            z = m_sel + torch.einsum("...ij,...j->...i", L_sel, eps)  # (S, n, d)
             recon = self._loglik(net.decoder(z), batch, scheme).mean(0)
             if kl_comp is None:  # -H(q_k) - E log p(z|k), the expectation by the same draws
                 lp = net.prior.component_log_prob(z).mean(0)  # (n, K)
@@ -346,12 +346,11 @@ class VAEFitter(LearnedFitter):
             return recon, (c * kl_comp).sum(-1), kl_y
         eps = torch.randn(n_draws, K, n, d, device=mu.device)
         muk, Lk = mu.transpose(0, 1), L.transpose(0, 1)  # (K, n, d), (K, n, d, d)
-        z = muk + (Lk @ eps[..., None])[..., 0]  # (S, K, n, d)
+        z = muk + torch.einsum("...ij,...j->...i", Lk, eps)  # (S, K, n, d)
         ll = self._loglik(net.decoder(z), batch, scheme).mean(0)  # (K, n)
         recon = (qy * ll.T).sum(-1)
         if kl_comp is None:  # -H(q_k) - E log p(z|y=k), the expectation by the same draws
-            lp = net.prior.component_log_prob(z)  # (S, K, n, K')
-            own = torch.diagonal(lp.mean(0), dim1=0, dim2=-1)  # (n, K)
+            own = net.prior.matched_log_prob(z).mean(0).T  # (n, K)
             kl_comp = -gaussian_entropy(L) - own
         return recon, (qy * kl_comp).sum(-1), kl_y
 
@@ -397,7 +396,7 @@ class VAEFitter(LearnedFitter):
                     var_q = (L * L).sum(-1)  # (n, K, d) diagonal of L Lᵀ
                 else:  # moments of q in the prior's coordinates, by sampling
                     eps = torch.randn(16, *mu.shape, device=mu.device)
-                    x = prior.to_prior_space(mu + (L @ eps[..., None])[..., 0])
+                    x = prior.to_prior_space(mu + torch.einsum("...ij,...j->...i", L, eps))
                     mu, var_q = x.mean(0), x.var(0)
                 stats.append((r, mu, var_q))
             r = torch.cat([s[0] for s in stats])
@@ -437,39 +436,26 @@ class VAEFitter(LearnedFitter):
     def _predict_chunk(self, batch: Data, scheme: Scheme, gen: torch.Generator):
         log_qy, mu, L = self._q_chunk(batch, scheme)
         parts, probs = [], []
-        for rows, z, w in self._weighted_draws(log_qy, mu, L, batch, scheme, gen):
+        for _, z, w, p in self._weighted_draws(log_qy, mu, L, batch, scheme, gen):
             parts.append(self._moments(z, w))
-            probs.append(self._cluster_probs(log_qy[rows], z, w))
+            probs.append(p)
         params = {k: np.concatenate([p[0][k] for p in parts]) for k in parts[0][0]}
         std = {k: np.concatenate([p[1][k] for p in parts]) for k in parts[0][1]}
         return params, std, torch.cat(probs).cpu().numpy()
 
     @torch.no_grad()
-    def _cluster_probs(self, log_qy: torch.Tensor, z: torch.Tensor,
-                       w: torch.Tensor) -> torch.Tensor:
-        """P(y=k | x) per voxel, (n, K). With importance-sampled maps, the posterior's own:
-        Σ_s w_s p(y=k | z_s) under the prior, the same draws and weights as the maps (so it
-        follows the prior wherever empirical Bayes moved its components, and no trained
-        pairing of q's components with the prior's is assumed). Otherwise q(y|x)."""
-        if self.posterior != "is":
-            return log_qy.exp()
-        prior = self.net.prior
-        resp = torch.softmax(prior.component_log_prob(z) + prior.log_pi(), -1)  # (S, n, K)
-        return (w[..., None] * resp).sum(0)
-
-    @torch.no_grad()
     def _weighted_draws(self, log_qy, mu, L, batch: Data, scheme: Scheme, gen):
         """:meth:`_posterior_draws` over a chunk's voxels in slices of at most
-        ``DRAWS_PER_SLICE`` draws in all, yielding (rows, z, w): the densities of the
+        ``DRAWS_PER_SLICE`` draws in all, yielding (rows, z, w, cluster probabilities): the
+        densities of the
         proposal's parts hold a few (draws × voxels × K × d) temporaries, 0.4 GB at 384
         draws for a 2,048-voxel chunk otherwise. The maps and :meth:`encode` both go through
         here, so they see the same draws."""
         step = max(1, DRAWS_PER_SLICE // int(self.n_samples))
         for start in range(0, batch.n, step):
             rows = slice(start, start + step)
-            z, w = self._posterior_draws(log_qy[rows], mu[rows], L[rows], batch.rows(rows),
-                                         scheme, gen)
-            yield rows, z, w
+            yield rows, *self._posterior_draws(log_qy[rows], mu[rows], L[rows],
+                                               batch.rows(rows), scheme, gen)
 
     def _q_chunk(self, batch: Data, scheme: Scheme):
         """q of each voxel as the maps use it: the encoder's output, refined per voxel when
@@ -500,24 +486,33 @@ class VAEFitter(LearnedFitter):
 
     def _posterior_draws(self, log_qy, mu, L, batch: Data, scheme: Scheme, gen,
                          n_draws: int | None = None):
-        """Draws of z and their normalised weights: z (S, n, d), w (S, n).
+        """Draws of z, their normalised weights and the cluster probabilities: z (S, n, d),
+        w (S, n), P(y|x) (n, K).
 
         ``posterior="is"``: importance sampling with the defensive proposal of
-        :meth:`_propose`, every draw weighted by p(x|z) p(z) / r(z). ``"q"``: ⌈S / K⌉ draws
-        per component of q, each stratum weighted by q(y=k|x).
+        :meth:`_propose`, every draw weighted by p(x|z) p(z) / r(z); the cluster probabilities
+        are the posterior's, Σ_s w_s p(y | z_s) under the prior (they follow the prior wherever
+        empirical Bayes moved its components, and assume no trained pairing of q's components
+        with the prior's). ``"q"``: ⌈S / K⌉ draws per component of q, each stratum weighted
+        by q(y=k|x), and q(y|x) as the cluster probabilities.
         """
         S = int(self.n_samples if n_draws is None else n_draws)
         if self.posterior == "is":
             z, log_r = self._propose(log_qy, mu, L, S, gen)
-            logw = self._loglik(self.net.decoder(z), batch, scheme) + self.net.prior.log_prob(
-                z) - log_r
-            return z, torch.softmax(logw, 0)
+            prior = self.net.prior
+            lpk = prior.component_log_prob(z) + prior.log_pi()  # (S, n, K)
+            log_prior = torch.logsumexp(lpk, -1)
+            w = torch.softmax(self._loglik(self.net.decoder(z), batch, scheme) + log_prior
+                              - log_r, 0)
+            probs = (w[..., None] * torch.exp(lpk - log_prior[..., None])).sum(0)
+            return z, w, probs
         n, K, d = mu.shape
         S = -(-S // K)
         eps = torch.randn(S, K, n, d, generator=gen).to(mu.device)
-        z = mu.transpose(0, 1) + (L.transpose(0, 1) @ eps[..., None])[..., 0]  # (S, K, n, d)
+        z = mu.transpose(0, 1) + torch.einsum("...ij,...j->...i", L.transpose(0, 1),
+                                              eps)  # (S, K, n, d)
         logw = log_qy.T.expand(S, K, n)
-        return z.reshape(S * K, n, d), torch.softmax(logw.reshape(S * K, n), 0)
+        return z.reshape(S * K, n, d), torch.softmax(logw.reshape(S * K, n), 0), log_qy.exp()
 
     def _propose(self, log_qy, mu, L, S: int, gen):
         """S draws per voxel from r = ⅓ q + ⅓ q₂ + ⅓ p: q the mixture q(y|x) q(z|x,y)
@@ -537,13 +532,13 @@ class VAEFitter(LearnedFitter):
             k = torch.multinomial(log_qy.exp().cpu(), c, replacement=True,
                                   generator=gen).T.to(mu.device)  # (c, n)
             eps = torch.randn(c, n, d, generator=gen).to(mu.device)
-            zs.append(mu[rows, k] + scale * (L[rows, k] @ eps[..., None])[..., 0])
+            zs.append(mu[rows, k] + scale * torch.einsum("...ij,...j->...i", L[rows, k], eps))
             parts.append((c, scale))
         if counts[2]:
             zs.append(self.net.prior.sample((counts[2], n), gen))
         z = torch.cat(zs)
-        log_r = [math.log(c / S) + mixture_log_prob(z, log_qy, mu, scale * L)
-                 for c, scale in parts]
+        log_q = mixture_log_probs(z, log_qy, mu, L, tuple(scale for _, scale in parts))
+        log_r = [math.log(c / S) + lq for (c, _), lq in zip(parts, log_q, strict=True)]
         if counts[2]:
             log_r.append(math.log(counts[2] / S) + self.net.prior.log_prob(z))
         return z, torch.logsumexp(torch.stack(log_r), 0)
@@ -681,12 +676,12 @@ class VAEFitter(LearnedFitter):
                 for start in range(0, data.n, PREDICT_CHUNK):
                     batch = data.rows(slice(start, start + PREDICT_CHUNK))
                     log_qy, mu, L = self._q_chunk(batch, scheme)
-                    for rows, z, w in self._weighted_draws(log_qy, mu, L, batch, scheme, gen):
+                    for _, z, w, p in self._weighted_draws(log_qy, mu, L, batch, scheme, gen):
                         idx = torch.multinomial(w.T.cpu(), int(n_samples), replacement=True,
                                                 generator=pick).to(z.device)  # (n, S')
                         voxels = torch.arange(z.shape[1], device=z.device)[:, None]
                         zs.append(z[idx, voxels])  # (n, S', d)
-                        probs.append(self._cluster_probs(log_qy[rows], z, w))
+                        probs.append(p)
         z = torch.cat(zs)
         prior = net.prior
         with torch.no_grad():
@@ -757,13 +752,24 @@ def mixture_log_prob(z: torch.Tensor, log_qy: torch.Tensor, mu: torch.Tensor,
                      L: torch.Tensor) -> torch.Tensor:
     """log Σ_j q(y=j|x) N(z; μ_j, L_j L_jᵀ) for z (..., n, d); q per voxel: log_qy (n, K),
     μ (n, K, d), L (n, K, d, d). Returns (...,  n)."""
+    return mixture_log_probs(z, log_qy, mu, L, (1.0,))[0]
+
+
+def mixture_log_probs(z: torch.Tensor, log_qy: torch.Tensor, mu: torch.Tensor,
+                      L: torch.Tensor, scales: tuple[float, ...]) -> list[torch.Tensor]:
+    """:func:`mixture_log_prob` of the same draws with every covariance scaled by s² for each
+    s in ``scales``: the whitened distances are computed once for all of them."""
     d = mu.shape[-1]
     Linv = torch.linalg.inv(L)  # (n, K, d, d), triangular, small
     diff = z[..., None, :] - mu  # (..., n, K, d)
-    x = (Linv @ diff[..., None])[..., 0]
+    # One small matrix per (voxel, component) applied to all draws: einsum batches it as
+    # (n K) products of d x d by d x S; broadcasting `@` made S n K products of d x d by d x 1.
+    x = torch.einsum("...ij,...j->...i", Linv, diff)
+    maha = (x * x).sum(-1)
     logdet = torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1)  # (n, K)
-    comp = -0.5 * (x * x).sum(-1) - logdet - 0.5 * d * math.log(2 * math.pi)
-    return torch.logsumexp(comp + log_qy, -1)
+    const = logdet + 0.5 * d * math.log(2 * math.pi) - log_qy
+    return [torch.logsumexp(-0.5 * maha / (s * s) - const - d * math.log(s), -1)
+            for s in scales]
 
 
 def gaussian_entropy(L: torch.Tensor) -> torch.Tensor:

@@ -99,6 +99,16 @@ class MixturePrior(nn.Module):
         lp = (-0.5 * d * d - self.log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
         return lp - self.log_mass() + self.log_jacobian(z)[..., None]
 
+    def matched_log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        """log p(z_k | y=k) for draws given per component: z (..., K, n, d) -> (..., K, n),
+        component k evaluated at its own draws only (what the ELBO's KL terms need; the
+        diagonal of :meth:`component_log_prob` without the K−1 other components' work)."""
+        x = self.to_prior_space(z)
+        log_std = self.log_std[:, None, :]
+        d = (x - self.mu[:, None, :]) / log_std.exp()
+        lp = (-0.5 * d * d - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+        return lp - self.log_mass()[:, None] + self.log_jacobian(z)
+
     @torch.no_grad()
     def sample(self, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
         """Draws of z (*shape, d) from p(z): a component by π, then each coordinate from its
