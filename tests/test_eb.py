@@ -121,3 +121,23 @@ def test_two_components_have_no_move():
     prior = _prior([[1.0, 1.0], [2.5, 2.0]], [[0.1, 0.1], [0.6, 1.1]])
     assert eb.candidates(prior, _draws(prior, z), same) == []
     assert eb.split_merge(prior, _draws(prior, z), same, 5, z.shape[0]) is None
+
+
+def test_posterior_gaussian_is_the_weighted_moments_of_the_draws():
+    """The adaptive part of the next round's proposal: mean and covariance of the draws under
+    their importance weights at the current prior (here all draws weigh the same: a flat
+    prior and equal base), widened by ``inflate`` and ``jitter``."""
+    gen = torch.Generator().manual_seed(1)
+    z = torch.randn(4000, 3, 2, generator=gen) @ torch.tensor([[1.0, 0.0], [0.6, 0.5]]).T + 2.0
+    prior = MixturePrior(2, 1)  # unbounded coordinates: no Jacobian
+    with torch.no_grad():
+        prior.log_std.fill_(30.0)  # flat over the draws
+    dr = eb.prepare(prior, z, torch.zeros(z.shape[:2]))
+    mean, chol = eb.posterior_gaussian(prior, dr, z, inflate=1.0, jitter=0.0)
+    np.testing.assert_allclose(mean.numpy(), 2.0, atol=0.05)
+    cov = chol @ chol.transpose(-1, -2)
+    np.testing.assert_allclose(cov.numpy(), np.broadcast_to([[1.0, 0.6], [0.6, 0.61]], (3, 2, 2)),
+                               atol=0.06)
+    _, wide = eb.posterior_gaussian(prior, dr, z, inflate=2.0, jitter=0.1)
+    np.testing.assert_allclose((wide @ wide.transpose(-1, -2)).numpy(),
+                               4 * cov.numpy() + 0.01 * np.eye(2), rtol=1e-4, atol=1e-5)

@@ -475,20 +475,28 @@ def test_plateau_rule_follows_the_loss_at_the_final_weights(sim):
 
 def test_importance_proposal_density_is_that_of_its_draws(sim, gmm_fit):
     """log r(z) from VAEFitter._propose is the density the draws come from: for any density
-    g, E_r[g(z) / r(z)] = 1. Checked for the prior and for q's mixture, which are parts of r
-    (so the ratios are bounded and the check is tight)."""
+    g, E_r[g(z) / r(z)] = 1. Checked for the prior, for q's mixture and for the extra part
+    around the least-squares estimate, which are parts of r (so the ratios are bounded and
+    the check is tight), with and without that part."""
     from mixmap.fitting.vae import mixture_log_prob
 
     f, _ = gmm_fit
     data, scheme, _ = f._apply_data(sim.signals[:5], sim.acquisition, False)
     with f._frozen():
         log_qy, mu, L = f._q_chunk(data, scheme)
+    extra = f._extra_parts(data, scheme, log_qy, L)
+    assert len(extra) == 1 and extra[0][0].shape == (5, mu.shape[-1])
+    one = torch.zeros(5, 1)
     with torch.no_grad():
-        z, log_r = f._propose(log_qy, mu, L, 30_000, torch.Generator().manual_seed(0))
-        assert z.shape == (30_000, 5, mu.shape[-1]) and torch.isfinite(log_r).all()
-        for log_g in (f.net.prior.log_prob(z), mixture_log_prob(z, log_qy, mu, L)):
-            ratio = torch.exp(log_g - log_r).double().mean(0)
-            np.testing.assert_allclose(ratio.numpy(), 1.0, atol=0.03)
+        for parts in ([], extra):
+            z, log_r = f._propose(log_qy, mu, L, 30_000, torch.Generator().manual_seed(0),
+                                  parts)
+            assert z.shape == (30_000, 5, mu.shape[-1]) and torch.isfinite(log_r).all()
+            densities = [f.net.prior.log_prob(z), mixture_log_prob(z, log_qy, mu, L)] + [
+                mixture_log_prob(z, one, m[:, None], c[:, None]) for m, c in parts]
+            for log_g in densities:
+                ratio = torch.exp(log_g - log_r).double().mean(0)
+                np.testing.assert_allclose(ratio.numpy(), 1.0, atol=0.03)
 
 
 def test_empirical_bayes_fits_the_prior_to_the_data():

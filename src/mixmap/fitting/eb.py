@@ -146,6 +146,32 @@ def squarem(prior: MixturePrior, draws: Sequence[Draws], reduce: Reduce,
     return log_ev0, ess
 
 
+def posterior_weights(prior: MixturePrior, dr: Draws) -> torch.Tensor:
+    """Each voxel's normalised importance weights under the current prior, (S, n) float64."""
+    x, x2, base = dr.float64()
+    return torch.softmax(base + torch.logsumexp(_component_terms(prior, x, x2), -1), 0)
+
+
+@torch.no_grad()
+def posterior_gaussian(prior: MixturePrior, dr: Draws, z: torch.Tensor, *,
+                       inflate: float = 1.5, jitter: float = 1e-2
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Gaussian per voxel on the importance-weighted posterior of draws z (S, n, d) under
+    the current prior: mean (n, d) and the Cholesky factor (n, d, d) of the weighted
+    covariance, its standard deviations widened ×``inflate`` plus ``jitter`` (so a voxel
+    whose weight rests on one draw still gets a proper Gaussian around it). As a part of the
+    next round's proposal it follows the posterior wherever EM moves the prior, where the
+    amortised q, fitted under the prior before empirical Bayes, stays behind (adaptive
+    importance sampling; Cappé et al. 2004, "Population Monte Carlo")."""
+    w = posterior_weights(prior, dr)[..., None]  # (S, n, 1)
+    zd = z.double()
+    mean = (w * zd).sum(0)
+    c = zd - mean
+    cov = torch.einsum("sni,snj->nij", w * c, c) * inflate**2
+    cov = cov + jitter**2 * torch.eye(z.shape[-1], dtype=cov.dtype, device=cov.device)
+    return mean.to(z.dtype), torch.linalg.cholesky(cov).to(z.dtype)
+
+
 def _responsibility_gram(prior: MixturePrior, draws: Sequence[Draws],
                          reduce: Reduce) -> torch.Tensor:
     """(K, K) Σ_voxels P(y=i|x) P(y=j|x), the posterior cluster probabilities under the prior:

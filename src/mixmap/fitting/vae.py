@@ -38,6 +38,7 @@ from mixmap.acquisition import Acquisition
 from mixmap.fitting import distributed, eb
 from mixmap.fitting.base import signal_scale
 from mixmap.fitting.distributed import all_reduce_sum
+from mixmap.fitting.lsq import normal_equations
 from mixmap.fitting.selfsup import Data, LearnedFitter, Scheme, robust_mean
 from mixmap.models import SignalModel
 from mixmap.nn.encoders import Decoder, FeatureMap, MixtureEncoder
@@ -69,6 +70,8 @@ PREDICT_CHUNK = 2048
 DRAWS_PER_SLICE = 2048 * 96
 #: Standard-deviation factor of the widened part of the importance-sampling proposal.
 WIDEN = 2.0
+#: Largest precision (1 / variance, unbounded coordinates) of the Laplace proposal part.
+MAX_PRECISION = 1e8
 
 
 class MixtureVAE(nn.Module):
@@ -498,7 +501,8 @@ class VAEFitter(LearnedFitter):
         """
         S = int(self.n_samples if n_draws is None else n_draws)
         if self.posterior == "is":
-            z, log_r = self._propose(log_qy, mu, L, S, gen)
+            z, log_r = self._propose(log_qy, mu, L, S, gen,
+                                     self._extra_parts(batch, scheme, log_qy, L))
             prior = self.net.prior
             lpk = prior.component_log_prob(z) + prior.log_pi()  # (S, n, K)
             log_prior = torch.logsumexp(lpk, -1)
@@ -514,34 +518,71 @@ class VAEFitter(LearnedFitter):
         logw = log_qy.T.expand(S, K, n)
         return z.reshape(S * K, n, d), torch.softmax(logw.reshape(S * K, n), 0), log_qy.exp()
 
-    def _propose(self, log_qy, mu, L, S: int, gen):
-        """S draws per voxel from r = ⅓ q + ⅓ q₂ + ⅓ p: q the mixture q(y|x) q(z|x,y)
-        (components drawn by q(y|x)), q₂ the same with every covariance widened ×4 (std ×2),
-        p the prior; returns z (S, n, d) and log r(z) (S, n) (the balance heuristic: each
-        draw's density under the whole mixture). q alone can be narrower than the posterior
-        or miss part of it (an amortised Gaussian on a curved ridge); then a few draws carry
-        all the weight. The wide part and the prior bound every weight."""
+    def _propose(self, log_qy, mu, L, S: int, gen, extra=()):
+        """S draws per voxel from the defensive mixture r of q, q₂, the ``extra`` parts and p,
+        each part with an equal share of the draws: q the mixture q(y|x) q(z|x,y) (components
+        drawn by q(y|x)), q₂ the same with every covariance widened ×4 (std ×2), p the prior;
+        returns z (S, n, d) and log r(z) (S, n) (the balance heuristic: each draw's density
+        under the whole mixture). q alone can be narrower than the posterior or miss part of
+        it (an amortised Gaussian on a curved ridge); then a few draws carry all the weight.
+        The wide part and the prior bound every weight.
+
+        ``extra`` are more parts, each a Gaussian per voxel given as (μ (n, d), L (n, d, d)):
+        around the least-squares estimate (:meth:`_extra_parts`) and, in empirical Bayes,
+        around the last round's posterior (:meth:`_em_rounds`)."""
         n, K, d = mu.shape
-        wide = S // 3
-        counts = (S - 2 * wide, wide, wide)
-        zs, parts = [], []
+        one = mu.new_zeros(n, 1)  # log q(y|x) of a one-component part
+        parts = [(log_qy, mu, L, 1.0), (log_qy, mu, L, WIDEN)] + [
+            (one, m[:, None], c[:, None], 1.0) for m, c in extra]
+        share = S // (len(parts) + 1)
+        counts = [S - len(parts) * share] + [share] * len(parts)  # the prior's is counts[-1]
+        zs = []
         rows = torch.arange(n, device=mu.device)[None, :]
-        for c, scale in zip(counts[:2], (1.0, WIDEN), strict=True):
+        for c, (lq, m, chol, scale) in zip(counts, parts, strict=False):
             if c == 0:
                 continue
-            k = torch.multinomial(log_qy.exp().cpu(), c, replacement=True,
+            k = torch.multinomial(lq.exp().cpu(), c, replacement=True,
                                   generator=gen).T.to(mu.device)  # (c, n)
             eps = torch.randn(c, n, d, generator=gen).to(mu.device)
-            zs.append(mu[rows, k] + scale * torch.einsum("...ij,...j->...i", L[rows, k], eps))
-            parts.append((c, scale))
-        if counts[2]:
-            zs.append(self.net.prior.sample((counts[2], n), gen))
+            zs.append(m[rows, k] + scale * torch.einsum("...ij,...j->...i", chol[rows, k], eps))
+        if counts[-1]:
+            zs.append(self.net.prior.sample((counts[-1], n), gen))
         z = torch.cat(zs)
-        log_q = mixture_log_probs(z, log_qy, mu, L, tuple(scale for _, scale in parts))
-        log_r = [math.log(c / S) + lq for (c, _), lq in zip(parts, log_q, strict=True)]
-        if counts[2]:
-            log_r.append(math.log(counts[2] / S) + self.net.prior.log_prob(z))
+        log_parts = mixture_log_probs(z, log_qy, mu, L, (1.0, WIDEN)) + [
+            mixture_log_prob(z, lq, m, chol) for lq, m, chol, _ in parts[2:]]
+        log_r = [math.log(c / S) + lp for c, lp in zip(counts, log_parts, strict=False) if c]
+        if counts[-1]:
+            log_r.append(math.log(counts[-1] / S) + self.net.prior.log_prob(z))
         return z, torch.logsumexp(torch.stack(log_r), 0)
+
+    @torch.no_grad()
+    def _extra_parts(self, batch: Data, scheme: Scheme, log_qy: torch.Tensor,
+                     L: torch.Tensor) -> list:
+        """Proposal parts besides q and the prior for the maps: where the encoder sees the
+        least-squares estimate, the Laplace approximation of the likelihood there, a Gaussian
+        with precision JᵀWJ/σ² + I in the unbounded coordinates (the identity adds a unit of
+        spread along directions the data leave free; with another decoder than the identity,
+        the shape of the voxel's most probable q component instead). Where the likelihood is
+        much sharper than q is wide (voxels whose signal the model reaches only at one point:
+        MSDKI's growing signal where D·K is large), q's and the prior's draws can all miss it
+        and the maps would rest on one bad draw; least squares has found that point."""
+        base = self._base(batch)
+        if base is None:
+            return []
+        if self.net.decoder.kind != "identity":
+            top = log_qy.argmax(-1)
+            return [(base, L[torch.arange(L.shape[0], device=L.device), top])]
+        sw = None if scheme.weights is None else scheme.weights.sqrt()
+        _, jtj, _ = normal_equations(self.model, base, batch.yw, scheme.work, sw)
+        sigma2 = float(self.net.noise.sigma) ** 2
+        precision = torch.nan_to_num(jtj / sigma2, nan=0.0, posinf=MAX_PRECISION,
+                                     neginf=0.0)
+        lam, vec = torch.linalg.eigh(0.5 * (precision + precision.transpose(-1, -2)))
+        # + 1 (the unit spread along free directions); capped, so the float32 Gaussian stays
+        # proper where the likelihood is sharper than the working precision can hold
+        lam = (lam.clamp_min(0) + 1.0).clamp_max(MAX_PRECISION)
+        cov = (vec / lam[..., None, :]) @ vec.transpose(-1, -2)
+        return [(base, torch.linalg.cholesky(cov).to(base.dtype))]
 
     # ---------------------------------------------------------------- empirical Bayes
     def _after_training(self, data: Data, scheme: Scheme) -> dict | None:
@@ -584,30 +625,41 @@ class VAEFitter(LearnedFitter):
         """``eb_rounds`` rounds: draw, then ``eb_steps`` EM updates on those draws, sped up by
         SQUAREM (:func:`mixmap.fitting.eb.squarem`). With ``eb_split_merge`` and three or more
         components, after each round but the last one split-and-merge move is tried
-        (:func:`mixmap.fitting.eb.split_merge`), until one does not pay: EM alone cannot move
+        (:func:`mixmap.fitting.eb.split_merge`; a few seconds a round): EM alone cannot move
         a component from a cluster that two of them share to two clusters that one of them
         spans, and which clusters end up sharing depends on the path of training. The next
         round's fresh draws then measure the moved prior. Each round's entry records the move
-        (None: none paid)."""
+        (None: none paid).
+
+        From the second round on, the proposal has one more part per voxel: a Gaussian on the
+        last round's importance-weighted posterior under the updated prior
+        (:func:`mixmap.fitting.eb.posterior_gaussian`). q was refined under the prior that
+        training left, so where EM moves the prior the posterior leaves q behind; this part
+        follows it (adaptive importance sampling)."""
         prior = self.net.prior
         n_all = float(all_reduce_sum(torch.tensor(float(n_local), device=prior.mu.device)))
         history = []
         rounds = int(self.eb_rounds)
-        moving = bool(self.eb_split_merge) and prior.n_components >= 3
+        moving = bool(self.eb_split_merge) and prior.n_components >= 3  # K < 3: no move
+        adapted = [None] * len(qs)
         for round_ in range(rounds):
-            draws = []
-            for batch, log_qy, mu, L in qs:
-                z, log_r = self._propose(log_qy, mu, L, int(self.eb_samples), gen)
+            draws, zs = [], []
+            for (batch, log_qy, mu, L), a in zip(qs, adapted, strict=True):
+                extra = self._extra_parts(batch, scheme, log_qy, L) + ([a] if a is not None
+                                                                       else [])
+                z, log_r = self._propose(log_qy, mu, L, int(self.eb_samples), gen, extra)
                 base = self._loglik(self.net.decoder(z), batch, scheme) - log_r
                 draws.append(eb.prepare(prior, z, base))
+                zs.append(z)
             log_ev, ess = eb.squarem(prior, draws, all_reduce_sum, int(self.eb_steps))
             entry = {"log_evidence_per_voxel": log_ev / n_all,
                      "median_ess": float(torch.cat(ess).median())}
             if moving and round_ < rounds - 1:
                 move = eb.split_merge(prior, draws, all_reduce_sum, int(self.eb_steps), n_all)
                 entry["split_merge"] = move
-                moving = move is not None  # once no move pays, the next would not either
             history.append(entry)
+            adapted = [eb.posterior_gaussian(prior, dr, z) for dr, z in zip(draws, zs,
+                                                                             strict=True)]
         return {"voxels": int(n_all), "rounds": history}
 
     def _moments(self, z: torch.Tensor, w: torch.Tensor):
