@@ -450,10 +450,9 @@ class VAEFitter(LearnedFitter):
     def _weighted_draws(self, log_qy, mu, L, batch: Data, scheme: Scheme, gen):
         """:meth:`_posterior_draws` over a chunk's voxels in slices of at most
         ``DRAWS_PER_SLICE`` draws in all, yielding (rows, z, w, cluster probabilities): the
-        densities of the
-        proposal's parts hold a few (draws × voxels × K × d) temporaries, 0.4 GB at 384
-        draws for a 2,048-voxel chunk otherwise. The maps and :meth:`encode` both go through
-        here, so they see the same draws."""
+        densities of the proposal's parts hold a few (draws × voxels × K × d) temporaries,
+        0.4 GB at 384 draws for a 2,048-voxel chunk otherwise. The maps and :meth:`encode`
+        both go through here, so they see the same draws."""
         step = max(1, DRAWS_PER_SLICE // int(self.n_samples))
         for start in range(0, batch.n, step):
             rows = slice(start, start + step)
