@@ -13,11 +13,13 @@ learned mixture prior is a prior over the parameters and the fit is empirical Ba
 full-covariance Gaussian per component from an encoder that also sees the least-squares estimate
 (computed inside the fitter, no truth involved). After training, the mixture prior is refitted
 to the scan by maximum marginal likelihood (Monte-Carlo EM with importance-sampled E-steps,
-accelerated by SQUAREM: empirical Bayes, ``eb_rounds``), since the ELBO fits the prior to the
-amortised q and inherits its errors where the data leave a direction free. Then q is refined per
-voxel (closing the amortisation gap) and the posterior mean and standard deviation are computed
-by self-normalised importance sampling, ``n_samples`` draws per voxel from a defensive mixture
-of q, q widened and the prior.
+accelerated by SQUAREM, with split-and-merge moves between rounds: empirical Bayes,
+``eb_rounds``, :mod:`mixmap.fitting.eb`), since the ELBO fits the prior to the amortised q and
+inherits its errors where the data leave a direction free. Then q is refined per voxel (closing
+the amortisation gap) and the posterior mean and standard deviation are computed by
+self-normalised importance sampling, ``n_samples`` draws per voxel from a defensive mixture of
+q, q widened, the Laplace approximation at the least-squares estimate and the prior; the
+cluster probabilities are the posterior's under the learned prior, from the same draws.
 
 "paper" configuration: the architecture of Xu et al. (3 linear layers encoder, one linear layer
 decoder from a latent space of ``latent_dim``, Gumbel-softmax for y, diagonal q, posterior mean
