@@ -642,12 +642,12 @@ class VAEFitter(LearnedFitter):
         history = []
         rounds = int(self.eb_rounds)
         moving = bool(self.eb_split_merge) and prior.n_components >= 3  # K < 3: no move
+        laplace = [self._extra_parts(batch, scheme, log_qy, L) for batch, log_qy, _, L in qs]
         adapted = [None] * len(qs)
         for round_ in range(rounds):
             draws, zs = [], []
-            for (batch, log_qy, mu, L), a in zip(qs, adapted, strict=True):
-                extra = self._extra_parts(batch, scheme, log_qy, L) + ([a] if a is not None
-                                                                       else [])
+            for (batch, log_qy, mu, L), lp, a in zip(qs, laplace, adapted, strict=True):
+                extra = lp + ([a] if a is not None else [])
                 z, log_r = self._propose(log_qy, mu, L, int(self.eb_samples), gen, extra)
                 base = self._loglik(self.net.decoder(z), batch, scheme) - log_r
                 draws.append(eb.prepare(prior, z, base))
