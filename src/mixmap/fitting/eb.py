@@ -78,6 +78,16 @@ def _component_terms(prior: MixturePrior, x: torch.Tensor, x2: torch.Tensor) -> 
     return const - 0.5 * quad
 
 
+def _weighted(prior: MixturePrior, dr: Draws):
+    """What every use of a slice's draws starts from, in float64: x (S, n, d), x², the
+    per-component terms (S, n, K), their log-sum over components (S, n) (the log prior
+    density) and the unnormalised log weights (S, n)."""
+    x, x2, base = dr.float64()
+    lpk = _component_terms(prior, x, x2)
+    lse = torch.logsumexp(lpk, -1)
+    return x, x2, lpk, lse, base + lse
+
+
 def em_step(prior: MixturePrior, draws: Sequence[Draws], reduce: Reduce, *,
             update: bool = True) -> tuple[float, list[torch.Tensor]]:
     """The importance-sampled log evidence Σ log p(x) at the current prior (float64, summed
@@ -92,10 +102,7 @@ def em_step(prior: MixturePrior, draws: Sequence[Draws], reduce: Reduce, *,
     log_ev = torch.zeros((), dtype=torch.float64, device=dev)
     ess = []
     for dr in draws:
-        x, x2, base = dr.float64()
-        lpk = _component_terms(prior, x, x2)
-        lse = torch.logsumexp(lpk, -1)
-        logw = base + lse
+        x, x2, lpk, lse, logw = _weighted(prior, dr)
         log_ev += (torch.logsumexp(logw, 0) - math.log(dr.n_draws)).sum()
         w = torch.softmax(logw, 0)
         ess.append(1.0 / (w * w).sum(0))
@@ -148,8 +155,7 @@ def squarem(prior: MixturePrior, draws: Sequence[Draws], reduce: Reduce,
 
 def posterior_weights(prior: MixturePrior, dr: Draws) -> torch.Tensor:
     """Each voxel's normalised importance weights under the current prior, (S, n) float64."""
-    x, x2, base = dr.float64()
-    return torch.softmax(base + torch.logsumexp(_component_terms(prior, x, x2), -1), 0)
+    return torch.softmax(_weighted(prior, dr)[-1], 0)
 
 
 @torch.no_grad()
@@ -179,10 +185,8 @@ def _responsibility_gram(prior: MixturePrior, draws: Sequence[Draws],
     K = prior.mu.shape[0]
     gram = torch.zeros(K, K, dtype=torch.float64, device=prior.mu.device)
     for dr in draws:
-        x, x2, base = dr.float64()
-        lpk = _component_terms(prior, x, x2)
-        lse = torch.logsumexp(lpk, -1)
-        w = torch.softmax(base + lse, 0)
+        _, _, lpk, lse, logw = _weighted(prior, dr)
+        w = torch.softmax(logw, 0)
         p = (w[..., None] * torch.exp(lpk - lse[..., None])).sum(0)  # (n, K)
         gram += p.T @ p
     return reduce(gram)

@@ -659,8 +659,9 @@ class VAEFitter(LearnedFitter):
                 move = eb.split_merge(prior, draws, all_reduce_sum, int(self.eb_steps), n_all)
                 entry["split_merge"] = move
             history.append(entry)
-            adapted = [eb.posterior_gaussian(prior, dr, z) for dr, z in zip(draws, zs,
-                                                                             strict=True)]
+            if round_ < rounds - 1:  # the next round's proposal part; none after the last
+                adapted = [eb.posterior_gaussian(prior, dr, z)
+                           for dr, z in zip(draws, zs, strict=True)]
         return {"voxels": int(n_all), "rounds": history}
 
     def _moments(self, z: torch.Tensor, w: torch.Tensor):
