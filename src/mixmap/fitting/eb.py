@@ -121,24 +121,27 @@ def em_step(prior: MixturePrior, draws: Sequence[Draws], reduce: Reduce, *,
     return float(log_ev), ess
 
 
-def squarem(prior: MixturePrior, draws: Sequence[Draws], reduce: Reduce,
-            steps: int) -> tuple[float, list[torch.Tensor]]:
+def squarem(prior: MixturePrior, draws, reduce: Reduce, steps: int, *,
+            em: Callable | None = None) -> tuple[float, list[torch.Tensor]]:
     """``steps`` EM updates sped up by SQUAREM (Varadhan & Roland 2008). Where the data leave a
     direction nearly free (along MSDKI's D–K ridge in CSF-like voxels) plain EM moves the prior
     by a small fraction of the way per step and stalls far from the maximum; SQUAREM
     extrapolates along the path of two EM steps and keeps the result only if the marginal
     likelihood does not fall, so it never does worse than EM. Returns the log evidence and the
-    effective sample sizes at the start of the last group of steps."""
+    effective sample sizes at the start of the last group of steps. ``em`` is the update
+    (default :func:`em_step` on importance draws; :func:`mixmap.fitting.eb_grid.grid_em_step`
+    on a grid)."""
+    em_step_ = em_step if em is None else em
     left = int(steps)
     log_ev0, ess = float("nan"), []
     while left > 0:
         theta0 = prior.packed()
-        log_ev0, ess = em_step(prior, draws, reduce)
+        log_ev0, ess = em_step_(prior, draws, reduce)
         left -= 1
         if left < 2:
             continue
         theta1 = prior.packed()
-        em_step(prior, draws, reduce)
+        em_step_(prior, draws, reduce)
         theta2 = prior.packed()
         r, v = theta1 - theta0, theta2 - 2 * theta1 + theta0
         if float(v.norm()) == 0.0:
@@ -146,7 +149,7 @@ def squarem(prior: MixturePrior, draws: Sequence[Draws], reduce: Reduce,
             continue
         alpha = min(-1.0, -float(r.norm() / v.norm()))
         prior.unpack(theta0 - 2 * alpha * r + alpha**2 * v)
-        log_ev, _ = em_step(prior, draws, reduce)  # the extrapolated point, then one EM step
+        log_ev, _ = em_step_(prior, draws, reduce)  # the extrapolated point, then one EM step
         left -= 2
         if not math.isfinite(log_ev) or log_ev < log_ev0:
             prior.unpack(theta2)  # extrapolation overshot: plain EM's two steps

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from mixmap.acquisition import Acquisition
-from mixmap.fitting import distributed, eb
+from mixmap.fitting import distributed, eb, eb_grid
 from mixmap.fitting.base import signal_scale
 from mixmap.fitting.distributed import all_reduce_sum
 from mixmap.fitting.lsq import normal_equations
@@ -54,14 +54,14 @@ CONFIGS: dict[str, dict] = {
                     shell_features=True, decoder=None, y_inference="exact", refine_steps=100,
                     refine_lr=0.04, posterior="is", patience=30, tol=1e-4, min_epochs=100,
                     prior_update="em", prior_space="bounded", eb_rounds=6, eb_steps=10,
-                    eb_voxels=20_000, eb_samples=192, eb_split_merge=True),
+                    eb_voxels=20_000, eb_samples=192, eb_split_merge=True, eb_grid=True),
     "paper": dict(latent_dim=4, n_components=4, hidden=256, n_layers=2, epochs=300,
                   batch_size=256, lr=1e-3, kl_weight=1.0, warmup_epochs=0,
                   likelihood="gaussian", n_samples=128, full_cov=False, lsq_features=False,
                   shell_features=False, decoder="linear", y_inference="gumbel", refine_steps=0,
                   refine_lr=0.02, posterior="q", patience=20, tol=1e-4, min_epochs=40,
                   prior_update="grad", prior_space="latent", eb_rounds=0, eb_steps=10,
-                  eb_voxels=20_000, eb_samples=192, eb_split_merge=False),
+                  eb_voxels=20_000, eb_samples=192, eb_split_merge=False, eb_grid=False),
 }
 
 #: Gumbel-softmax temperature (straight-through, so the forward pass uses one component).
@@ -139,6 +139,12 @@ class VAEFitter(LearnedFitter):
         components, split a third) and keep it when the marginal likelihood rises: the
         components go to the clusters that the data support, whichever way training left
         them (three or more components).
+    eb_grid
+        After the importance-sampled rounds, refit the prior on a grid
+        (:mod:`mixmap.fitting.eb_grid`): the marginal likelihood by quadrature, EM to
+        convergence and each component moved to its best place on a coarse lattice when that
+        pays. Applies where the model has at most two parameters besides S0, no direction,
+        and the likelihood is Gaussian (MSDKI); elsewhere it is skipped.
     """
 
     name = "vae-any"
@@ -147,7 +153,7 @@ class VAEFitter(LearnedFitter):
                    "n_samples", "full_cov", "lsq_features", "shell_features", "decoder",
                    "y_inference", "refine_steps", "refine_lr", "posterior", "patience", "tol",
                    "min_epochs", "prior_update", "prior_space", "eb_rounds", "eb_steps",
-                   "eb_voxels", "eb_samples", "eb_split_merge")
+                   "eb_voxels", "eb_samples", "eb_split_merge", "eb_grid")
 
     def __init__(
         self,
@@ -184,6 +190,7 @@ class VAEFitter(LearnedFitter):
         eb_voxels: int | None = None,
         eb_samples: int | None = None,
         eb_split_merge: bool | None = None,
+        eb_grid: bool | None = None,
         device: str = "cpu",
         seed: int = 0,
         quiet: bool = True,
@@ -203,7 +210,7 @@ class VAEFitter(LearnedFitter):
                      patience=patience, tol=tol, min_epochs=min_epochs,
                      prior_update=prior_update, prior_space=prior_space, eb_rounds=eb_rounds,
                      eb_steps=eb_steps, eb_voxels=eb_voxels, eb_samples=eb_samples,
-                     eb_split_merge=eb_split_merge)
+                     eb_split_merge=eb_split_merge, eb_grid=eb_grid)
         self.config = config
         self.prior = prior
         for k, v in given.items():
@@ -668,7 +675,34 @@ class VAEFitter(LearnedFitter):
             if round_ < rounds - 1:  # the next round's proposal part; none after the last
                 adapted = [eb.posterior_gaussian(prior, dr, z)
                            for dr, z in zip(draws, zs, strict=True)]
-        return {"voxels": int(n_all), "rounds": history}
+        out = {"voxels": int(n_all), "rounds": history}
+        if self.eb_grid:
+            grid = self._grid_eb(qs, scheme, gen)
+            if grid is not None:
+                out["grid"] = grid
+        return out
+
+    def _grid_eb(self, qs, scheme: Scheme, gen: torch.Generator) -> dict | None:
+        """The grid refit of :mod:`mixmap.fitting.eb_grid` on up to ``GRID_VOXELS`` of the
+        empirical-Bayes voxels (a random share on each process); None where it does not
+        apply. Returns its log evidence per voxel before and after, and the moves made."""
+        dims = eb_grid.grid_dims(self.model)
+        prior = self.net.prior
+        if (dims is None or scheme.weights is None or self.likelihood != "gaussian"
+                or self.net.decoder.kind != "identity" or prior.analytic):
+            return None
+        yw = torch.cat([batch.yw for batch, *_ in qs])
+        world = distributed.world_size() if distributed.active() else 1
+        n_use = min(yw.shape[0], -(-eb_grid.GRID_VOXELS // world))
+        if n_use < yw.shape[0]:
+            yw = yw[torch.randperm(yw.shape[0], generator=gen)[:n_use].to(yw.device)]
+        n_all = float(all_reduce_sum(torch.tensor(float(yw.shape[0]), device=prior.mu.device)))
+        grid = eb_grid.grid_likelihood(self.model, prior, dims, yw, scheme.work,
+                                       scheme.weights, float(self.net.noise.sigma))
+        first = eb_grid.grid_em(prior, grid, all_reduce_sum, n_all)
+        moves = eb_grid.relocate(prior, grid, all_reduce_sum, n_all)
+        last, _ = eb_grid.grid_em_step(prior, grid, all_reduce_sum, update=False)
+        return {**first, "log_evidence_per_voxel": last / n_all, "relocations": moves}
 
     def _moments(self, z: torch.Tensor, w: torch.Tensor):
         """Posterior mean and std of each bounded parameter from weighted draws of z
