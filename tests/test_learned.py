@@ -365,6 +365,8 @@ def test_kl_warmup_does_not_trip_the_explosion_guard(caplog):
     assert "exploding" not in caplog.text
     assert [h["epoch"] for h in res.history] == list(range(10))
     assert {h["lr"] for h in res.history} == {f.lr}
+    # the grid refit of the prior needs at most two parameters besides S0 and no direction
+    assert "grid" not in res.settings["empirical_bayes"]
     loss = [h["loss"] for h in res.history]
     final = [h["loss_final"] for h in res.history]
     # training was fine: the loss at the final weight and the ELBO improve ...
@@ -517,6 +519,9 @@ def test_empirical_bayes_fits_the_prior_to_the_data():
     info = runs[4][1].settings["empirical_bayes"]
     assert info["voxels"] == 1500 and len(info["rounds"]) == 4
     assert "empirical_bayes" not in runs[0][1].settings
+    grid = info["grid"]  # MSDKI: the prior is refitted on a grid after the sampled rounds
+    assert grid["voxels"] == 1500 and grid["grid_points"] == 96 * 96
+    assert grid["log_evidence_per_voxel"] >= grid["log_evidence_per_voxel_before"]
     fluid = data.labels == 1
     names = [p.name for p in get_model("msdki").parameters]
 

@@ -189,7 +189,8 @@ def relocate(prior: MixturePrior, grid: GridLikelihood, reduce: Reduce, n_voxels
              *, margin: float = RELOCATE_MARGIN, chunk: int = 1024) -> list[dict]:
     """Move each component, in turn, to the grid point where the scan's evidence is highest
     with the component centred there (its spread kept, at least two grid steps), when that
-    beats its present place by more than ``margin`` nats per voxel; then EM from there
+    beats its present place by more than ``margin`` nats per voxel (a component with under
+    1/(2K) of the voxels is tried with that share); then EM from there
     (:func:`grid_em`). EM climbs only to the nearest optimum, and along a likelihood ridge
     the optimum that training left a component in can be far from the best (MSDKI's
     CSF-like component at D 2.6, K −0.4 instead of 3.0, 0.0 at SNR 10: 0.012 nats per voxel
@@ -206,7 +207,11 @@ def relocate(prior: MixturePrior, grid: GridLikelihood, reduce: Reduce, n_voxels
         pi = prior.log_pi().detach().double().exp()
         joint = pi[:, None] * table
         v = (grid.lik @ joint.sum(0).float()).double()
+        # A nearly empty component is tried with a share of 1/(2K), taken from the others
+        # in proportion, so that it can take over the voxels of a cluster another one spans.
+        w = max(float(pi[k]), 0.5 / K)
         rest = (v - (grid.lik @ joint[k].float()).double()).clamp_min(0.0)
+        rest = rest * (1.0 - w) / max(1.0 - float(pi[k]), 1e-12)
         now = float(reduce(torch.log(v.clamp_min(1e-30)).sum()))
         sd = torch.maximum(prior.log_std.detach().double()[k, grid.dims].exp(),
                            2.0 * grid.step)
@@ -218,7 +223,7 @@ def relocate(prior: MixturePrior, grid: GridLikelihood, reduce: Reduce, n_voxels
                 c = torch.matmul(blur[0], torch.matmul(lik, blur[1].T))
             else:
                 c = torch.matmul(lik, blur[0].T)
-            c = c.reshape(lik.shape[0], -1).double() * pi[k]
+            c = c.reshape(lik.shape[0], -1).double() * w
             ev += torch.log((rest[start:start + chunk, None] + c).clamp_min(1e-30)).sum(0)
         ev = reduce(ev)
         best = int(torch.argmax(ev))
@@ -230,7 +235,9 @@ def relocate(prior: MixturePrior, grid: GridLikelihood, reduce: Reduce, n_voxels
         var = (2 * prior.log_std.detach().double()).exp()
         mu[k, grid.dims] = grid.x[best]
         var[k, grid.dims] = sd**2
-        prior.set_moments(pi, mu, var)
+        share = pi * (1.0 - w) / max(1.0 - float(pi[k]), 1e-12)
+        share[k] = w
+        prior.set_moments(share, mu, var)
         grid_em(prior, grid, reduce, n_voxels)
         moves.append({"component": k, "from": [round(float(x), 4) for x in before],
                       "to": [round(float(x), 4) for x in prior.mu.detach()[k]],
