@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -208,15 +209,16 @@ def verdicts(res: dict, names: tuple[str, ...], direction: str | None) -> list[s
     return out
 
 
-def markdown(results: list[dict]) -> str:
+def markdown(results: list[dict], command: str = "python benchmarks/learned.py") -> str:
+    """The section; ``command`` is the command line that produced ``results``."""
     parts = []
     for res in results:
         parts.append(f"**{res['preset']}, {res['scheme']} scheme, {res['noise']} noise, "
                      f"SNR {res['snr']:g}** — RMSE (D in µm²/ms)\n\n" + table(res) + "\n\n"
                      + "\n".join(f"- {line}" for line in verdicts(res, NAMES, None)))
     return ("### Learned fitters vs least squares and the Bayes-optimal reference\n\n"
-            "Written by `python benchmarks/learned.py --snr 10 20 50 --extra-snr 20` (default "
-            f"configurations, seed 0; times on {machine_description()}, a machine shared with "
+            f"Written by `{command}` (default configurations, seed 0; times on "
+            f"{machine_description()}, a machine shared with "
             "other work while it ran, so times are indicative). "
             "`bayes` is the posterior mean under the true prior (not attainable by any method "
             "that has to learn the prior).\n\n" + "\n\n".join(parts))
@@ -235,6 +237,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(DOCS / "learned.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    command = " ".join(["python benchmarks/learned.py", *sys.argv[1:]])
     results = []
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -242,8 +245,8 @@ def main() -> None:
         results.append(run(snr, args.methods.split(","), snr == args.extra_snr, args.preset,
                            args.scheme, args.noise))
         out.write_text(json.dumps(results, indent=2, default=str) + "\n")
-        update_section(DOCS / "RESULTS.md", "learned", markdown(results))
-    print(markdown(results))
+        update_section(DOCS / "RESULTS.md", "learned", markdown(results, command))
+    print(markdown(results, command))
 
 
 if __name__ == "__main__":

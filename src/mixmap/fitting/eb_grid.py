@@ -40,22 +40,31 @@ GRID_POINTS = 9216
 #: At most this many voxels (over all processes) enter the grid's likelihood table, which
 #: holds voxels × grid points float32 values (8,000 × 9,216: 295 MB).
 GRID_VOXELS = 8000
+#: Relative likelihood below which a table entry is 0, and prior mass per grid point below which
+#: it is 0 in the float32 sums (so no product of the two is a float32 denormal, slow on CPUs).
+TABLE_FLOOR = 1e-15
+MASS_FLOOR = 1e-20
 #: EM updates at most, and the gain per voxel (nats) over a block of 20 below which it stops.
 GRID_MAX_STEPS = 2000
-GRID_TOL = 1e-6
+GRID_TOL = 1e-5
 
 
 @dataclass
 class GridLikelihood:
-    """Voxels' likelihoods on a grid: ``lik`` (n, G) float32, each row divided by its maximum
-    (``log_scale`` (n,) float64, so that the evidence is Σ log(lik @ P) + Σ log_scale);
-    ``x`` (G, k) the grid points in the prior's coordinates ``dims``; ``step`` (k,) spacing."""
+    """Voxels' likelihoods on a grid: ``x`` (G, k) the grid points in the prior's coordinates
+    ``dims``, ``step`` (k,) their spacing; ``lik`` (n, L) float32 the likelihood at the
+    ``live`` (L,) points only (those where some voxel's likelihood is above the table's floor
+    of e⁻⁸⁰: elsewhere it adds nothing to any voxel's evidence or EM update; about half of
+    MSDKI's grid, where the signal would grow with b), each row divided by its maximum
+    (``log_scale`` (n,) float64, so that the evidence is Σ log(lik @ P[live]) + Σ log_scale).
+    The prior's components are normalised over the whole grid."""
 
     lik: torch.Tensor
     log_scale: torch.Tensor
     x: torch.Tensor
     dims: list[int]
     step: torch.Tensor
+    live: torch.Tensor
 
 
 def grid_dims(model: SignalModel) -> list[int] | None:
@@ -71,10 +80,12 @@ def grid_dims(model: SignalModel) -> list[int] | None:
 @torch.no_grad()
 def grid_likelihood(model: SignalModel, prior: MixturePrior, dims: list[int],
                     yw: torch.Tensor, work: Acquisition, counts: torch.Tensor,
-                    sigma: float, chunk: int = 1024) -> GridLikelihood:
+                    sigma: float, reduce: Reduce = lambda t: t,
+                    chunk: int = 1024) -> GridLikelihood:
     """Tabulate the likelihood of shell means ``yw`` (n, m') (``counts`` (m',) measurements
     per shell, noise σ, all in working units) on a grid of cell centres over the prior's
-    bounded coordinates ``dims``, S0 integrated out (see the module's docstring)."""
+    bounded coordinates ``dims``, S0 integrated out (see the module's docstring). ``reduce``
+    sums over processes (the live points are those of any process)."""
     dev = yw.device
     per_axis = max(2, round(GRID_POINTS ** (1.0 / len(dims))))
     axes, steps = [], []
@@ -103,10 +114,20 @@ def grid_likelihood(model: SignalModel, prior: MixturePrior, dims: list[int],
         ll = B * B / (s2 * A) - half_log_a
         top = ll.amax(1, keepdim=True)
         log_scale[start:start + chunk] = top[:, 0]
-        # exp() below −87 gives float32 denormals (slow); such points weigh nothing anyway
-        lik[start:start + chunk] = (ll - top).clamp_min(-80.0).exp().float()
-    return GridLikelihood(lik.to(dev), log_scale.to(dev), x.to(dev), list(dims),
-                          torch.tensor(steps, dtype=torch.float64, device=dev))
+        rel = (ll - top).float()
+        # below 10⁻¹⁵ of a voxel's best point: 0 (its evidence never rests there), which also
+        # keeps every product in the EM and relocation sums above float32's denormals (slow)
+        lik[start:start + chunk] = torch.where(rel >= math.log(TABLE_FLOOR), rel.exp(), 0.0)
+    top = lik.amax(0) if n else lik.new_zeros(lik.shape[1])
+    live = torch.nonzero(reduce((top > 0).double().to(dev)).cpu() > 0).flatten()
+    return GridLikelihood(lik[:, live].contiguous().to(dev), log_scale.to(dev), x.to(dev),
+                          list(dims), torch.tensor(steps, dtype=torch.float64, device=dev),
+                          live.to(dev))
+
+
+def _f32(p: torch.Tensor) -> torch.Tensor:
+    """Masses (float64) as float32 with those below :data:`MASS_FLOOR` set to 0."""
+    return torch.where(p >= MASS_FLOOR, p, 0.0).float()
 
 
 def _component_table(prior: MixturePrior, grid: GridLikelihood) -> torch.Tensor:
@@ -126,22 +147,23 @@ def grid_em_step(prior: MixturePrior, grid: GridLikelihood, reduce: Reduce, *,
     coordinates' means and variances (S0's stay). Variances are floored at a quarter of the
     grid's spacing squared. Returns (log evidence, []) like :func:`mixmap.fitting.eb.em_step`
     (there are no importance weights to report)."""
-    table = _component_table(prior, grid)  # (K, G)
+    table = _component_table(prior, grid)[:, grid.live]  # (K, L)
     pi = prior.log_pi().detach().double().exp()
-    joint = pi[:, None] * table  # (K, G)
-    P = joint.sum(0)  # (G,)
+    joint = pi[:, None] * table  # (K, L)
+    P = joint.sum(0)  # (L,)
     # floored so that 1/v stays a float32 (a voxel whose likelihood sits where the prior has
     # under 1e-30 of its mass weighs less in the update than it should; its evidence is floored)
-    v = (grid.lik @ P.float()).double().clamp_min(1e-30)  # (n,)
+    v = (grid.lik @ _f32(P)).double().clamp_min(1e-30)  # (n,)
     log_ev = reduce((torch.log(v) + grid.log_scale).sum())
     if not update:
         return float(log_ev), []
-    u = reduce((grid.lik.T @ (1.0 / v).float()).double())  # (G,)
-    W = joint * u[None]  # (K, G): expected voxels at each point from each component
+    u = reduce((grid.lik.T @ (1.0 / v).float()).double())  # (L,)
+    W = joint * u[None]  # (K, L): expected voxels at each point from each component
     nk = W.sum(1)
     tot = nk.clamp_min(1e-300)[:, None]
-    mean_g = (W @ grid.x) / tot
-    var_g = (W @ (grid.x * grid.x)) / tot - mean_g**2
+    x = grid.x[grid.live]
+    mean_g = (W @ x) / tot
+    var_g = (W @ (x * x)) / tot - mean_g**2
     var_g = torch.maximum(var_g, (grid.step / 2) ** 2)
     mean = prior.mu.detach().double().clone()
     var = (2 * prior.log_std.detach().double()).exp()
@@ -203,28 +225,35 @@ def relocate(prior: MixturePrior, grid: GridLikelihood, reduce: Reduce, n_voxels
     axes = [torch.unique(grid.x[:, j]) for j in range(len(grid.dims))]
     n = grid.lik.shape[0]
     for k in range(K):
-        table = _component_table(prior, grid)
+        table = _component_table(prior, grid)[:, grid.live]
         pi = prior.log_pi().detach().double().exp()
         joint = pi[:, None] * table
-        v = (grid.lik @ joint.sum(0).float()).double()
+        v = (grid.lik @ _f32(joint.sum(0))).double()
         # A nearly empty component is tried with a share of 1/(2K), taken from the others
         # in proportion, so that it can take over the voxels of a cluster another one spans.
         w = max(float(pi[k]), 0.5 / K)
-        rest = (v - (grid.lik @ joint[k].float()).double()).clamp_min(0.0)
+        rest = (v - (grid.lik @ _f32(joint[k])).double()).clamp_min(0.0)
         rest = rest * (1.0 - w) / max(1.0 - float(pi[k]), 1e-12)
         now = float(reduce(torch.log(v.clamp_min(1e-30)).sum()))
         sd = torch.maximum(prior.log_std.detach().double()[k, grid.dims].exp(),
                            2.0 * grid.step)
-        blur = [_blur_matrix(a, float(s)).float() for a, s in zip(axes, sd, strict=True)]
+        blur = [_f32(_blur_matrix(a, float(s))) for a, s in zip(axes, sd, strict=True)]
         ev = torch.zeros(grid.x.shape[0], dtype=torch.float64, device=v.device)
+        rest32 = rest.float()
         for start in range(0, n, chunk):
-            lik = grid.lik[start:start + chunk].view(-1, *shape)
-            if len(shape) == 2:  # C[m0, m1] = Σ_g0 Σ_g1 B0[m0, g0] L[g0, g1] B1[m1, g1]
-                c = torch.matmul(blur[0], torch.matmul(lik, blur[1].T))
+            part = grid.lik[start:start + chunk]
+            c = part.new_zeros(part.shape[0], grid.x.shape[0])
+            c[:, grid.live] = part
+            if len(shape) == 2:  # C[m0, m1] = Σ_g0 Σ_g1 B0[m0, g0] L[g0, g1] B1[m1, g1],
+                # as two plain matrix products (one per axis) over all voxels of the chunk
+                a, b = shape
+                c = (c.view(-1, b) @ blur[1].T).view(-1, a, b).transpose(1, 2)
+                c = (c.reshape(-1, a) @ blur[0].T).view(-1, b, a).transpose(1, 2)
             else:
-                c = torch.matmul(lik, blur[0].T)
-            c = c.reshape(lik.shape[0], -1).double() * w
-            ev += torch.log((rest[start:start + chunk, None] + c).clamp_min(1e-30)).sum(0)
+                c = c @ blur[0].T
+            c = c.reshape(part.shape[0], -1) * w
+            c += rest32[start:start + chunk, None]
+            ev += torch.log(c.clamp_min_(1e-30)).sum(0, dtype=torch.float64)
         ev = reduce(ev)
         best = int(torch.argmax(ev))
         gain = (float(ev[best]) - now) / n_voxels

@@ -15,7 +15,10 @@ full-covariance Gaussian per component from an encoder that also sees the least-
 to the scan by maximum marginal likelihood (Monte-Carlo EM with importance-sampled E-steps,
 accelerated by SQUAREM, with split-and-merge moves between rounds: empirical Bayes,
 ``eb_rounds``, :mod:`mixmap.fitting.eb`), since the ELBO fits the prior to the amortised q and
-inherits its errors where the data leave a direction free. Then q is refined per voxel (closing
+inherits its errors where the data leave a direction free; for models with at most two
+parameters besides S0 (MSDKI) the refit ends on a grid, where the marginal likelihood is a
+quadrature and each component can be moved to its best place (``eb_grid``,
+:mod:`mixmap.fitting.eb_grid`). Then q is refined per voxel (closing
 the amortisation gap) and the posterior mean and standard deviation are computed by
 self-normalised importance sampling, ``n_samples`` draws per voxel from a defensive mixture of
 q, q widened, the Laplace approximation at the least-squares estimate and the prior; the
@@ -698,7 +701,8 @@ class VAEFitter(LearnedFitter):
             yw = yw[torch.randperm(yw.shape[0], generator=gen)[:n_use].to(yw.device)]
         n_all = float(all_reduce_sum(torch.tensor(float(yw.shape[0]), device=prior.mu.device)))
         grid = eb_grid.grid_likelihood(self.model, prior, dims, yw, scheme.work,
-                                       scheme.weights, float(self.net.noise.sigma))
+                                       scheme.weights, float(self.net.noise.sigma),
+                                       all_reduce_sum)
         first = eb_grid.grid_em(prior, grid, all_reduce_sum, n_all)
         moves = eb_grid.relocate(prior, grid, all_reduce_sum, n_all)
         last, _ = eb_grid.grid_em_step(prior, grid, all_reduce_sum, update=False)
