@@ -305,15 +305,17 @@ def test_cli_resume_continues_an_interrupted_training(scan, tmp_path, monkeypatc
 
 
 def test_refinement_and_empirical_bayes_options(scan, tmp_path):
-    """--refine-steps and --eb-rounds reach the fitter (and its sidecar); an option the method
-    does not take is refused by name."""
+    """--refine-steps, --eb-rounds and --no-eb-grid reach the fitter (and its sidecar); an
+    option the method does not take is refused by name."""
     out = tmp_path / "maps"
     r = run(*fit_args(scan, out, "--epochs", "4", "--hidden", "16", "--refine-steps", "0",
-                      "--eb-rounds", "1", method="vae-gmm"))
+                      "--eb-rounds", "1", "--no-eb-grid", method="vae-gmm"))
     assert r.exit_code == 0, r.output
     side = json.loads((out / "model-msdki_fit.json").read_text())
     assert side["Settings"]["refine_steps"] == 0 and side["Settings"]["eb_rounds"] == 1
     assert len(side["Settings"]["empirical_bayes"]["rounds"]) == 1
+    assert side["Settings"]["eb_grid"] is False
+    assert "grid" not in side["Settings"]["empirical_bayes"]
     r = run(*fit_args(scan, tmp_path / "x", "--eb-rounds", "2", method="vae"))
     assert r.exit_code == 2 and "--eb-rounds does not apply to --method vae" in r.output
     assert not (tmp_path / "x").exists()

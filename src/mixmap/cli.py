@@ -276,10 +276,14 @@ def fit(
     n_samples: int | None = typer.Option(None, help="Learned: posterior samples per voxel."),
     refine_steps: int | None = typer.Option(
         None, help="vae, vae-gmm: per-voxel refinement steps of q before the maps (default "
-        "200; fewer is faster, 0 = the encoder's q alone)."),
+        "100; fewer is faster, 0 = the encoder's q alone)."),
     eb_rounds: int | None = typer.Option(
         None, help="vae-gmm: empirical-Bayes rounds that refit the mixture prior to the scan "
         "after training (default 6; 0 = the prior the ELBO learned)."),
+    eb_grid: bool | None = typer.Option(
+        None, "--eb-grid/--no-eb-grid", help="vae-gmm: end the empirical-Bayes refit on a grid "
+        "(marginal likelihood by quadrature; MSDKI and other models with at most two "
+        "parameters besides S0, Gaussian likelihood; default on)."),
     save_model: bool = typer.Option(True, help="Learned: save the trained model in --out."),
     train_voxels: int | None = typer.Option(
         None, help="Cohort: the most voxels held in memory to train the shared model "
@@ -315,7 +319,8 @@ def fit(
     options = dict(config=config, latent_dim=latent_dim, n_components=n_components,
                    hidden=hidden, epochs=epochs, batch_size=batch_size, lr=lr,
                    kl_weight=kl_weight, likelihood=likelihood, n_samples=n_samples,
-                   refine_steps=refine_steps, eb_rounds=eb_rounds, device=device.value,
+                   refine_steps=refine_steps, eb_rounds=eb_rounds, eb_grid=eb_grid,
+                   device=device.value,
                    seed=seed, quiet=quiet)
     fitter = build_fitter(method, model, options)
     if resume and not hasattr(fitter, "use_checkpoint"):

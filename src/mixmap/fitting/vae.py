@@ -992,6 +992,7 @@ class MixtureVAEFitter(VAEFitter):
         n_samples: int | None = None,
         refine_steps: int | None = None,
         eb_rounds: int | None = None,
+        eb_grid: bool | None = None,
         device: str = "cpu",
         seed: int = 0,
         quiet: bool = True,
@@ -1001,5 +1002,5 @@ class MixtureVAEFitter(VAEFitter):
                          n_components=n_components, hidden=hidden, epochs=epochs,
                          batch_size=batch_size, lr=lr, kl_weight=kl_weight,
                          likelihood=likelihood, n_samples=n_samples, refine_steps=refine_steps,
-                         eb_rounds=eb_rounds, device=device, seed=seed, quiet=quiet,
-                         **advanced)
+                         eb_rounds=eb_rounds, eb_grid=eb_grid, device=device, seed=seed,
+                         quiet=quiet, **advanced)
