@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -130,11 +131,12 @@ def _describe(preset: Preset) -> str:
         f"{c.std['K']:.2f}" for c, w in zip(preset.clusters, preset.weights, strict=True))
 
 
-def section(results: list[dict], n_voxels: int) -> str:
+def section(results: list[dict], n_voxels: int,
+            command: str = "python benchmarks/prior_gap.py") -> str:
     cols = ["D all", "D WM", "D GM", "D CSF", "K all", "K WM", "K GM", "K CSF"]
     parts = [
         "## Where vae-gmm loses to Bayes: the learned prior or the posterior\n",
-        f"Produced by `python benchmarks/prior_gap.py` on {machine_description()}: "
+        f"Produced by `{command}` on {machine_description()}: "
         f"{PRESET}, HCP scheme, Gaussian noise, {n_voxels:,} voxels, default vae-gmm (seed 0). "
         "RMSE of three estimates of the same voxels: vae-gmm's maps (after its empirical-Bayes "
         "refit of the prior); the exact posterior mean "
@@ -213,7 +215,9 @@ def main() -> None:
         print(json.dumps(results[-1]["rmse"], indent=1), results[-1]["evidence_gain_per_voxel"],
               flush=True)
     (ROOT / "docs" / "prior_gap.json").write_text(json.dumps(results, indent=1))
-    update_section(ROOT / "docs" / "RESULTS.md", "prior-gap", section(results, args.voxels))
+    command = " ".join(["python benchmarks/prior_gap.py", *sys.argv[1:]])
+    update_section(ROOT / "docs" / "RESULTS.md", "prior-gap",
+                   section(results, args.voxels, command))
 
 
 if __name__ == "__main__":

@@ -75,7 +75,10 @@ def test_each_method_fits_end_to_end(sim, method):
     tol = {"ssl": 0.5, "vae": 0.15}.get(method, 0.1)
     assert np.sqrt(np.mean((r.params["D"] - sim.truth["D"])[tissue] ** 2)) < tol
     if method != "ssl":
-        assert set(r.std) == {"S0", "D", "K"} and np.all(r.std["D"] > 0)
+        # (with FAST's 24 importance draws a voxel's weights can rest on one draw, std 0: one
+        # of the 600 does with the grid refit, and without it one is at 4e-23)
+        assert set(r.std) == {"S0", "D", "K"} and np.mean(r.std["D"] > 1e-6) > 0.99
+        assert np.median(r.std["D"]) > 0.005
         assert {"recon", "kl_z", "kl_y", "elbo"} <= set(r.history[-1])
         assert r.noise_sigma == pytest.approx(sim.sigma, rel=0.25)
     if method == "vae-gmm":
