@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from mixmap.acquisition import Acquisition
-from mixmap.fitting.eb import Reduce
+from mixmap.fitting.eb import Reduce, squarem
 from mixmap.models import SignalModel
 from mixmap.nn.priors import MixturePrior
 
@@ -53,9 +53,10 @@ GRID_TOL = 1e-5
 class GridLikelihood:
     """Voxels' likelihoods on a grid: ``x`` (G, k) the grid points in the prior's coordinates
     ``dims``, ``step`` (k,) their spacing; ``lik`` (n, L) float32 the likelihood at the
-    ``live`` (L,) points only (those where some voxel's likelihood is above the table's floor
-    of e⁻⁸⁰: elsewhere it adds nothing to any voxel's evidence or EM update; about half of
-    MSDKI's grid, where the signal would grow with b), each row divided by its maximum
+    ``live`` (L,) points only (those where some voxel's likelihood is above
+    :data:`TABLE_FLOOR` of its best: elsewhere it adds nothing to any voxel's evidence or EM
+    update; about half of MSDKI's grid, where the signal would grow with b), each row divided
+    by its maximum
     (``log_scale`` (n,) float64, so that the evidence is Σ log(lik @ P[live]) + Σ log_scale).
     The prior's components are normalised over the whole grid."""
 
@@ -130,14 +131,27 @@ def _f32(p: torch.Tensor) -> torch.Tensor:
     return torch.where(p >= MASS_FLOOR, p, 0.0).float()
 
 
-def _component_table(prior: MixturePrior, grid: GridLikelihood) -> torch.Tensor:
-    """(K, G) each component's Gaussian on the grid's coordinates, normalised over the grid
-    points (so truncation to the bounds, and a component narrower than a cell, are exact)."""
+def _joint(prior: MixturePrior, grid: GridLikelihood) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prior's weights π (K,) and π_k times each component's Gaussian at the live grid
+    points (K, L), the Gaussian normalised over the whole grid (so truncation to the bounds,
+    and a component narrower than a cell, are exact)."""
     mu = prior.mu.detach().double()[:, grid.dims]
     sd = prior.log_std.detach().double()[:, grid.dims].exp()
     d = (grid.x[None] - mu[:, None]) / sd[:, None]  # (K, G, k)
-    logp = -0.5 * (d * d).sum(-1)
-    return torch.softmax(logp, 1)
+    table = torch.softmax(-0.5 * (d * d).sum(-1), 1)[:, grid.live]
+    pi = prior.log_pi().detach().double().exp()
+    return pi, pi[:, None] * table
+
+
+def _set_gridded(prior: MixturePrior, grid: GridLikelihood, share: torch.Tensor,
+                 mean_g: torch.Tensor, var_g: torch.Tensor, min_share: float = 0.0) -> None:
+    """Set the weights and the gridded coordinates' means and variances (K, k); S0's
+    coordinates keep theirs (see :meth:`MixturePrior.set_moments`)."""
+    mean = prior.mu.detach().double().clone()
+    var = (2 * prior.log_std.detach().double()).exp()
+    mean[:, grid.dims] = mean_g
+    var[:, grid.dims] = var_g
+    prior.set_moments(share, mean, var, min_share=min_share)
 
 
 def grid_em_step(prior: MixturePrior, grid: GridLikelihood, reduce: Reduce, *,
@@ -147,9 +161,7 @@ def grid_em_step(prior: MixturePrior, grid: GridLikelihood, reduce: Reduce, *,
     coordinates' means and variances (S0's stay). Variances are floored at a quarter of the
     grid's spacing squared. Returns (log evidence, []) like :func:`mixmap.fitting.eb.em_step`
     (there are no importance weights to report)."""
-    table = _component_table(prior, grid)[:, grid.live]  # (K, L)
-    pi = prior.log_pi().detach().double().exp()
-    joint = pi[:, None] * table  # (K, L)
+    _, joint = _joint(prior, grid)  # (K, L)
     P = joint.sum(0)  # (L,)
     # floored so that 1/v stays a float32 (a voxel whose likelihood sits where the prior has
     # under 1e-30 of its mass weighs less in the update than it should; its evidence is floored)
@@ -165,11 +177,7 @@ def grid_em_step(prior: MixturePrior, grid: GridLikelihood, reduce: Reduce, *,
     mean_g = (W @ x) / tot
     var_g = (W @ (x * x)) / tot - mean_g**2
     var_g = torch.maximum(var_g, (grid.step / 2) ** 2)
-    mean = prior.mu.detach().double().clone()
-    var = (2 * prior.log_std.detach().double()).exp()
-    mean[:, grid.dims] = mean_g
-    var[:, grid.dims] = var_g
-    prior.set_moments(nk, mean, var, min_share=1e-3)
+    _set_gridded(prior, grid, nk, mean_g, var_g, min_share=1e-3)
     return float(log_ev), []
 
 
@@ -178,8 +186,6 @@ def grid_em(prior: MixturePrior, grid: GridLikelihood, reduce: Reduce, n_voxels:
     """EM on the grid with SQUAREM (:func:`mixmap.fitting.eb.squarem`) in blocks of 20
     updates, until a block gains under ``tol`` nats per voxel. Returns the log evidence per
     voxel before and after, and the updates made."""
-    from mixmap.fitting.eb import squarem
-
     start, _ = grid_em_step(prior, grid, reduce, update=False)
     last, steps = start, 0
     while steps < max_steps:
@@ -221,13 +227,11 @@ def relocate(prior: MixturePrior, grid: GridLikelihood, reduce: Reduce, n_voxels
     evidence of every candidate centre at once. Returns the moves made."""
     moves = []
     K = prior.mu.shape[0]
-    shape = [int(torch.unique(grid.x[:, j]).numel()) for j in range(len(grid.dims))]
     axes = [torch.unique(grid.x[:, j]) for j in range(len(grid.dims))]
+    shape = [a.numel() for a in axes]
     n = grid.lik.shape[0]
     for k in range(K):
-        table = _component_table(prior, grid)[:, grid.live]
-        pi = prior.log_pi().detach().double().exp()
-        joint = pi[:, None] * table
+        pi, joint = _joint(prior, grid)
         v = (grid.lik @ _f32(joint.sum(0))).double()
         # A nearly empty component is tried with a share of 1/(2K), taken from the others
         # in proportion, so that it can take over the voxels of a cluster another one spans.
@@ -260,13 +264,12 @@ def relocate(prior: MixturePrior, grid: GridLikelihood, reduce: Reduce, n_voxels
         if not gain > margin:
             continue
         before = prior.mu.detach()[k].clone()
-        mu = prior.mu.detach().double().clone()
-        var = (2 * prior.log_std.detach().double()).exp()
-        mu[k, grid.dims] = grid.x[best]
-        var[k, grid.dims] = sd**2
+        mean_g = prior.mu.detach().double()[:, grid.dims].clone()
+        var_g = (2 * prior.log_std.detach().double()[:, grid.dims]).exp()
+        mean_g[k], var_g[k] = grid.x[best], sd**2
         share = pi * (1.0 - w) / max(1.0 - float(pi[k]), 1e-12)
         share[k] = w
-        prior.set_moments(share, mu, var)
+        _set_gridded(prior, grid, share, mean_g, var_g)
         grid_em(prior, grid, reduce, n_voxels)
         moves.append({"component": k, "from": [round(float(x), 4) for x in before],
                       "to": [round(float(x), 4) for x in prior.mu.detach()[k]],

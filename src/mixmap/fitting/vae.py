@@ -72,8 +72,9 @@ GUMBEL_TAU = 1.0
 #: Voxels per chunk at prediction time.
 PREDICT_CHUNK = 2048
 #: Draws of z per mixture component in each per-voxel refinement step of q (its ELBO gradient).
-#: One draw and 100 steps at twice the learning rate gave the maps of two draws and 200 steps
-#: (paper-msdki, HCP and clinical schemes, SNR 10 and 20; ball-stick) in 0.39x the time.
+#: One draw and 100 steps at twice the learning rate gave vae-gmm the maps of two draws and 200
+#: steps to the third digit (paper-msdki, HCP and clinical schemes, SNR 10 and 20; ball-stick's
+#: Dpar 2 % worse) in 0.39x the time.
 REFINE_DRAWS = 1
 #: Posterior draws (voxels × draws per voxel) evaluated at once for the maps.
 DRAWS_PER_SLICE = 2048 * 96
