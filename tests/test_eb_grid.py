@@ -14,6 +14,7 @@ from mixmap.fitting import eb_grid
 from mixmap.fitting.base import Scheme
 from mixmap.fitting.vae import latent_bounds
 from mixmap.models import get_model
+from mixmap.nn.likelihoods import rician_loglik
 from mixmap.nn.priors import MixturePrior
 from mixmap.simulate import get_scheme
 
@@ -86,6 +87,54 @@ def test_the_table_is_the_likelihood_with_s0_integrated_out():
     for j in range(1, len(pts)):
         assert tab[j] - tab[0] == pytest.approx(out[j] - out[0], abs=1e-3)
     assert len({round(t, 3) for t in tab}) == len(pts)  # the points differ
+
+
+@pytest.mark.parametrize("centre", [(3.0, 0.0), (1.0, 1.5)])
+def test_the_rician_table_is_the_rician_likelihood_with_s0_integrated_out(centre):
+    # SNR 20 Rician noise: the CSF-like voxel's signal at b >= 2000 s/mm² is at the noise
+    # floor, where the Gaussian form of the shell means is far off
+    sigma = 0.05
+    full = get_scheme("hcp")
+    gen = torch.Generator().manual_seed(1)
+    prm = {"S0": torch.ones(1, dtype=torch.float64), "D": torch.tensor([centre[0]]).double(),
+           "K": torch.tensor([centre[1]]).double()}
+    clean = MODEL.forward(prm, full).double()
+    y = (clean + sigma * torch.randn(clean.shape, generator=gen, dtype=torch.float64)).hypot(
+        sigma * torch.randn(clean.shape, generator=gen, dtype=torch.float64))
+    yw, _ = SCHEME.working_signals(y)
+    prior = _prior([[1.0, 1.0]], [[0.3, 0.3]])
+    g = eb_grid.grid_likelihood(MODEL, prior, eb_grid.grid_dims(MODEL), yw, SCHEME.work,
+                                SCHEME.weights, sigma, rician=(y, SCHEME.groups))
+    row = torch.zeros(g.x.shape[0])
+    row[g.live] = g.lik[0]
+    order = torch.argsort(row, descending=True)
+    alive = int((row > 0).sum())
+    # the best point, its neighbours, and points down to 1e-9 of it
+    pts = [int(order[j]) for j in (0, 1, 2, alive // 50, alive // 10, alive // 3)]
+    s0 = torch.linspace(0.5, 1.5, 20001, dtype=torch.float64)
+    out = []
+    for i in pts:
+        d, k = g.x[i]
+        f = MODEL.forward({"S0": torch.ones(1, dtype=torch.float64), "D": d[None],
+                           "K": k[None]}, full).double()[0]
+        ll = rician_loglik(y, s0[:, None] * f[None], torch.tensor(sigma, dtype=torch.float64))
+        out.append(float(torch.logsumexp(ll, 0)))
+    tab = [math.log(float(row[i])) + float(g.log_scale[0]) for i in pts]
+    assert all(float(row[i]) > 0 for i in pts)
+    assert out[0] == max(out)  # the table's best point is the true likelihood's best
+    for j in range(1, len(pts)):
+        assert tab[j] - tab[0] == pytest.approx(out[j] - out[0], abs=0.01, rel=0.01)
+    # ... and the Gaussian table of the same shell means is not (the floor biases it)
+    gauss = _grid_sigma(prior, yw, sigma)
+    row_g = torch.zeros(g.x.shape[0])
+    row_g[gauss.live] = gauss.lik[0]
+    if centre[0] == 3.0:
+        assert int(torch.argmax(row_g)) != int(order[0])
+
+
+def _grid_sigma(prior, yw, sigma):
+    return eb_grid.grid_likelihood(MODEL, prior, eb_grid.grid_dims(MODEL), yw, SCHEME.work,
+                                   SCHEME.weights, sigma)
 
 
 def test_grid_em_climbs_the_evidence_and_finds_the_clusters():

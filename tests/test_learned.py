@@ -185,6 +185,10 @@ def test_rician_option_fits(sim):
     r = get_fitter("vae-gmm", "msdki", likelihood="rician", **{**FAST, "epochs": 5,
                    "n_components": 2}).fit(sim.signals[:200], sim.acquisition)
     assert np.all(np.isfinite(r.params["D"])) and r.settings["likelihood"] == "rician"
+    # the grid refit of the prior runs on every measurement's Rician likelihood too
+    grid = r.settings["empirical_bayes"]["grid"]
+    assert grid["voxels"] == 200
+    assert grid["log_evidence_per_voxel"] >= grid["log_evidence_per_voxel_before"]
 
 
 def test_bad_options_are_refused():

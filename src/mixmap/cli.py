@@ -283,7 +283,7 @@ def fit(
     eb_grid: bool | None = typer.Option(
         None, "--eb-grid/--no-eb-grid", help="vae-gmm: end the empirical-Bayes refit on a grid "
         "(marginal likelihood by quadrature; MSDKI and other models with at most two "
-        "parameters besides S0, Gaussian likelihood; default on)."),
+        "parameters besides S0, Gaussian or Rician likelihood; default on)."),
     save_model: bool = typer.Option(True, help="Learned: save the trained model in --out."),
     train_voxels: int | None = typer.Option(
         None, help="Cohort: the most voxels held in memory to train the shared model "

@@ -22,14 +22,13 @@ from scipy.special import ndtr
 
 from mixmap.acquisition import Acquisition
 from mixmap.models import get_model
+from mixmap.nn.likelihoods import RiceTable
 from mixmap.simulate import NOISE_TYPES, Preset, get_preset, preset_from_info, read_simulation_info
 
 log = logging.getLogger(__name__)
 
 #: Default parameter-grid step of :func:`bayes_reference` (in each parameter's unit).
 GRID_STEP = {"gaussian": 0.01, "rician": 0.02}
-#: Signal values at which the Rician likelihood of each shell is tabulated.
-RICIAN_TABLE_SIZE = 256
 #: Points per axis of the local grids on which narrow posteriors are integrated again.
 REFINE_POINTS = 32
 #: Successive local grids (each centred and shaped by the previous one's posterior).
@@ -222,7 +221,7 @@ class _Posterior:
         self.groups = groups
         self.counts = np.array([g.size for g in groups], dtype=np.float64)
         self.sigma, self.noise = float(sigma), noise
-        self.table: list[tuple[float, float]] = []  # Rician: (t0, dt) of each group's knots
+        self.table: list[RiceTable] = []  # Rician: one per group
 
     def signal(self, points: list[np.ndarray]) -> np.ndarray:
         """(..., G) float64 model signal of each group at the points."""
@@ -236,39 +235,22 @@ class _Posterior:
 
     # Rician -----------------------------------------------------------------------------
     def set_knots(self, S: np.ndarray) -> None:
-        """Asinh-spaced knots per group over the group's signal range on the grid ``S``."""
-        scale = self.sigma**2
-        self.table = []
-        for g in range(S.shape[-1]):
-            s = np.clip(S[..., g], 0, None)
-            # Signals above ~20 have a negligible likelihood however the data look (σ <= 1
-            # for S0 = 1); the interpolation extrapolates linearly past the last knot.
-            lo, hi = np.arcsinh(s.min() / scale), np.arcsinh(min(s.max(), 20.0) / scale)
-            self.table.append((lo, max(hi - lo, 1e-6) / (RICIAN_TABLE_SIZE - 1)))
+        """One :class:`~mixmap.nn.likelihoods.RiceTable` per group over the group's signal
+        range on the grid ``S`` (signals above 20 have a negligible likelihood however the
+        data look, as σ <= 1 for S0 = 1)."""
+        self.table = [RiceTable(self.sigma, float(np.clip(S[..., g], 0, None).min()),
+                                float(S[..., g].max())) for g in range(S.shape[-1])]
 
     def rician_h(self, y: np.ndarray) -> list[torch.Tensor]:
-        """Per group, Σ over its measurements of log i0e(y s / σ²) at each knot s: (c, knots).
-
-        log Rice(y; s, σ) = log(y/σ²) − (y² + s²)/(2σ²) + log I0(ys/σ²), and
-        log I0(x) = x + log i0e(x): the terms in s are the Gaussian form −(y − s)²/(2σ²) (up to
-        a constant) plus log i0e(ys/σ²), the only part that needs the table.
-        """
+        """Per group, Σ over its measurements of log i0e(y s / σ²) at each knot s: (c, knots)
+        (the part of the Rician log-likelihood that is not the Gaussian form)."""
         yt = torch.as_tensor(y, dtype=torch.float32)
-        out = []
-        for (t0, dt), members in zip(self.table, self.groups, strict=True):
-            knots = self.sigma**2 * torch.sinh(t0 + dt * torch.arange(RICIAN_TABLE_SIZE,
-                                                                      dtype=torch.float64))
-            x = yt[:, torch.as_tensor(members)][:, :, None] * (knots / self.sigma**2).float()
-            out.append(torch.special.i0e(x).log_().sum(1))
-        return out
+        return [t.h(yt[:, torch.as_tensor(members)])
+                for t, members in zip(self.table, self.groups, strict=True)]
 
     def rician_positions(self, s: np.ndarray, g: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Knot index and linear weight of signals ``s`` in group ``g``'s table."""
-        t0, dt = self.table[g]
-        pos = (np.arcsinh(np.clip(s, 0, None) / self.sigma**2) - t0) / dt
-        i = np.clip(np.floor(pos), 0, RICIAN_TABLE_SIZE - 2).astype(np.int64)
-        # pos − i > 1 past the last knot: linear extrapolation
-        return torch.as_tensor(i), torch.as_tensor(pos - i, dtype=torch.float32)
+        return self.table[g].positions(torch.as_tensor(s, dtype=torch.float64))
 
     # local grids ------------------------------------------------------------------------
     def moments(self, pts: np.ndarray, means: np.ndarray, y: np.ndarray | None):

@@ -28,11 +28,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from mixmap.acquisition import Acquisition
 from mixmap.fitting.eb import Reduce, squarem
 from mixmap.models import SignalModel
+from mixmap.nn.likelihoods import RiceTable
 from mixmap.nn.priors import MixturePrior
 
 #: Grid points in all (per axis: this to the power 1 / number of gridded parameters).
@@ -82,11 +84,20 @@ def grid_dims(model: SignalModel) -> list[int] | None:
 def grid_likelihood(model: SignalModel, prior: MixturePrior, dims: list[int],
                     yw: torch.Tensor, work: Acquisition, counts: torch.Tensor,
                     sigma: float, reduce: Reduce = lambda t: t,
-                    chunk: int = 1024) -> GridLikelihood:
+                    chunk: int = 1024, *,
+                    rician: tuple[torch.Tensor, list[torch.Tensor]] | None = None
+                    ) -> GridLikelihood:
     """Tabulate the likelihood of shell means ``yw`` (n, m') (``counts`` (m',) measurements
     per shell, noise σ, all in working units) on a grid of cell centres over the prior's
     bounded coordinates ``dims``, S0 integrated out (see the module's docstring). ``reduce``
-    sums over processes (the live points are those of any process)."""
+    sums over processes (the live points are those of any process).
+
+    ``rician``: (y (n, m) every measurement, the columns of y behind each shell mean) for
+    Rician noise. Its log-likelihood is the Gaussian one of the shell means plus, per shell,
+    h(s) = Σ_j log i0e(y_j s/σ²) (:class:`~mixmap.nn.likelihoods.RiceTable`), smooth and
+    slowly varying in s; so the S0 integral is the Gaussian closed form times the mean of
+    exp(Σ_b h_b(S0 f_b)) over S0's Gaussian conditional N(B/A, σ²/A), by
+    :data:`RICE_NODES`-point Gauss–Hermite quadrature."""
     dev = yw.device
     per_axis = max(2, round(GRID_POINTS ** (1.0 / len(dims))))
     axes, steps = [], []
@@ -107,12 +118,19 @@ def grid_likelihood(model: SignalModel, prior: MixturePrior, dims: list[int],
     half_log_a = 0.5 * torch.log(A)
     s2 = 2.0 * float(sigma) ** 2
     n = yw.shape[0]
+    if rician is not None:
+        # each shell's table spans its signals S0 f_b for S0 up to 4 (the scan's scale is 1)
+        tables = [RiceTable(float(sigma), 0.0, 4.0 * float(f[:, b].max()))
+                  for b in range(f.shape[1])]
     lik = torch.empty(n, x.shape[0], dtype=torch.float32)
     log_scale = torch.empty(n, dtype=torch.float64)
     for start in range(0, n, chunk):
         y = yw[start:start + chunk].double().cpu()
         B = y @ nf  # (c, G)
         ll = B * B / (s2 * A) - half_log_a
+        if rician is not None:
+            ll += _rician_term(tables, rician[0][start:start + chunk], rician[1], f,
+                               B / A, float(sigma) / A.sqrt())
         top = ll.amax(1, keepdim=True)
         log_scale[start:start + chunk] = top[:, 0]
         rel = (ll - top).float()
@@ -124,6 +142,29 @@ def grid_likelihood(model: SignalModel, prior: MixturePrior, dims: list[int],
     return GridLikelihood(lik[:, live].contiguous().to(dev), log_scale.to(dev), x.to(dev),
                           list(dims), torch.tensor(steps, dtype=torch.float64, device=dev),
                           live.to(dev))
+
+
+#: Gauss–Hermite nodes (probabilists': for a standard normal) and weights of the S0 integral
+#: of the Rician part (:func:`grid_likelihood`).
+RICE_NODES = 5
+_GH_X, _GH_W = (torch.as_tensor(a) for a in np.polynomial.hermite_e.hermegauss(RICE_NODES))
+
+
+def _rician_term(tables: list[RiceTable], y: torch.Tensor, members: list[torch.Tensor],
+                 f: torch.Tensor, s0_mean: torch.Tensor, s0_sd: torch.Tensor) -> torch.Tensor:
+    """log E[exp(Σ_b h_b(S0 f_gb))] over S0 ~ N(``s0_mean``, ``s0_sd``²) (c, G) per voxel
+    of ``y`` (c, m) and grid point g, by Gauss–Hermite quadrature (f (G, m') the signal at
+    S0 = 1; h_b each shell's :class:`RiceTable` of the voxel's measurements)."""
+    y = y.double().cpu()
+    s0 = s0_mean[:, :, None] + s0_sd[None, :, None] * _GH_X  # (c, G, Q)
+    total = torch.zeros_like(s0)
+    for b, (table, cols) in enumerate(zip(tables, members, strict=True)):
+        h = table.h(y[:, cols.cpu()])  # (c, knots)
+        i, w = table.positions(s0 * f[None, :, b, None])
+        i, w = i.view(y.shape[0], -1), w.view(y.shape[0], -1)
+        lo = torch.gather(h, 1, i)
+        total += (lo + w * (torch.gather(h, 1, i + 1) - lo)).view_as(total)
+    return torch.logsumexp(total + torch.log(_GH_W / _GH_W.sum()), 2)
 
 
 def _f32(p: torch.Tensor) -> torch.Tensor:

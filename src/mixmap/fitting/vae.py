@@ -147,8 +147,9 @@ class VAEFitter(LearnedFitter):
         After the importance-sampled rounds, refit the prior on a grid
         (:mod:`mixmap.fitting.eb_grid`): the marginal likelihood by quadrature, EM to
         convergence and each component moved to its best place on a coarse lattice when that
-        pays. Applies where the model has at most two parameters besides S0, no direction,
-        and the likelihood is Gaussian (MSDKI); elsewhere it is skipped.
+        pays. Applies where the model has at most two parameters besides S0 and no
+        direction (MSDKI), with the Gaussian or the Rician likelihood; elsewhere it is
+        skipped.
     """
 
     name = "vae-any"
@@ -692,18 +693,26 @@ class VAEFitter(LearnedFitter):
         apply. Returns its log evidence per voxel before and after, and the moves made."""
         dims = eb_grid.grid_dims(self.model)
         prior = self.net.prior
-        if (dims is None or scheme.weights is None or self.likelihood != "gaussian"
+        rician = self.likelihood == "rician"
+        if (dims is None or not self.model.direction_independent
+                or (scheme.weights is None and not rician)
                 or self.net.decoder.kind != "identity" or prior.analytic):
             return None
-        yw = torch.cat([batch.yw for batch, *_ in qs])
+        y = torch.cat([batch.yw for batch, *_ in qs])
         world = distributed.world_size() if distributed.active() else 1
-        n_use = min(yw.shape[0], -(-eb_grid.GRID_VOXELS // world))
-        if n_use < yw.shape[0]:
-            yw = yw[torch.randperm(yw.shape[0], generator=gen)[:n_use].to(yw.device)]
-        n_all = float(all_reduce_sum(torch.tensor(float(yw.shape[0]), device=prior.mu.device)))
-        grid = eb_grid.grid_likelihood(self.model, prior, dims, yw, scheme.work,
-                                       scheme.weights, float(self.net.noise.sigma),
-                                       all_reduce_sum)
+        n_use = min(y.shape[0], -(-eb_grid.GRID_VOXELS // world))
+        if n_use < y.shape[0]:
+            y = y[torch.randperm(y.shape[0], generator=gen)[:n_use].to(y.device)]
+        n_all = float(all_reduce_sum(torch.tensor(float(y.shape[0]), device=prior.mu.device)))
+        if rician:  # every measurement: the shells' means and the Rician part per shell
+            shells = Scheme.build(self.model, scheme.full, True, y.device)
+            yw, _ = shells.working_signals(y)
+            extra = {"rician": (y, shells.groups)}
+        else:
+            shells, yw, extra = scheme, y, {}
+        grid = eb_grid.grid_likelihood(self.model, prior, dims, yw, shells.work,
+                                       shells.weights, float(self.net.noise.sigma),
+                                       all_reduce_sum, **extra)
         first = eb_grid.grid_em(prior, grid, all_reduce_sum, n_all)
         moves = eb_grid.relocate(prior, grid, all_reduce_sum, n_all)
         last, _ = eb_grid.grid_em_step(prior, grid, all_reduce_sum, update=False)

@@ -99,3 +99,43 @@ class NoiseModel(nn.Module):
         if weights is not None:
             raise ValueError("the Rician likelihood needs every measurement, not shell means")
         return rician_loglik(y, s, self.sigma)
+
+
+#: Knots of a :class:`RiceTable`.
+RICE_TABLE_SIZE = 256
+
+
+class RiceTable:
+    """The one non-Gaussian part of a group's Rician log-likelihood, tabulated in its signal.
+
+    For measurements y_j (j in a group whose model signal is one value s, such as a shell of a
+    direction-independent model), Σ_j log Rice(y_j; s, σ) = (the Gaussian form
+    −Σ_j (y_j − s)²/(2σ²) up to a constant) + h(s), h(s) = Σ_j log i0e(y_j s/σ²). h is smooth
+    and nearly linear in asinh(s/σ²) (constant below about σ², −½ log s per measurement above),
+    so it is tabulated per voxel at :data:`RICE_TABLE_SIZE` asinh-spaced knots over
+    [``s_min``, min(``s_max``, ``cap``)] and interpolated linearly (extrapolated past the last
+    knot); the Gaussian part is added exactly by the caller. Shared by the Bayes reference
+    (:func:`mixmap.evaluate.bayes_reference`) and the grid refit of the prior
+    (:mod:`mixmap.fitting.eb_grid`).
+    """
+
+    def __init__(self, sigma: float, s_min: float, s_max: float, cap: float = 20.0,
+                 size: int = RICE_TABLE_SIZE) -> None:
+        self.sigma2 = float(sigma) ** 2
+        self.size = int(size)
+        lo = math.asinh(max(float(s_min), 0.0) / self.sigma2)
+        hi = math.asinh(min(max(float(s_max), 0.0), cap) / self.sigma2)
+        self.t0, self.dt = lo, max(hi - lo, 1e-6) / (self.size - 1)
+
+    def h(self, y: torch.Tensor) -> torch.Tensor:
+        """(n, size) float32: Σ_j log i0e(y_j s/σ²) at each knot s, for y (n, members)."""
+        t = self.t0 + self.dt * torch.arange(self.size, dtype=torch.float64)
+        scaled = torch.sinh(t).float().to(y.device)  # knots / σ²
+        return torch.special.i0e(y.float()[:, :, None] * scaled).log_().sum(1)
+
+    def positions(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Knot index (int64) and linear weight (float32) of signals ``s`` (any shape): h at s
+        is ``h[i] + w (h[i + 1] − h[i])`` (w > 1 past the last knot)."""
+        pos = (torch.asinh(s.double().clamp_min(0.0) / self.sigma2) - self.t0) / self.dt
+        i = pos.floor().clamp(0, self.size - 2).long()
+        return i, (pos - i).float()
