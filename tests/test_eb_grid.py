@@ -121,7 +121,7 @@ def test_the_rician_table_is_the_rician_likelihood_with_s0_integrated_out(centre
         out.append(float(torch.logsumexp(ll, 0)))
     tab = [math.log(float(row[i])) + float(g.log_scale[0]) for i in pts]
     assert all(float(row[i]) > 0 for i in pts)
-    assert out[0] == max(out)  # the table's best point is the true likelihood's best
+    assert out[0] >= max(out) - 1e-3  # the table's best point is (nearly) the true best
     for j in range(1, len(pts)):
         assert tab[j] - tab[0] == pytest.approx(out[j] - out[0], abs=0.01, rel=0.01)
     # ... and the Gaussian table of the same shell means is not (the floor biases it)

@@ -28,7 +28,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from mixmap.acquisition import Acquisition
@@ -96,8 +95,8 @@ def grid_likelihood(model: SignalModel, prior: MixturePrior, dims: list[int],
     Rician noise. Its log-likelihood is the Gaussian one of the shell means plus, per shell,
     h(s) = Σ_j log i0e(y_j s/σ²) (:class:`~mixmap.nn.likelihoods.RiceTable`), smooth and
     slowly varying in s; so the S0 integral is the Gaussian closed form times the mean of
-    exp(Σ_b h_b(S0 f_b)) over S0's Gaussian conditional N(B/A, σ²/A), by
-    :data:`RICE_NODES`-point Gauss–Hermite quadrature."""
+    exp(Σ_b h_b(S0 f_b)) over S0's Gaussian conditional N(B/A, σ²/A), by Laplace's method
+    (:func:`_rician_term`)."""
     dev = yw.device
     per_axis = max(2, round(GRID_POINTS ** (1.0 / len(dims))))
     axes, steps = [], []
@@ -130,7 +129,7 @@ def grid_likelihood(model: SignalModel, prior: MixturePrior, dims: list[int],
         ll = B * B / (s2 * A) - half_log_a
         if rician is not None:
             ll += _rician_term(tables, rician[0][start:start + chunk], rician[1], f,
-                               B / A, float(sigma) / A.sqrt())
+                               B / A, float(sigma) ** 2 / A)
         top = ll.amax(1, keepdim=True)
         log_scale[start:start + chunk] = top[:, 0]
         rel = (ll - top).float()
@@ -144,27 +143,39 @@ def grid_likelihood(model: SignalModel, prior: MixturePrior, dims: list[int],
                           live.to(dev))
 
 
-#: Gauss–Hermite nodes (probabilists': for a standard normal) and weights of the S0 integral
-#: of the Rician part (:func:`grid_likelihood`).
-RICE_NODES = 5
-_GH_X, _GH_W = (torch.as_tensor(a) for a in np.polynomial.hermite_e.hermegauss(RICE_NODES))
-
-
 def _rician_term(tables: list[RiceTable], y: torch.Tensor, members: list[torch.Tensor],
-                 f: torch.Tensor, s0_mean: torch.Tensor, s0_sd: torch.Tensor) -> torch.Tensor:
-    """log E[exp(Σ_b h_b(S0 f_gb))] over S0 ~ N(``s0_mean``, ``s0_sd``²) (c, G) per voxel
-    of ``y`` (c, m) and grid point g, by Gauss–Hermite quadrature (f (G, m') the signal at
-    S0 = 1; h_b each shell's :class:`RiceTable` of the voxel's measurements)."""
-    y = y.double().cpu()
-    s0 = s0_mean[:, :, None] + s0_sd[None, :, None] * _GH_X  # (c, G, Q)
-    total = torch.zeros_like(s0)
-    for b, (table, cols) in enumerate(zip(tables, members, strict=True)):
-        h = table.h(y[:, cols.cpu()])  # (c, knots)
-        i, w = table.positions(s0 * f[None, :, b, None])
-        i, w = i.view(y.shape[0], -1), w.view(y.shape[0], -1)
-        lo = torch.gather(h, 1, i)
-        total += (lo + w * (torch.gather(h, 1, i + 1) - lo)).view_as(total)
-    return torch.logsumexp(total + torch.log(_GH_W / _GH_W.sum()), 2)
+                 f: torch.Tensor, s0_mean: torch.Tensor, s0_var: torch.Tensor) -> torch.Tensor:
+    """log E[exp(H(S0))], H(S0) = Σ_b h_b(S0 f_gb), over S0 ~ N(``s0_mean``, ``s0_var``)
+    (c, G) and (G,), per voxel of ``y`` (c, m) and grid point g (f (G, m') the signal at
+    S0 = 1; h_b each shell's :class:`RiceTable` of the voxel's measurements).
+
+    Laplace's method with H quadratic: H and H' at the Gaussian's mean m0 and at m1 = m0 +
+    v H'(m0) (the mode were H linear), H'' their secant; the integral of the Gaussian times
+    exp(that quadratic) is closed. Exact for a linear H; H'' is about Σ_b n_b / 2S0² (h_b ≈
+    −n_b/2 log s at high SNR), so the error ½ H'' v stays near 0.005 nats at SNR 20 and it
+    needs two table look-ups per shell where quadrature on the raw Gaussian needs five
+    (exp(H) varies by e^{±1.2} over ±1 sd there)."""
+    y = y.float().cpu()
+    hs = [table.h(y[:, cols.cpu()]) for table, cols in zip(tables, members, strict=True)]
+    v = s0_var.float()[None]  # (1, G)
+    m0 = s0_mean.float()
+    fb = f.float()
+
+    def value_and_slope(s0):
+        val, der = torch.zeros_like(s0), torch.zeros_like(s0)
+        for b, (table, h) in enumerate(zip(tables, hs, strict=True)):
+            hv, hd = table.lookup(h, s0 * fb[:, b])
+            val += hv
+            der += hd * fb[:, b]
+        return val, der
+
+    _, g0 = value_and_slope(m0)
+    d = v * g0  # m1 − m0
+    h1, g1 = value_and_slope(m0 + d)
+    c = torch.where(d.abs() > 1e-12, (g1 - g0) / torch.where(d.abs() > 1e-12, d, 1.0), 0.0)
+    prec = 1.0 / v - torch.minimum(c, 0.5 / v)  # the integrand's precision, kept positive
+    a = g1 - d / v
+    return (h1 - d * d / (2 * v) + a * a / (2 * prec) - 0.5 * torch.log(v * prec)).double()
 
 
 def _f32(p: torch.Tensor) -> torch.Tensor:

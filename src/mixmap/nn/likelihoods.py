@@ -134,8 +134,19 @@ class RiceTable:
         return torch.special.i0e(y.float()[:, :, None] * scaled).log_().sum(1)
 
     def positions(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Knot index (int64) and linear weight (float32) of signals ``s`` (any shape): h at s
-        is ``h[i] + w (h[i + 1] − h[i])`` (w > 1 past the last knot)."""
-        pos = (torch.asinh(s.double().clamp_min(0.0) / self.sigma2) - self.t0) / self.dt
+        """Knot index (int64) and linear weight (float32) of signals ``s`` (any shape, computed
+        in its float type): h at s is ``h[i] + w (h[i + 1] − h[i])`` (w > 1 past the last
+        knot)."""
+        pos = (torch.asinh(s.clamp_min(0.0) / self.sigma2) - self.t0) / self.dt
         i = pos.floor().clamp(0, self.size - 2).long()
         return i, (pos - i).float()
+
+    def lookup(self, h: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """h (n, size) of :meth:`h` at signals ``s`` (n, k): its value and its derivative in s
+        (the interpolant's slope), each (n, k) float32."""
+        i, w = self.positions(s.float())
+        lo = torch.gather(h, 1, i)
+        step = torch.gather(h, 1, i + 1) - lo
+        # d asinh(s/σ²) / ds = 1 / √(σ⁴ + s²)
+        slope = step / (self.dt * torch.sqrt(self.sigma2**2 + s.float() ** 2))
+        return lo + w * step, slope
