@@ -236,8 +236,9 @@ def grid_em_step(prior: MixturePrior, grid: GridLikelihood, reduce: Reduce, *,
 def grid_em(prior: MixturePrior, grid: GridLikelihood, reduce: Reduce, n_voxels: float,
             *, max_steps: int = GRID_MAX_STEPS, tol: float = GRID_TOL) -> dict:
     """EM on the grid with SQUAREM (:func:`mixmap.fitting.eb.squarem`) in blocks of 20
-    updates, until a block gains under ``tol`` nats per voxel. Returns the log evidence per
-    voxel before and after, and the updates made."""
+    updates, until a block gains under ``tol`` nats per voxel, then :func:`polish`. Returns
+    the log evidence per voxel before and after, the updates made and the polish's
+    evaluations."""
     start, _ = grid_em_step(prior, grid, reduce, update=False)
     last, steps = start, 0
     while steps < max_steps:
@@ -248,9 +249,67 @@ def grid_em(prior: MixturePrior, grid: GridLikelihood, reduce: Reduce, n_voxels:
         last = now
         if not math.isfinite(now) or gain < tol:
             break
+    evals = polish(prior, grid, reduce, n_voxels) if math.isfinite(last) else 0
+    last, _ = grid_em_step(prior, grid, reduce, update=False)
     return {"voxels": int(n_voxels), "grid_points": int(grid.x.shape[0]), "updates": steps,
-            "log_evidence_per_voxel_before": start / n_voxels,
+            "polish_evaluations": evals, "log_evidence_per_voxel_before": start / n_voxels,
             "log_evidence_per_voxel": last / n_voxels}
+
+
+#: Iterations of :func:`polish` at most.
+POLISH_ITERATIONS = 100
+
+
+def polish(prior: MixturePrior, grid: GridLikelihood, reduce: Reduce, n_voxels: float,
+           *, max_iter: int = POLISH_ITERATIONS) -> int:
+    """Maximise the grid's log evidence over the weights and the gridded coordinates' means and
+    spreads directly, by L-BFGS from where EM stopped; keep the result only if the evidence
+    rose. Along MSDKI's D–K ridge the evidence is so flat that EM, even with SQUAREM, moves the
+    CSF-like component by a vanishing step per update and its stopping rule ends it far from
+    the maximum (0.08 µm²/ms short in D at SNR 20 with Rician noise, where it moves the maps:
+    the CSF-like voxels' posteriors follow the prior along the ridge); L-BFGS learns the
+    ridge's curvature and gets there in tens of evaluations. The spreads keep EM's floor
+    smoothly: sd = √(floor² + s²), floor half a grid step. Gradients and the objective are
+    summed over processes (each holds the same prior, so all take the same steps). Returns the
+    objective's evaluations."""
+    dims = grid.dims
+    floor2 = (grid.step / 2) ** 2
+    mu = prior.mu.detach().double()[:, dims].clone().requires_grad_(True)
+    var = (2 * prior.log_std.detach().double()[:, dims]).exp()
+    log_s = (0.5 * torch.log((var - floor2).clamp_min(1e-12 * floor2))).requires_grad_(True)
+    logits = prior.log_pi().detach().double().clone().requires_grad_(True)
+    before, _ = grid_em_step(prior, grid, reduce, update=False)
+    evals = 0
+
+    def closure():
+        nonlocal evals
+        evals += 1
+        opt.zero_grad()
+        sd = torch.sqrt(floor2 + torch.exp(2 * log_s))
+        d = (grid.x[None] - mu[:, None]) / sd[:, None]
+        table = torch.softmax(-0.5 * (d * d).sum(-1), 1)[:, grid.live]
+        mass = (torch.softmax(logits, 0)[:, None] * table).sum(0)
+        v = (grid.lik @ mass.float()).double().clamp_min(1e-30)
+        loss = -torch.log(v).sum()
+        loss.backward()
+        for t in (mu, log_s, logits):
+            t.grad = reduce(t.grad) / n_voxels
+        return reduce(loss.detach()) / n_voxels
+
+    opt = torch.optim.LBFGS([mu, log_s, logits], lr=1.0, max_iter=int(max_iter),
+                            history_size=20, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-9, tolerance_change=1e-12)
+    kept = [t.detach().clone() for t in (prior.mu, prior.log_std, prior.logits)]
+    opt.step(closure)
+    with torch.no_grad():
+        if all(bool(torch.isfinite(t).all()) for t in (mu, log_s, logits)):
+            sd = torch.sqrt(floor2 + torch.exp(2 * log_s))
+            _set_gridded(prior, grid, torch.softmax(logits, 0), mu, sd**2, min_share=1e-3)
+        after, _ = grid_em_step(prior, grid, reduce, update=False)
+        if not after >= before:  # no gain (or a non-finite result): EM's prior stays
+            for t, k in zip((prior.mu, prior.log_std, prior.logits), kept, strict=True):
+                t.copy_(k)
+    return evals
 
 
 #: A relocation is kept only if it raises the log evidence by more than this per voxel.
