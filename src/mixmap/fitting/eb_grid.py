@@ -48,6 +48,8 @@ MASS_FLOOR = 1e-20
 #: EM updates at most, and the gain per voxel (nats) over a block of 20 below which it stops.
 GRID_MAX_STEPS = 2000
 GRID_TOL = 1e-5
+#: Knots of each shell's Rician table (:class:`~mixmap.nn.likelihoods.RiceTable`).
+RICE_KNOTS = 256
 
 
 @dataclass
@@ -119,7 +121,7 @@ def grid_likelihood(model: SignalModel, prior: MixturePrior, dims: list[int],
     n = yw.shape[0]
     if rician is not None:
         # each shell's table spans its signals S0 f_b for S0 up to 4 (the scan's scale is 1)
-        tables = [RiceTable(float(sigma), 0.0, 4.0 * float(f[:, b].max()))
+        tables = [RiceTable(float(sigma), 0.0, 4.0 * float(f[:, b].max()), size=RICE_KNOTS)
                   for b in range(f.shape[1])]
     lik = torch.empty(n, x.shape[0], dtype=torch.float32)
     log_scale = torch.empty(n, dtype=torch.float64)
