@@ -20,7 +20,13 @@ the grid points, normalised over them: truncation to the bounds is exact), so th
 the scan is Σ_i log Σ_g L_ig P_g: exact up to the grid's resolution, deterministic, and as
 cheap to evaluate for a far-away prior as for a near one. EM on it needs two matrix-vector
 products per update (:func:`grid_em_step`), so thousands of updates, sped up by SQUAREM,
-cost seconds. S0's own prior coordinates are left as importance-sampled EM set them.
+cost seconds; along the flattest ridges EM still stops short, and L-BFGS on the same
+evidence finishes the climb (:func:`polish`). S0's own prior coordinates are left as
+importance-sampled EM set them.
+
+With Rician noise the likelihood is the Gaussian one of the shell means times a smooth
+per-shell factor (:class:`~mixmap.nn.likelihoods.RiceTable`), integrated over S0 by Laplace's
+method around the Gaussian closed form (:func:`grid_likelihood`, ``rician``).
 """
 
 from __future__ import annotations
