@@ -201,10 +201,11 @@ def main() -> None:
                 print(noise, seed, r["csf"], {k: v["D all"] for k, v in r["rmse"].items()},
                       flush=True)
                 results = _locked_update([r])
-    seeds = sorted({r["seed"] for r in results})
-    noises = sorted({r["noise"] for r in results})
-    command = ("python benchmarks/eb_spread.py --noise " + " ".join(noises) + " --seeds "
-               + " ".join(map(str, seeds)))
+    command = "; ".join(
+        f"python benchmarks/eb_spread.py --noise {noise} --seeds "
+        + " ".join(str(r["seed"]) for r in sorted(results, key=lambda r: r["seed"])
+                   if r["noise"] == noise)
+        for noise in sorted({r["noise"] for r in results}))
     update_section(ROOT / "docs" / "RESULTS.md", "eb-spread", section(results, command))
 
 
