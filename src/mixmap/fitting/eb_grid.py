@@ -20,9 +20,9 @@ the grid points, normalised over them: truncation to the bounds is exact), so th
 the scan is Σ_i log Σ_g L_ig P_g: exact up to the grid's resolution, deterministic, and as
 cheap to evaluate for a far-away prior as for a near one. EM on it needs two matrix-vector
 products per update (:func:`grid_em_step`), so thousands of updates, sped up by SQUAREM,
-cost seconds; along the flattest ridges EM still stops short, and L-BFGS on the same
-evidence finishes the climb (:func:`polish`). S0's own prior coordinates are left as
-importance-sampled EM set them.
+cost seconds (along the flattest ridges EM stops short of the maximum; :func:`polish`
+finishes the climb by L-BFGS, but is not part of vae-gmm's refit). S0's own prior
+coordinates are left as importance-sampled EM set them.
 
 With Rician noise the likelihood is the Gaussian one of the shell means times a smooth
 per-shell factor (:class:`~mixmap.nn.likelihoods.RiceTable`), integrated over S0 by Laplace's
@@ -45,11 +45,11 @@ from mixmap.nn.priors import MixturePrior
 #: Grid points in all (per axis: this to the power 1 / number of gridded parameters).
 GRID_POINTS = 9216
 #: At most this many voxels (over all processes) enter the grid's likelihood table, which
-#: holds voxels × live grid points float32 values (MSDKI: about 20,000 × 4,400, 350 MB). The
-#: refit's answer along a flat ridge has a sampling error that shrinks with the voxels it sees:
-#: with Rician noise at SNR 20 the maximum-evidence CSF-like D of one 10,000-voxel scan was
-#: 2.99 on all its voxels and 2.95 on the first 8,000 (truth 3.00).
-GRID_VOXELS = 20000
+#: holds voxels × live grid points float32 values (MSDKI: about 8,000 × 4,400, 140 MB). Along
+#: a flat ridge the refit's answer has a sampling error that the subset sets (Rician noise, SNR
+#: 20: the maximum-evidence CSF-like D of one 10,000-voxel scan was 2.99 on all its voxels and
+#: 2.95 on its first 8,000); 20,000 was tried only together with :func:`polish` (see there).
+GRID_VOXELS = 8000
 #: Relative likelihood below which a table entry is 0, and prior mass per grid point below which
 #: it is 0 in the float32 sums (so no product of the two is a float32 denormal, slow on CPUs).
 TABLE_FLOOR = 1e-15
@@ -247,9 +247,8 @@ def grid_em_step(prior: MixturePrior, grid: GridLikelihood, reduce: Reduce, *,
 def grid_em(prior: MixturePrior, grid: GridLikelihood, reduce: Reduce, n_voxels: float,
             *, max_steps: int = GRID_MAX_STEPS, tol: float = GRID_TOL) -> dict:
     """EM on the grid with SQUAREM (:func:`mixmap.fitting.eb.squarem`) in blocks of 20
-    updates, until a block gains under ``tol`` nats per voxel, then :func:`polish`. Returns
-    the log evidence per voxel before and after, the updates made and the polish's
-    evaluations."""
+    updates, until a block gains under ``tol`` nats per voxel. Returns the log evidence per
+    voxel before and after, and the updates made."""
     start, _ = grid_em_step(prior, grid, reduce, update=False)
     last, steps = start, 0
     while steps < max_steps:
@@ -260,10 +259,8 @@ def grid_em(prior: MixturePrior, grid: GridLikelihood, reduce: Reduce, n_voxels:
         last = now
         if not math.isfinite(now) or gain < tol:
             break
-    evals = polish(prior, grid, reduce, n_voxels) if math.isfinite(last) else 0
-    last, _ = grid_em_step(prior, grid, reduce, update=False)
     return {"voxels": int(n_voxels), "grid_points": int(grid.x.shape[0]), "updates": steps,
-            "polish_evaluations": evals, "log_evidence_per_voxel_before": start / n_voxels,
+            "log_evidence_per_voxel_before": start / n_voxels,
             "log_evidence_per_voxel": last / n_voxels}
 
 
@@ -279,7 +276,13 @@ def polish(prior: MixturePrior, grid: GridLikelihood, reduce: Reduce, n_voxels: 
     CSF-like component by a vanishing step per update and its stopping rule ends it far from
     the maximum (0.08 µm²/ms short in D at SNR 20 with Rician noise, where it moves the maps:
     the CSF-like voxels' posteriors follow the prior along the ridge); L-BFGS learns the
-    ridge's curvature and gets there in tens of evaluations. The spreads keep EM's floor
+    ridge's curvature and gets there in tens of evaluations. Not part of vae-gmm's refit: run
+    after EM from where vae-gmm's training left the prior on the SNR 10 ``paper-msdki`` scan
+    (with 20,000 grid voxels) it climbed to a CSF-like component with its K spread at the
+    grid's floor and D spread twice the truth's (maps 1.59× the Bayes floor in D, where EM's
+    early stop gives 1.03×): the evidence has more than one maximum there, and the exact
+    climb does not choose the better one. ``benchmarks/eb_spread.py`` uses it to find the
+    maximum near a given start. The spreads keep EM's floor
     smoothly: sd = √(floor² + s²), floor half a grid step. Gradients and the objective are
     summed over processes (each holds the same prior, so all take the same steps). Returns the
     objective's evaluations."""
