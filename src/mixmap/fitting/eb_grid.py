@@ -57,8 +57,6 @@ MASS_FLOOR = 1e-20
 #: EM updates at most, and the gain per voxel (nats) over a block of 20 below which it stops.
 GRID_MAX_STEPS = 2000
 GRID_TOL = 1e-5
-#: Knots of each shell's Rician table (:class:`~mixmap.nn.likelihoods.RiceTable`).
-RICE_KNOTS = 256
 
 
 @dataclass
@@ -130,7 +128,7 @@ def grid_likelihood(model: SignalModel, prior: MixturePrior, dims: list[int],
     n = yw.shape[0]
     if rician is not None:
         # each shell's table spans its signals S0 f_b for S0 up to 4 (the scan's scale is 1)
-        tables = [RiceTable(float(sigma), 0.0, 4.0 * float(f[:, b].max()), size=RICE_KNOTS)
+        tables = [RiceTable(float(sigma), 0.0, 4.0 * float(f[:, b].max()))
                   for b in range(f.shape[1])]
     lik = torch.empty(n, x.shape[0], dtype=torch.float32)
     log_scale = torch.empty(n, dtype=torch.float64)
@@ -194,14 +192,19 @@ def _f32(p: torch.Tensor) -> torch.Tensor:
     return torch.where(p >= MASS_FLOOR, p, 0.0).float()
 
 
+def _components(grid: GridLikelihood, mu: torch.Tensor, sd: torch.Tensor) -> torch.Tensor:
+    """(K, L) each component's Gaussian (means ``mu``, spreads ``sd`` (K, k) in the gridded
+    coordinates) at the live grid points, normalised over the whole grid (so truncation to the
+    bounds, and a component narrower than a cell, are exact). Differentiable."""
+    d = (grid.x[None] - mu[:, None]) / sd[:, None]  # (K, G, k)
+    return torch.softmax(-0.5 * (d * d).sum(-1), 1)[:, grid.live]
+
+
 def _joint(prior: MixturePrior, grid: GridLikelihood) -> tuple[torch.Tensor, torch.Tensor]:
     """The prior's weights π (K,) and π_k times each component's Gaussian at the live grid
-    points (K, L), the Gaussian normalised over the whole grid (so truncation to the bounds,
-    and a component narrower than a cell, are exact)."""
-    mu = prior.mu.detach().double()[:, grid.dims]
-    sd = prior.log_std.detach().double()[:, grid.dims].exp()
-    d = (grid.x[None] - mu[:, None]) / sd[:, None]  # (K, G, k)
-    table = torch.softmax(-0.5 * (d * d).sum(-1), 1)[:, grid.live]
+    points (K, L) (:func:`_components`)."""
+    table = _components(grid, prior.mu.detach().double()[:, grid.dims],
+                        prior.log_std.detach().double()[:, grid.dims].exp())
     pi = prior.log_pi().detach().double().exp()
     return pi, pi[:, None] * table
 
@@ -282,8 +285,8 @@ def polish(prior: MixturePrior, grid: GridLikelihood, reduce: Reduce, n_voxels: 
     grid's floor and D spread twice the truth's (maps 1.59× the Bayes floor in D, where EM's
     early stop gives 1.03×): the evidence has more than one maximum there, and the exact
     climb does not choose the better one. ``benchmarks/eb_spread.py`` uses it to find the
-    maximum near a given start. The spreads keep EM's floor
-    smoothly: sd = √(floor² + s²), floor half a grid step. Gradients and the objective are
+    maximum near a given start. The spreads keep EM's floor smoothly: sd = √(floor² + s²),
+    floor half a grid step. Gradients and the objective are
     summed over processes (each holds the same prior, so all take the same steps). Returns the
     objective's evaluations."""
     dims = grid.dims
@@ -299,9 +302,7 @@ def polish(prior: MixturePrior, grid: GridLikelihood, reduce: Reduce, n_voxels: 
         nonlocal evals
         evals += 1
         opt.zero_grad()
-        sd = torch.sqrt(floor2 + torch.exp(2 * log_s))
-        d = (grid.x[None] - mu[:, None]) / sd[:, None]
-        table = torch.softmax(-0.5 * (d * d).sum(-1), 1)[:, grid.live]
+        table = _components(grid, mu, torch.sqrt(floor2 + torch.exp(2 * log_s)))
         mass = (torch.softmax(logits, 0)[:, None] * table).sum(0)
         v = (grid.lik @ mass.float()).double().clamp_min(1e-30)
         loss = -torch.log(v).sum()
