@@ -113,8 +113,9 @@ class RiceTable:
     −Σ_j (y_j − s)²/(2σ²) up to a constant) + h(s), h(s) = Σ_j log i0e(y_j s/σ²). h is smooth
     and nearly linear in asinh(s/σ²) (constant below about σ², −½ log s per measurement above),
     so it is tabulated per voxel at :data:`RICE_TABLE_SIZE` asinh-spaced knots over
-    [``s_min``, min(``s_max``, ``cap``)] and interpolated linearly (extrapolated past the last
-    knot); the Gaussian part is added exactly by the caller. Shared by the Bayes reference
+    [``s_min``, min(``s_max``, ``cap``)] and interpolated, linearly (:meth:`positions`) or
+    cubically with its slope (:meth:`lookup`); the Gaussian part is added exactly by the
+    caller. Shared by the Bayes reference
     (:func:`mixmap.evaluate.bayes_reference`) and the grid refit of the prior
     (:mod:`mixmap.fitting.eb_grid`).
     """
@@ -137,17 +138,22 @@ class RiceTable:
         """Knot index (int64) and linear weight (float32) of signals ``s`` (any shape, computed
         in its float type): h at s is ``h[i] + w (h[i + 1] − h[i])`` (w > 1 past the last
         knot)."""
-        pos = (torch.asinh(s.clamp_min(0.0) / self.sigma2) - self.t0) / self.dt
+        pos = self._knot_position(s)
         i = pos.floor().clamp(0, self.size - 2).long()
         return i, (pos - i).float()
+
+    def _knot_position(self, s: torch.Tensor) -> torch.Tensor:
+        """Signals ``s`` in units of knots (0 at the first), computed in their float type."""
+        return (torch.asinh(s.clamp_min(0.0) / self.sigma2) - self.t0) / self.dt
 
     def lookup(self, h: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """h (n, size) of :meth:`h` at signals ``s`` (n, k): its value and its derivative in s,
         each (n, k) float32, by Catmull–Rom cubic interpolation in asinh(s/σ²) (the linear
         interpolant's error, 256 knots, shifted the maximum of a scan's evidence along MSDKI's
-        D–K ridge by 0.02 µm²/ms; the cubic one's is some 20× smaller); linear in the end
-        segments and past the last knot."""
-        pos = (torch.asinh(s.float().clamp_min(0.0) / self.sigma2) - self.t0) / self.dt
+        D–K ridge by 0.02 µm²/ms; the cubic one's is some 20× smaller). In the first and the
+        last segment and past the last knot, where a cubic lacks a neighbour, the line through
+        the next inner segment's knots is extended."""
+        pos = self._knot_position(s.float())
         i = pos.floor().clamp(1, self.size - 3).long()
         u = pos - i
         p0, p1, p2, p3 = (torch.gather(h, 1, i + k) for k in (-1, 0, 1, 2))
