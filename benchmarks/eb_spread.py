@@ -22,10 +22,8 @@ reach. Results go to ``docs/eb_spread.json`` and the ``eb-spread`` section of RE
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,6 +31,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from learned_variants import _locked  # noqa: E402
 from prior_gap import learned_preset  # noqa: E402
 
 from mixmap.evaluate import bayes_reference  # noqa: E402
@@ -176,15 +175,13 @@ def section(results: list[dict], command: str) -> str:
 
 
 def _locked_update(entries: list[dict]) -> list[dict]:
-    lock = Path(tempfile.gettempdir()) / "mixmap-eb-spread.lock"
-    with open(lock, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+    """Replace the JSON's entries of the same noise and seed, serialised between runs."""
+    with _locked(OUT):
         old = json.loads(OUT.read_text()) if OUT.exists() else []
         keep = [r for r in old if (r["noise"], r["seed"]) not in
                 {(e["noise"], e["seed"]) for e in entries}]
         results = keep + entries
         OUT.write_text(json.dumps(results, indent=1) + "\n")
-        fcntl.flock(fh, fcntl.LOCK_UN)
     return results
 
 
