@@ -41,6 +41,35 @@ def test_metrics_hand_made_example():
     json.dumps(m)  # JSON-ready: no NaN, no numpy types
 
 
+def test_metrics_scores_the_reported_std():
+    truth = {"D": np.zeros(5), "K": np.zeros(5)}
+    est = {"D": np.array([0.5, -1.5, 2.5, 0.0, 3.0]), "K": np.zeros(5)}
+    std = {"D": np.array([1.0, 1.0, 1.0, np.nan, 2.0])}
+    m = metrics(est, truth, np.array([0, 0, 0, 1, 1]), ["a", "b"], std=std)
+    d = m["D"]["all"]
+    # the RMSE keeps the voxel without an sd; coverage and sd_rms are over the other four:
+    # |err| / sd = 0.5, 1.5, 2.5, 1.5
+    assert d["n"] == 5 and d["rmse"] == pytest.approx(np.sqrt((0.25 + 2.25 + 6.25 + 9) / 5))
+    assert d["sd_rms"] == pytest.approx(np.sqrt(7 / 4))
+    assert d["coverage_68"] == pytest.approx(1 / 4) and d["coverage_95"] == pytest.approx(3 / 4)
+    b = m["D"]["clusters"]["b"]
+    assert b["coverage_68"] == 0.0 and b["coverage_95"] == 1.0 and b["sd_rms"] == 2.0
+    assert "sd_rms" not in m["K"]["all"]  # no std given for K
+    json.dumps(m)
+    text = metrics_markdown(m)
+    assert "within ±1.96 sd" in text and "| D | all | 5 |" in text
+    with pytest.raises(ValueError, match="std has shape"):
+        metrics(est, truth, None, None, std={"D": np.ones(4)})
+    # a calibrated Gaussian posterior covers 68.3 % and 95 %
+    rng = np.random.default_rng(1)
+    sd = rng.uniform(0.1, 2.0, 40_000)
+    err = rng.normal(0.0, sd)
+    g = metrics({"D": err}, {"D": np.zeros_like(err)}, None, None, std={"D": sd})["D"]["all"]
+    assert g["coverage_68"] == pytest.approx(0.683, abs=0.01)
+    assert g["coverage_95"] == pytest.approx(0.95, abs=0.005)
+    assert g["sd_rms"] == pytest.approx(g["rmse"], rel=0.02)
+
+
 def test_metrics_direction_is_sign_invariant():
     rng = np.random.default_rng(0)
     t = rng.standard_normal((50, 3))
@@ -170,9 +199,18 @@ def test_evaluate_dirs_scores_truth_maps_as_exact(small_sim_dir, tmp_path):
     direct = bayes_reference(sim.signals, sim.acquisition, sim.preset, sim.sigma)
     rmse = np.sqrt(np.mean((direct["D"] - sim.truth["D"]) ** 2))
     assert report["bayes_reference"]["D"]["all"]["rmse"] == pytest.approx(rmse, rel=1e-5)
+    # the std map (here the truth's D, all positive) is scored as D's reported sd: the
+    # estimate is exact, so every voxel is covered; K has none
+    assert report["metrics"]["D"]["all"]["coverage_95"] == 1.0
+    assert report["metrics"]["D"]["all"]["sd_rms"] == pytest.approx(
+        np.sqrt(np.mean(sim.truth["D"].astype(np.float64) ** 2)), rel=1e-5)
+    assert "sd_rms" not in report["metrics"]["K"]["all"]
+    # the Bayes reference's posterior sd, scored alike, is calibrated
+    assert 0.9 <= report["bayes_reference"]["D"]["all"]["coverage_95"] <= 1.0
     json.dumps(report)
     text = metrics_markdown(report)
     assert "Bayes RMSE" in text and "| D | WM |" in text and "oracle" in text
+    assert "within ±1.96 sd" in text and "Bayes within ±1.96 sd" in text
 
 
 def test_evaluate_dirs_without_maps_names_the_expected_files(small_sim_dir, tmp_path):

@@ -41,14 +41,28 @@ CHUNK_ELEMENTS = 2**25
 
 
 # --------------------------------------------------------------------------------- metrics
-def _stats_scalar(est: np.ndarray, tru: np.ndarray, n_nan: int) -> dict:
+#: Half-widths, in standard deviations, of the intervals whose coverage :func:`metrics` reports
+#: (the central 68.3 % and 95 % of a Gaussian), with their keys.
+COVERAGE = (("coverage_68", 1.0), ("coverage_95", 1.96))
+
+
+def _stats_scalar(est: np.ndarray, tru: np.ndarray, n_nan: int,
+                  sd: np.ndarray | None = None) -> dict:
     n = int(est.size)
     out: dict = {"n": n, "n_nan": n_nan, "rmse": None, "bias": None, "r": None}
+    if sd is not None:
+        out.update({"sd_rms": None, **{key: None for key, _ in COVERAGE}})
     if n == 0:
         return out
     err = est.astype(np.float64) - tru.astype(np.float64)
     out["rmse"] = float(np.sqrt(np.mean(err**2)))
     out["bias"] = float(np.mean(err))
+    if sd is not None and np.isfinite(sd).any():
+        fin = np.isfinite(sd)
+        sd, err = sd[fin].astype(np.float64), err[fin]
+        out["sd_rms"] = float(np.sqrt(np.mean(sd**2)))
+        for key, z in COVERAGE:
+            out[key] = float(np.mean(np.abs(err) <= z * sd))
     if n > 1:
         se, st = est.astype(np.float64), tru.astype(np.float64)
         se, st = se - se.mean(), st - st.mean()
@@ -82,6 +96,7 @@ def metrics(
     labels: np.ndarray | None,
     cluster_names: list[str] | None,
     params: list[str] | None = None,
+    std: dict[str, np.ndarray] | None = None,
 ) -> dict:
     """Accuracy of ``estimate`` against ``truth``, per parameter, overall and per cluster.
 
@@ -95,13 +110,22 @@ def metrics(
         Names of the clusters in index order; None names them ``"0"``, ``"1"``, ...
     params
         Parameters to score; default: those in both ``truth`` and ``estimate``, in truth's order.
+    std
+        name -> (n,) the standard deviation reported with each scalar estimate (``_desc-std``
+        maps): then is it calibrated? ``sd_rms`` (the RMS of the reported sd; about the RMSE
+        where it is), ``coverage_68`` and ``coverage_95``: the share of voxels whose truth lies
+        within 1 and 1.96 sd of the estimate (0.683 and 0.95 for a calibrated Gaussian
+        posterior; the Bayes reference's own coverage is the mark where posteriors are not
+        Gaussian: at bounds, along ridges). Voxels whose sd is NaN or Inf are left out of
+        these three (not of the RMSE).
 
     Returns
     -------
     ``{param: {"all": stats, "clusters": {name: stats}}}``. For a scalar, stats holds ``rmse``,
     ``bias`` (mean of estimate − truth), Pearson ``r``, ``n`` (voxels scored) and ``n_nan``
-    (voxels left out because the estimate is NaN or Inf); for a direction, ``angle_mean_deg``
-    and ``angle_median_deg`` (sign-invariant angular error) instead of rmse, bias and r. A
+    (voxels left out because the estimate is NaN or Inf), and with ``std`` also ``sd_rms``,
+    ``coverage_68`` and ``coverage_95``; for a direction, ``angle_mean_deg`` and
+    ``angle_median_deg`` (sign-invariant angular error) instead of rmse, bias and r. A
     value that is undefined (no voxel, or r of a constant) is None, so the dict is JSON-ready.
     """
     if params is None:
@@ -125,24 +149,33 @@ def metrics(
         if est.shape != tru.shape:
             raise ValueError(f"{name}: estimate has shape {est.shape}, truth {tru.shape}")
         direction = est.ndim == 2 and est.shape[1] == 3
+        sd = None
         if direction:
             bad_est = ~np.isfinite(est).all(1) | (np.linalg.norm(np.nan_to_num(est), axis=1) == 0)
             ok = ~bad_est & np.isfinite(tru).all(1)
-            stats = _stats_direction
         else:
             est, tru = est.ravel(), tru.ravel()
             bad_est = ~np.isfinite(est)
             ok = ~bad_est & np.isfinite(tru)
-            stats = _stats_scalar
-        entry = {"all": stats(est[ok], tru[ok], int(bad_est.sum())), "clusters": {}}
+            if std is not None and name in std:
+                sd = np.asarray(std[name]).ravel()
+                if sd.shape != est.shape:
+                    raise ValueError(f"{name}: std has shape {sd.shape}, the estimate "
+                                     f"{est.shape}")
+
+        def score(sel: np.ndarray, n_nan: int, est=est, tru=tru, sd=sd,
+                  direction=direction) -> dict:
+            if direction:
+                return _stats_direction(est[sel], tru[sel], n_nan)
+            return _stats_scalar(est[sel], tru[sel], n_nan, None if sd is None else sd[sel])
+
+        entry = {"all": score(ok, int(bad_est.sum())), "clusters": {}}
         if labels is not None:
             if labels.size != est.shape[0]:
                 raise ValueError(f"{labels.size} labels for {est.shape[0]} voxels of {name}")
             for ci, cname in enumerate(cluster_names):
                 sel = labels == ci
-                entry["clusters"][cname] = stats(
-                    est[sel & ok], tru[sel & ok], int((bad_est & sel).sum())
-                )
+                entry["clusters"][cname] = score(sel & ok, int((bad_est & sel).sum()))
         report[name] = entry
     n_nan = sum(v["all"]["n_nan"] for v in report.values())
     if n_nan:
@@ -496,6 +529,7 @@ def _refine(post: _Posterior, mean, cov, steps, means, y):
 
 # --------------------------------------------------------------------------------- folders
 _MAP_RE = r"(?:^|_)model-{model}_param-([A-Za-z0-9]+)_dwimap\.nii\.gz$"
+_STD_RE = r"(?:^|_)model-{model}_param-([A-Za-z0-9]+)_desc-std_dwimap\.nii\.gz$"
 
 
 def _label(s: str) -> str:
@@ -521,9 +555,11 @@ def evaluate_dirs(fit_dir: str | Path, sim_dir: str | Path, *, bayes: bool = Tru
 
     ``sim_dir`` is a folder written by :func:`mixmap.simulate.write_simulation`; ``fit_dir``
     holds ``<entities>_model-<model>_param-<name>_dwimap.nii.gz`` maps (as ``mixmap fit``
-    writes them) of the simulation's model. Maps are read inside the simulation's mask. For the
-    MSDKI presets (``bayes`` true) the Bayes-optimal reference is computed from the simulated
-    scan and scored too.
+    writes them) of the simulation's model. Maps are read inside the simulation's mask; where
+    the fit wrote ``_desc-std`` maps, the calibration of its standard deviations is scored too
+    (``std`` of :func:`metrics`). For the MSDKI presets (``bayes`` true) the Bayes-optimal
+    reference (posterior mean and standard deviation) is computed from the simulated scan and
+    scored alike.
 
     Returns a JSON-ready dict: ``model``, ``method``, ``preset``, ``snr``, ``noise``,
     ``n_voxels``, ``params`` (the scored ones), ``metrics`` (see :func:`metrics`) and
@@ -547,20 +583,22 @@ def evaluate_dirs(fit_dir: str | Path, sim_dir: str | Path, *, bayes: bool = Tru
     labels = _read_masked(sim_dir / "truth" / "param-cluster.nii.gz", mask).astype(np.int64)
     cluster_names = info.get("cluster_names") or [c.name for c in preset.clusters]
 
-    pattern = re.compile(_MAP_RE.format(model=re.escape(_label(model.name))))
     by_label = {_label(p.name): p.name for p in model.parameters}
     estimate: dict[str, np.ndarray] = {}
-    for path in sorted(fit_dir.iterdir()):
-        m = pattern.search(path.name)
-        if not m or m.group(1) not in by_label:
-            continue
-        name = by_label[m.group(1)]
-        if name in estimate:
-            raise ValueError(
-                f"{fit_dir}: more than one map of {name} for model {model.name}; keep one fit "
-                f"per folder"
-            )
-        estimate[name] = _read_masked(path, mask)
+    std: dict[str, np.ndarray] = {}
+    for regex, found, what in ((_MAP_RE, estimate, "map"), (_STD_RE, std, "std map")):
+        pattern = re.compile(regex.format(model=re.escape(_label(model.name))))
+        for path in sorted(fit_dir.iterdir()):
+            m = pattern.search(path.name)
+            if not m or m.group(1) not in by_label:
+                continue
+            name = by_label[m.group(1)]
+            if name in found:
+                raise ValueError(
+                    f"{fit_dir}: more than one {what} of {name} for model {model.name}; keep "
+                    f"one fit per folder"
+                )
+            found[name] = _read_masked(path, mask)
     if not estimate:
         raise FileNotFoundError(
             f"{fit_dir}: no maps named *_model-{_label(model.name)}_param-<name>_dwimap.nii.gz; "
@@ -588,7 +626,7 @@ def evaluate_dirs(fit_dir: str | Path, sim_dir: str | Path, *, bayes: bool = Tru
         "noise": info.get("noise"),
         "n_voxels": int(mask.sum()),
         "params": params,
-        "metrics": metrics(estimate, truth, labels, cluster_names, params),
+        "metrics": metrics(estimate, truth, labels, cluster_names, params, std or None),
         "bayes_reference": None,
     }
     if bayes:
@@ -603,10 +641,12 @@ def evaluate_dirs(fit_dir: str | Path, sim_dir: str | Path, *, bayes: bool = Tru
                 raise ValueError(f"{sim_dir}: dwi.nii.gz and the mask disagree on voxel count")
             t = time.perf_counter()
             ref = bayes_reference(data.signals, data.acquisition, preset, float(info["sigma"]),
-                                  info.get("noise", "gaussian"))
+                                  info.get("noise", "gaussian"), return_std=True)
             report["bayes_seconds"] = round(time.perf_counter() - t, 2)
             scored = [p for p in params if p in ref]
-            report["bayes_reference"] = metrics(ref, truth, labels, cluster_names, scored)
+            ref_std = {p: ref[f"{p}:std"] for p in scored if f"{p}:std" in ref}
+            report["bayes_reference"] = metrics(ref, truth, labels, cluster_names, scored,
+                                                ref_std or None)
     return report
 
 
@@ -614,25 +654,32 @@ def evaluate_dirs(fit_dir: str | Path, sim_dir: str | Path, *, bayes: bool = Tru
 def metrics_markdown(report: dict) -> str:
     """Markdown tables of a report from :func:`evaluate_dirs` (or a bare :func:`metrics`
     dict): one row per parameter × (all, each cluster) with n, RMSE, bias, r and, where
-    present, the Bayes-reference RMSE; directions get their own table of angular errors."""
+    present, the reported sd's RMS and coverage, and the Bayes reference's RMSE and
+    coverage; directions get their own table of angular errors."""
     from mixmap.report import markdown_table
 
     m = report["metrics"] if "metrics" in report else report
     ref = report.get("bayes_reference") or {}
     scalar_rows, dir_rows = [], []
     any_nan = any(e["all"]["n_nan"] for e in m.values())
+    has_sd = any("sd_rms" in e["all"] for e in m.values())
+    ref_sd = any("sd_rms" in e["all"] for e in ref.values())
     for name, entry in m.items():
         parts = [("all", entry["all"])] + list(entry["clusters"].items())
         for cname, st in parts:
             nan = [st["n_nan"]] if any_nan else []
             if "rmse" in st:
                 row = [name, cname, st["n"], *nan, st["rmse"], st["bias"], st["r"]]
+                if has_sd:
+                    row += [st.get("sd_rms"), st.get("coverage_68"), st.get("coverage_95")]
                 if ref:
                     r_entry = ref.get(name)
                     r_st = None
                     if r_entry is not None:
                         r_st = r_entry["all"] if cname == "all" else r_entry["clusters"].get(cname)
                     row.append(r_st["rmse"] if r_st else None)
+                    if ref_sd:
+                        row.append(r_st.get("coverage_95") if r_st else None)
                 scalar_rows.append(row)
             else:
                 dir_rows.append([name, cname, st["n"], *nan, st["angle_mean_deg"],
@@ -646,8 +693,12 @@ def metrics_markdown(report: dict) -> str:
         blocks.append(head)
     if scalar_rows:
         header = ["param", "cluster", "n", *nan_col, "RMSE", "bias", "r"]
+        if has_sd:
+            header += ["sd (RMS)", "within ±1 sd", "within ±1.96 sd"]
         if ref:
             header.append("Bayes RMSE")
+            if ref_sd:
+                header.append("Bayes within ±1.96 sd")
         blocks.append(markdown_table(header, scalar_rows, floatfmt=".4f"))
     if dir_rows:
         header = ["param", "cluster", "n", *nan_col, "mean angle (°)", "median angle (°)"]
