@@ -312,13 +312,18 @@ def test_refinement_and_empirical_bayes_options(scan, tmp_path):
     option the method does not take is refused by name."""
     out = tmp_path / "maps"
     r = run(*fit_args(scan, out, "--epochs", "4", "--hidden", "16", "--refine-steps", "0",
-                      "--eb-rounds", "1", "--no-eb-grid", method="vae-gmm"))
+                      "--eb-rounds", "1", "--no-eb-grid", "--precision", "bfloat16",
+                      method="vae-gmm"))
     assert r.exit_code == 0, r.output
     side = json.loads((out / "model-msdki_fit.json").read_text())
     assert side["Settings"]["refine_steps"] == 0 and side["Settings"]["eb_rounds"] == 1
+    assert side["Settings"]["precision"] == "bfloat16"
     assert len(side["Settings"]["empirical_bayes"]["rounds"]) == 1
     assert side["Settings"]["eb_grid"] is False
     assert "grid" not in side["Settings"]["empirical_bayes"]
     r = run(*fit_args(scan, tmp_path / "x", "--eb-rounds", "2", method="vae"))
     assert r.exit_code == 2 and "--eb-rounds does not apply to --method vae" in r.output
+    assert not (tmp_path / "x").exists()
+    r = run(*fit_args(scan, tmp_path / "x", "--precision", "int8", method="vae"))
+    assert r.exit_code == 2 and "unknown precision 'int8'" in r.output
     assert not (tmp_path / "x").exists()

@@ -191,6 +191,21 @@ def test_rician_option_fits(sim):
     assert grid["log_evidence_per_voxel"] >= grid["log_evidence_per_voxel_before"]
 
 
+def test_mixed_precision_encoder_gives_float32_outputs_and_the_same_maps(sim):
+    kw = {**FAST, "epochs": 20, "n_components": 2}
+    f32 = get_fitter("vae-gmm", "msdki", **kw).fit(sim.signals, sim.acquisition)
+    f = get_fitter("vae-gmm", "msdki", precision="bfloat16", **kw)
+    bf = f.fit(sim.signals, sim.acquisition)
+    feats = torch.randn(7, f.net.encoder.trunk[0].in_features)
+    assert all(t.dtype == torch.float32 for t in f.net.encoder(feats))
+    # bfloat16 keeps 8 bits of mantissa; training takes another path, but the maps (float32
+    # physics and posterior sums) are as accurate
+    for k in ("D", "K"):
+        rmse = [np.sqrt(np.mean((r.params[k] - sim.truth[k]) ** 2)) for r in (f32, bf)]
+        assert rmse[1] < 1.25 * rmse[0]
+    assert bf.settings["precision"] == "bfloat16"
+
+
 def test_bad_options_are_refused():
     with pytest.raises(ValueError, match="likelihood"):
         get_fitter("vae-gmm", "msdki", likelihood="laplace")
@@ -198,6 +213,8 @@ def test_bad_options_are_refused():
         get_fitter("vae-gmm", "msdki", latent_dim=7)
     with pytest.raises(ValueError, match="config"):
         get_fitter("vae", "msdki", config="huge")
+    with pytest.raises(ValueError, match="precision"):
+        get_fitter("vae-gmm", "msdki", precision="half")
 
 
 def test_rician_loglik_matches_scipy():

@@ -284,6 +284,9 @@ def fit(
         None, "--eb-grid/--no-eb-grid", help="vae-gmm: end the empirical-Bayes refit on a grid "
         "(marginal likelihood by quadrature; MSDKI and other models with at most two "
         "parameters besides S0, Gaussian or Rician likelihood; default on)."),
+    precision: str | None = typer.Option(
+        None, help="vae, vae-gmm: the encoder network's arithmetic, float32 (default) or "
+        "bfloat16 / float16 mixed precision (physics and posterior stay float32)."),
     save_model: bool = typer.Option(True, help="Learned: save the trained model in --out."),
     train_voxels: int | None = typer.Option(
         None, help="Cohort: the most voxels held in memory to train the shared model "
@@ -320,7 +323,7 @@ def fit(
                    hidden=hidden, epochs=epochs, batch_size=batch_size, lr=lr,
                    kl_weight=kl_weight, likelihood=likelihood, n_samples=n_samples,
                    refine_steps=refine_steps, eb_rounds=eb_rounds, eb_grid=eb_grid,
-                   device=device.value,
+                   precision=precision, device=device.value,
                    seed=seed, quiet=quiet)
     fitter = build_fitter(method, model, options)
     if resume and not hasattr(fitter, "use_checkpoint"):

@@ -57,18 +57,27 @@ CONFIGS: dict[str, dict] = {
                     shell_features=True, decoder=None, y_inference="exact", refine_steps=100,
                     refine_lr=0.04, posterior="is", patience=30, tol=1e-4, min_epochs=100,
                     prior_update="em", prior_space="bounded", eb_rounds=6, eb_steps=10,
-                    eb_voxels=20_000, eb_samples=192, eb_split_merge=True, eb_grid=True),
+                    eb_voxels=20_000, eb_samples=192, eb_split_merge=True, eb_grid=True,
+                    precision="float32"),
     "paper": dict(latent_dim=4, n_components=4, hidden=256, n_layers=2, epochs=300,
                   batch_size=256, lr=1e-3, kl_weight=1.0, warmup_epochs=0,
                   likelihood="gaussian", n_samples=128, full_cov=False, lsq_features=False,
                   shell_features=False, decoder="linear", y_inference="gumbel", refine_steps=0,
                   refine_lr=0.02, posterior="q", patience=20, tol=1e-4, min_epochs=40,
                   prior_update="grad", prior_space="latent", eb_rounds=0, eb_steps=10,
-                  eb_voxels=20_000, eb_samples=192, eb_split_merge=False, eb_grid=False),
+                  eb_voxels=20_000, eb_samples=192, eb_split_merge=False, eb_grid=False,
+                  precision="float32"),
 }
 
 #: Gumbel-softmax temperature (straight-through, so the forward pass uses one component).
 GUMBEL_TAU = 1.0
+#: The encoder network's arithmetic (``precision``): float32, or mixed precision by
+#: ``torch.autocast`` with a 16-bit type (the physics, the likelihood, the prior and every
+#: posterior sum stay float32 or float64). Measured by ``benchmarks/precision.py``: on a CPU
+#: with bfloat16 matrix units (Intel AMX) the same maps, no faster (the network is small; the
+#: fit's time is in the physics and the posterior). Not the default anywhere.
+PRECISIONS: dict[str, torch.dtype | None] = {"float32": None, "bfloat16": torch.bfloat16,
+                                             "float16": torch.float16}
 #: Voxels per chunk at prediction time.
 PREDICT_CHUNK = 2048
 #: Draws of z per mixture component in each per-voxel refinement step of q (its ELBO gradient).
@@ -150,6 +159,9 @@ class VAEFitter(LearnedFitter):
         pays. Applies where the model has at most two parameters besides S0 and no
         direction (MSDKI), with the Gaussian or the Rician likelihood; elsewhere it is
         skipped.
+    precision
+        The encoder network's arithmetic: ``float32`` (default), or ``bfloat16`` /
+        ``float16`` mixed precision (:data:`PRECISIONS`).
     """
 
     name = "vae-any"
@@ -158,7 +170,7 @@ class VAEFitter(LearnedFitter):
                    "n_samples", "full_cov", "lsq_features", "shell_features", "decoder",
                    "y_inference", "refine_steps", "refine_lr", "posterior", "patience", "tol",
                    "min_epochs", "prior_update", "prior_space", "eb_rounds", "eb_steps",
-                   "eb_voxels", "eb_samples", "eb_split_merge", "eb_grid")
+                   "eb_voxels", "eb_samples", "eb_split_merge", "eb_grid", "precision")
 
     def __init__(
         self,
@@ -196,6 +208,7 @@ class VAEFitter(LearnedFitter):
         eb_samples: int | None = None,
         eb_split_merge: bool | None = None,
         eb_grid: bool | None = None,
+        precision: str | None = None,
         device: str = "cpu",
         seed: int = 0,
         quiet: bool = True,
@@ -215,7 +228,7 @@ class VAEFitter(LearnedFitter):
                      patience=patience, tol=tol, min_epochs=min_epochs,
                      prior_update=prior_update, prior_space=prior_space, eb_rounds=eb_rounds,
                      eb_steps=eb_steps, eb_voxels=eb_voxels, eb_samples=eb_samples,
-                     eb_split_merge=eb_split_merge, eb_grid=eb_grid)
+                     eb_split_merge=eb_split_merge, eb_grid=eb_grid, precision=precision)
         self.config = config
         self.prior = prior
         for k, v in given.items():
@@ -241,6 +254,9 @@ class VAEFitter(LearnedFitter):
             raise ValueError(f"unknown prior_space {self.prior_space!r}; use bounded or latent")
         if self.prior_update not in ("em", "grad"):
             raise ValueError(f"unknown prior_update {self.prior_update!r}; use 'em' or 'grad'")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; choose one of: "
+                             f"{', '.join(PRECISIONS)}")
         if self.posterior not in ("is", "q"):
             raise ValueError(f"unknown posterior {self.posterior!r}; use 'is' or 'q'")
         if self.decoder == "identity" and self.latent_dim != self.model.n_unbounded:
@@ -271,6 +287,7 @@ class VAEFitter(LearnedFitter):
         features = FeatureMap(self.model, acq, extra=extra, reduce=bool(self.shell_features))
         encoder = MixtureEncoder(features.n_features, self.latent_dim, self.n_components,
                                  self.hidden, self.n_layers, full_cov=bool(self.full_cov))
+        encoder.autocast = PRECISIONS[self.precision]
         if self.prior == "gaussian":
             prior = standard_normal_prior(self.latent_dim)
         else:
@@ -969,6 +986,7 @@ class GaussianVAEFitter(VAEFitter):
         likelihood: str | None = None,
         n_samples: int | None = None,
         refine_steps: int | None = None,
+        precision: str | None = None,
         device: str = "cpu",
         seed: int = 0,
         quiet: bool = True,
@@ -977,8 +995,8 @@ class GaussianVAEFitter(VAEFitter):
         super().__init__(model, prior="gaussian", config=config, latent_dim=latent_dim,
                          hidden=hidden, epochs=epochs, batch_size=batch_size, lr=lr,
                          kl_weight=kl_weight, likelihood=likelihood, n_samples=n_samples,
-                         refine_steps=refine_steps, device=device, seed=seed, quiet=quiet,
-                         **advanced)
+                         refine_steps=refine_steps, precision=precision, device=device,
+                         seed=seed, quiet=quiet, **advanced)
 
 
 class MixtureVAEFitter(VAEFitter):
@@ -1003,6 +1021,7 @@ class MixtureVAEFitter(VAEFitter):
         refine_steps: int | None = None,
         eb_rounds: int | None = None,
         eb_grid: bool | None = None,
+        precision: str | None = None,
         device: str = "cpu",
         seed: int = 0,
         quiet: bool = True,
@@ -1012,5 +1031,5 @@ class MixtureVAEFitter(VAEFitter):
                          n_components=n_components, hidden=hidden, epochs=epochs,
                          batch_size=batch_size, lr=lr, kl_weight=kl_weight,
                          likelihood=likelihood, n_samples=n_samples, refine_steps=refine_steps,
-                         eb_rounds=eb_rounds, eb_grid=eb_grid, device=device, seed=seed,
-                         quiet=quiet, **advanced)
+                         eb_rounds=eb_rounds, eb_grid=eb_grid, precision=precision,
+                         device=device, seed=seed, quiet=quiet, **advanced)

@@ -4,6 +4,8 @@ posterior q(y, z | x) of the mixture VAE, and the decoder from latent to unbound
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 from torch import nn
@@ -88,7 +90,12 @@ class MixtureEncoder(nn.Module):
     One trunk shared by all components; the heads output, per component, a mean and either a
     full lower-triangular Cholesky factor (``full_cov``; positive diagonal via softplus) or a
     diagonal one. With one component it is the encoder of a plain VAE.
+
+    ``autocast`` (a 16-bit float type, or None): run the trunk and heads in mixed precision
+    (``torch.autocast`` on the input's device); the outputs are float32 either way.
     """
+
+    autocast: torch.dtype | None = None
 
     def __init__(self, n_in: int, latent_dim: int, n_components: int, hidden: int,
                  n_layers: int, full_cov: bool = True) -> None:
@@ -116,12 +123,15 @@ class MixtureEncoder(nn.Module):
         learns a correction to a per-voxel estimate (e.g. least squares) rather than the
         whole posterior location.
         """
-        h = self.trunk(f)
         n = f.shape[0]
-        mu = self.head_mu(h).view(n, self.k, self.d)
+        with (contextlib.nullcontext() if self.autocast is None
+              else torch.autocast(f.device.type, dtype=self.autocast)):
+            h = self.trunk(f)
+            logits, mu, raw = self.head_logits(h), self.head_mu(h), self.head_chol(h)
+        mu = mu.float().view(n, self.k, self.d)
         if base is not None:
             mu = mu + base[:, None, :]
-        return self.head_logits(h), mu, self.head_chol(h).view(n, self.k, -1)
+        return logits.float(), mu, raw.float().view(n, self.k, -1)
 
     @torch.no_grad()
     def init_mean(self, anchor: torch.Tensor | None = None, shrink: float = 0.1) -> None:
