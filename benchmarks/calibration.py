@@ -79,7 +79,10 @@ def section(results: list[dict], command: str) -> str:
         "the share of voxels whose true value lies within ±1 sd and ±1.96 sd of the estimate "
         "(68.3 % and 95 % for a calibrated Gaussian posterior). `bayes` is the exact posterior "
         "under the true prior: its coverage is the mark where posteriors are not Gaussian "
-        "(bounds, the CSF-like voxels' D–K ridge). Raw numbers: `docs/calibration.json`.\n",
+        "(bounds, the CSF-like voxels' D–K ridge). lsq's asymptotic sd grows without bound "
+        "where the data leave a direction free (its Fisher information is singular along the "
+        "CSF-like ridge), so a few voxels set its RMS: read its coverage. Raw numbers: "
+        "`docs/calibration.json`.\n",
     ]
     order = {c: i for i, c in enumerate(CASES)}
     for r in sorted(results, key=lambda r: order.get(r["case"], 99)):
