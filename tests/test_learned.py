@@ -16,7 +16,7 @@ from mixmap.fitting import FITTERS, get_fitter
 from mixmap.fitting.selfsup import Scheme, TrainingDiverged, epoch_exploded
 from mixmap.io.checkpoint import load_fitter
 from mixmap.models import get_model
-from mixmap.nn.likelihoods import gaussian_loglik, rician_loglik
+from mixmap.nn.likelihoods import gaussian_loglik, rician_loglik, rician_sigma
 from mixmap.simulate import Cluster, Preset, simulate
 from mixmap.testing import interrupt_training
 
@@ -181,14 +181,51 @@ def test_diverging_training_fails_clearly(sim, monkeypatch):
         f.fit(sim.signals[:100], sim.acquisition)
 
 
-def test_rician_option_fits(sim):
-    r = get_fitter("vae-gmm", "msdki", likelihood="rician", **{**FAST, "epochs": 5,
-                   "n_components": 2}).fit(sim.signals[:200], sim.acquisition)
+def test_rician_option_fits(sim, tmp_path):
+    f = get_fitter("vae-gmm", "msdki", likelihood="rician", **{**FAST, "epochs": 5,
+                   "n_components": 2})
+    r = f.fit(sim.signals[:200], sim.acquisition)
     assert np.all(np.isfinite(r.params["D"])) and r.settings["likelihood"] == "rician"
     # the grid refit of the prior runs on every measurement's Rician likelihood too
     grid = r.settings["empirical_bayes"]["grid"]
     assert grid["voxels"] == 200
     assert grid["log_evidence_per_voxel"] >= grid["log_evidence_per_voxel_before"]
+    # sigma re-estimated with the prior; the maps use it, and so does apply on the same scan
+    sig = r.settings["empirical_bayes"]["noise_sigma"]
+    assert sig["after"] != sig["before"] and sig["voxels_left_out"] < 20
+    assert r.noise_sigma == pytest.approx(sig["after"] * r.settings["signal_scale"], rel=1e-5)
+    assert f.trained["noise_sigma_factor"] == pytest.approx(sig["after"] / sig["before"])
+    again = f.apply(sim.signals[:200], sim.acquisition)
+    np.testing.assert_array_equal(again.params["D"], r.params["D"])
+    f.save(tmp_path / "m")
+    loaded = load_fitter(tmp_path / "m").apply(sim.signals[:200], sim.acquisition)
+    np.testing.assert_allclose(loaded.params["D"], r.params["D"], rtol=1e-5, atol=1e-6)
+
+
+def test_rician_sigma_maximises_the_rician_likelihood():
+    gen = torch.Generator().manual_seed(3)
+    sigma = 0.05
+    # 4,000 voxels, each with signals from the noise floor to far above it (MSDKI's shells)
+    nu = torch.tensor([0.0, 0.01, 0.05, 0.2, 1.0], dtype=torch.float64).repeat(4000, 1)
+    noise = [sigma * torch.randn(nu.shape, generator=gen, dtype=torch.float64)
+             for _ in range(2)]
+    y = torch.sqrt((nu + noise[0]) ** 2 + noise[1] ** 2)
+    for start in (0.02, 0.2):
+        est, left = rician_sigma(y, nu, start)
+        assert est == pytest.approx(sigma, rel=0.01) and left == 0
+        ll = [float(rician_loglik(y, nu, torch.tensor(est * f, dtype=torch.float64)).sum())
+              for f in (1 - 1e-3, 1.0, 1 + 1e-3)]
+        assert ll[1] > ll[0] and ll[1] > ll[2]
+    # draws of the signals (R, n, m) against the measurements (n, m)
+    assert rician_sigma(y, torch.stack([nu, nu]), 0.1)[0] == pytest.approx(
+        rician_sigma(y, nu, 0.1)[0], rel=1e-9)
+    # a few voxels whose signals are badly off (a draw far from a needle-sharp posterior)
+    # pull the plain estimate far up; leaving out the outlying voxels recovers sigma
+    bad = nu.clone()
+    bad[:20] *= 3.0
+    assert rician_sigma(y, bad, sigma)[0] > 1.3 * sigma
+    est, left = rician_sigma(y, bad, sigma, outlier=5.0)
+    assert left == 20 and est == pytest.approx(rician_sigma(y[20:], nu[20:], sigma)[0])
 
 
 def test_mixed_precision_encoder_gives_float32_outputs_and_the_same_maps(sim):

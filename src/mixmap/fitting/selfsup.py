@@ -235,6 +235,7 @@ class LearnedFitter(Fitter):
             "signal_scale": scale,
             "noise_sigma": result.noise_sigma,
             "noise_sigma_source": "b0" if sigma_in is not None else "learned",
+            "noise_sigma_factor": self._sigma_factor(sigma_w),
         }
         result.history = history
         return result
@@ -274,7 +275,8 @@ class LearnedFitter(Fitter):
         scale = signal_scale(signals, acquisition)
         sigma_in = noise_sigma_from_b0(signals, acquisition)
         if sigma_in is not None and self.trained["noise_sigma_source"] == "b0":
-            self._set_sigma_working(sigma_in / scale)
+            self._set_sigma_working(sigma_in / scale
+                                    * float(self.trained.get("noise_sigma_factor", 1.0)))
         scheme = Scheme.build(self.model, acquisition, self._reduce(), device)
         data = self._prepare(signals / scale, acquisition, scheme, device, calibrate=False)
         return data, scheme, scale
@@ -316,6 +318,16 @@ class LearnedFitter(Fitter):
     def _sigma_working(self) -> float:
         noise = getattr(self.net, "noise", None)
         return float(noise.sigma.detach()) if noise is not None else float("nan")
+
+    def _sigma_factor(self, sigma_b0: float | None) -> float:
+        """The trained noise level over the b=0 estimate it started from (1 where there was
+        none or σ was not refined: vae-gmm's empirical Bayes refines it under the Rician
+        likelihood). :meth:`apply` scales a new scan's b=0 estimate by it, so that the same
+        scan maps the same."""
+        noise = getattr(self.net, "noise", None)
+        if sigma_b0 is None or noise is None or noise.learned:
+            return 1.0
+        return float(noise.sigma.detach()) / float(sigma_b0)
 
     def _set_sigma_working(self, sigma: float) -> None:
         noise = getattr(self.net, "noise", None)

@@ -48,6 +48,7 @@ def save_fitter(fitter, path: str | Path) -> Path:
         "signal_scale": fitter.trained["signal_scale"],
         "noise_sigma": fitter.trained["noise_sigma"],
         "noise_sigma_source": fitter.trained["noise_sigma_source"],
+        "noise_sigma_factor": fitter.trained.get("noise_sigma_factor", 1.0),
     }
     tensors = {k: v.detach().cpu().clone().contiguous()
                for k, v in fitter.net.state_dict().items()}
@@ -156,5 +157,6 @@ def load_fitter(path: str | Path, *, device: str = "cpu"):
         "signal_scale": scale,
         "noise_sigma": sigma_in,
         "noise_sigma_source": config.get("noise_sigma_source", "b0"),
+        "noise_sigma_factor": float(config.get("noise_sigma_factor", 1.0)),
     }
     return fitter

@@ -59,6 +59,49 @@ def rician_loglik(y: torch.Tensor, s: torch.Tensor, sigma: torch.Tensor) -> torc
     return lp.sum(-1)
 
 
+def rician_sigma(y: torch.Tensor, nu: torch.Tensor, sigma: float,
+                 reduce=lambda t: t, *, outlier: float | None = None, gather=lambda t: [t],
+                 max_iter: int = 200, tol: float = 1e-9) -> tuple[float, int]:
+    """The σ that maximises Σ log Rice(y; ν, σ) over measurements ``y`` (n, m) of n voxels with
+    signals ``nu`` (n, m), or (R, n, m) draws of each voxel's signals (each draw counting
+    once), by EM on the lost phase (the magnitude of a complex Gaussian): with
+    r = I1(yν/σ²) / I0(yν/σ²), the expected cosine of the phase,
+
+        σ² ← Σ (y² + ν² − 2 y ν r) / 2N,
+
+    from ``sigma`` until σ² changes by under ``tol`` relatively; each update raises the
+    likelihood. A measurement at the noise floor (ν ≈ 0) adds y²/2, one far above it
+    (y − ν)²/2. ``reduce`` sums over processes.
+
+    ``outlier``: first leave out the voxels whose own first update of σ² is off the median
+    voxel's by more than ``outlier`` standard errors (√(2/m) relative); ``gather`` collects
+    a tensor from every process for that median. Returns (σ, voxels left out, over all
+    processes)."""
+    y, nu = torch.broadcast_tensors(y.double(), nu.double().abs())
+    left = 0
+    if outlier is not None:
+        z = y * nu / float(sigma) ** 2
+        term = y * y + nu * nu - 2 * y * nu * torch.special.i1e(z) / torch.special.i0e(z)
+        own = term.mean(-1).reshape(-1, y.shape[-2]).mean(0)  # (n,) each voxel's own σ² × 2
+        mid = float(torch.cat([t.to(own.device) for t in gather(own)]).median())
+        keep = (own / mid - 1).abs() <= outlier * math.sqrt(2.0 / y.shape[-1])
+        y, nu = y[..., keep, :], nu[..., keep, :]
+        left = int(reduce(torch.tensor(float((~keep).sum()), dtype=torch.float64,
+                                       device=y.device)))
+    yy = reduce((y * y + nu * nu).sum())
+    count = float(reduce(torch.tensor(float(y.numel()), dtype=torch.float64, device=y.device)))
+    s2 = float(sigma) ** 2
+    for _ in range(int(max_iter)):
+        z = y * nu / s2
+        cross = reduce((y * nu * (torch.special.i1e(z) / torch.special.i0e(z))).sum())
+        new = float(yy - 2.0 * cross) / (2.0 * count)
+        done = abs(new - s2) <= tol * s2
+        s2 = new
+        if done:
+            break
+    return math.sqrt(s2), left
+
+
 class NoiseModel(nn.Module):
     """A likelihood with its noise level: fixed σ (a buffer) or learned log σ (a parameter).
 
