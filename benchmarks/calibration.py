@@ -20,15 +20,12 @@ seed 0; results go to ``docs/calibration.json`` (entries replaced per case) and 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from learned_variants import _locked  # noqa: E402
+from learned_variants import parse_run_args, replace_entries  # noqa: E402
 
 from mixmap.evaluate import bayes_reference, metrics  # noqa: E402
 from mixmap.fitting import get_fitter  # noqa: E402
@@ -127,30 +124,17 @@ def _summary(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _locked_update(entries: list[dict]) -> list[dict]:
-    with _locked(OUT):
-        old = json.loads(OUT.read_text()) if OUT.exists() else []
-        cases = {e["case"] for e in entries}
-        results = [r for r in old if r["case"] not in cases] + entries
-        OUT.write_text(json.dumps(results, indent=1) + "\n")
-    return results
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", nargs="+", default=list(CASES),
                     help="scheme:SNR, scheme hcp or clinical")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--render", action="store_true", help="only rewrite the section")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    results = json.loads(OUT.read_text()) if OUT.exists() else []
+    args, results = parse_run_args(ap, OUT)
     if not args.render:
         for case in args.cases:
             r = run(case)
             print(case, {m: v["metrics"]["D"]["all"]["coverage_95"]
                          for m, v in r["methods"].items()}, flush=True)
-            results = _locked_update([r])
+            results = replace_entries(OUT, [r], lambda e: e["case"])
     order = {c: i for i, c in enumerate(CASES)}
     cases = " ".join(sorted((r["case"] for r in results), key=lambda c: order.get(c, 99)))
     update_section(ROOT / "docs" / "RESULTS.md", "calibration",

@@ -22,7 +22,6 @@ reach. Results go to ``docs/eb_spread.json`` and the ``eb-spread`` section of RE
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from learned_variants import _locked  # noqa: E402
+from learned_variants import parse_run_args, replace_entries  # noqa: E402
 from prior_gap import learned_preset  # noqa: E402
 
 from mixmap.evaluate import bayes_reference  # noqa: E402
@@ -174,33 +173,18 @@ def section(results: list[dict], command: str) -> str:
     return "\n".join(parts) + "\n"
 
 
-def _locked_update(entries: list[dict]) -> list[dict]:
-    """Replace the JSON's entries of the same noise and seed, serialised between runs."""
-    with _locked(OUT):
-        old = json.loads(OUT.read_text()) if OUT.exists() else []
-        keep = [r for r in old if (r["noise"], r["seed"]) not in
-                {(e["noise"], e["seed"]) for e in entries}]
-        results = keep + entries
-        OUT.write_text(json.dumps(results, indent=1) + "\n")
-    return results
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--noise", nargs="+", default=["gaussian", "rician"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--render", action="store_true", help="only rewrite the section")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    results = json.loads(OUT.read_text()) if OUT.exists() else []
+    args, results = parse_run_args(ap, OUT)
     if not args.render:
         for noise in args.noise:
             for seed in args.seeds:
                 r = run(noise, seed)
                 print(noise, seed, r["csf"], {k: v["D all"] for k, v in r["rmse"].items()},
                       flush=True)
-                results = _locked_update([r])
+                results = replace_entries(OUT, [r], lambda e: (e["noise"], e["seed"]))
     command = "; ".join(
         f"python benchmarks/eb_spread.py --noise {noise} --seeds "
         + " ".join(str(r["seed"]) for r in sorted(results, key=lambda r: r["seed"])

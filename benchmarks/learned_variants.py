@@ -101,6 +101,27 @@ def _locked(path: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def replace_entries(path: Path, entries: list[dict], key) -> list[dict]:
+    """Replace the entries of the JSON list at ``path`` whose ``key(entry)`` matches one of
+    ``entries``'s, and write it back, serialised between concurrent runs; returns the list."""
+    with _locked(path):
+        old = json.loads(path.read_text()) if path.exists() else []
+        new = {key(e) for e in entries}
+        results = [r for r in old if key(r) not in new] + entries
+        path.write_text(json.dumps(results, indent=1) + "\n")
+    return results
+
+
+def parse_run_args(ap: argparse.ArgumentParser, out: Path):
+    """Add ``--threads`` (torch threads, default 1) and ``--render`` (only rewrite the section)
+    to a benchmark's parser, parse, set the threads; returns (args, the JSON list at ``out``)."""
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--render", action="store_true", help="only rewrite the section")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    return args, json.loads(out.read_text()) if out.exists() else []
+
+
 def section(variant: str, results: list[dict]) -> str:
     v = VARIANTS[variant]
     nice = os.nice(0)  # the priority this run had (the command line says so)

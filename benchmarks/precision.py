@@ -17,7 +17,6 @@ over the rounds and are quoted with the machine. Results go to ``docs/precision.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from learned_variants import _locked  # noqa: E402
+from learned_variants import parse_run_args, replace_entries  # noqa: E402
 
 from mixmap.evaluate import bayes_reference, metrics  # noqa: E402
 from mixmap.fitting import get_fitter  # noqa: E402
@@ -127,17 +126,10 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precisions", nargs="+", default=["float32", "bfloat16"])
     ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--render", action="store_true", help="only rewrite the section")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    results = json.loads(OUT.read_text()) if OUT.exists() else []
+    args, results = parse_run_args(ap, OUT)
     if not args.render:
         entry = run(args.device, args.precisions, args.repeats)
-        with _locked(OUT):
-            old = json.loads(OUT.read_text()) if OUT.exists() else []
-            results = [r for r in old if r["device"] != args.device] + [entry]
-            OUT.write_text(json.dumps(results, indent=1) + "\n")
+        results = replace_entries(OUT, [entry], lambda e: e["device"])
     command = "; ".join(
         f"python benchmarks/precision.py --device {r['device']} --precisions "
         f"{' '.join(r['runs'])} --repeats {r['repeats']}" for r in results)

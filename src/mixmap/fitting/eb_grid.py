@@ -21,8 +21,8 @@ the scan is Σ_i log Σ_g L_ig P_g: exact up to the grid's resolution, determini
 cheap to evaluate for a far-away prior as for a near one. EM on it needs two matrix-vector
 products per update (:func:`grid_em_step`), so thousands of updates, sped up by SQUAREM,
 cost seconds (along the flattest ridges EM stops short of the maximum; :func:`polish`
-finishes the climb by L-BFGS, but is not part of vae-gmm's refit). S0's own prior
-coordinates are left as importance-sampled EM set them.
+finishes the climb by L-BFGS, in vae-gmm's refit under the Rician likelihood only). S0's own
+prior coordinates are left as importance-sampled EM set them.
 
 With Rician noise the likelihood is the Gaussian one of the shell means times a smooth
 per-shell factor (:class:`~mixmap.nn.likelihoods.RiceTable`), integrated over S0 by Laplace's
@@ -279,15 +279,17 @@ def polish(prior: MixturePrior, grid: GridLikelihood, reduce: Reduce, n_voxels: 
     CSF-like component by a vanishing step per update and its stopping rule ends it far from
     the maximum (0.08 µm²/ms short in D at SNR 20 with Rician noise, where it moves the maps:
     the CSF-like voxels' posteriors follow the prior along the ridge); L-BFGS learns the
-    ridge's curvature and gets there in tens of evaluations. Not part of vae-gmm's refit: run
-    after EM from where vae-gmm's training left the prior on the SNR 10 ``paper-msdki`` scan
-    (with 20,000 grid voxels) it climbed to a CSF-like component with its K spread at the
-    grid's floor and D spread twice the truth's (maps 1.59× the Bayes floor in D, where EM's
-    early stop gives 1.03×): the evidence has more than one maximum there, and the exact
-    climb does not choose the better one. ``benchmarks/eb_spread.py`` uses it to find the
-    maximum near a given start. The spreads keep EM's floor smoothly: sd = √(floor² + s²),
-    floor half a grid step. Gradients and the objective are
-    summed over processes (each holds the same prior, so all take the same steps). Returns the
+    ridge's curvature and gets there in tens of evaluations. vae-gmm's refit runs it under
+    the Rician likelihood only (with σ re-estimated with the prior: on the seed-0 SNR 20
+    scan, maps 1.03× the Bayes floor in D where EM's stop gave 1.42×). Not with the Gaussian
+    one: run after EM from where vae-gmm's training left the prior on the SNR 10
+    ``paper-msdki`` scan (with 20,000 grid voxels) it climbed to a CSF-like component with
+    its K spread at the grid's floor and D spread twice the truth's (maps 1.59× the Bayes
+    floor in D, where EM's early stop gives 1.03×): the evidence has more than one maximum
+    there, and the exact climb does not choose the better one. ``benchmarks/eb_spread.py``
+    uses it to find the maximum near a given start. The spreads keep EM's floor smoothly:
+    sd = √(floor² + s²), floor half a grid step. Gradients and the objective are summed
+    over processes (each holds the same prior, so all take the same steps). Returns the
     objective's evaluations."""
     dims = grid.dims
     floor2 = (grid.step / 2) ** 2

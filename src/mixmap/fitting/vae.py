@@ -18,7 +18,9 @@ accelerated by SQUAREM, with split-and-merge moves between rounds: empirical Bay
 inherits its errors where the data leave a direction free; for models with at most two
 parameters besides S0 (MSDKI) the refit ends on a grid, where the marginal likelihood is a
 quadrature and each component can be moved to its best place (``eb_grid``,
-:mod:`mixmap.fitting.eb_grid`). Then q is refined per voxel (closing
+:mod:`mixmap.fitting.eb_grid`). Under the Rician likelihood the noise level is re-estimated
+with the prior before the grid refit (:meth:`VAEFitter._sigma_em`), and the grid's EM is
+finished by L-BFGS. Then q is refined per voxel (closing
 the amortisation gap) and the posterior mean and standard deviation are computed by
 self-normalised importance sampling, ``n_samples`` draws per voxel from a defensive mixture of
 q, q widened, the Laplace approximation at the least-squares estimate and the prior; the
