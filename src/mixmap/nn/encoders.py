@@ -123,15 +123,17 @@ class MixtureEncoder(nn.Module):
         learns a correction to a per-voxel estimate (e.g. least squares) rather than the
         whole posterior location.
         """
-        n = f.shape[0]
+        # The heads run in this order (mean, logits, Cholesky) on purpose: autograd sums their
+        # gradients into the trunk in the reverse order, and another order changes training's
+        # rounding, hence its path (.float() is a no-op on float32 outputs).
         with (contextlib.nullcontext() if self.autocast is None
               else torch.autocast(f.device.type, dtype=self.autocast)):
             h = self.trunk(f)
-            logits, mu, raw = self.head_logits(h), self.head_mu(h), self.head_chol(h)
-        mu = mu.float().view(n, self.k, self.d)
-        if base is not None:
-            mu = mu + base[:, None, :]
-        return logits.float(), mu, raw.float().view(n, self.k, -1)
+            n = f.shape[0]
+            mu = self.head_mu(h).float().view(n, self.k, self.d)
+            if base is not None:
+                mu = mu + base[:, None, :]
+            return self.head_logits(h).float(), mu, self.head_chol(h).float().view(n, self.k, -1)
 
     @torch.no_grad()
     def init_mean(self, anchor: torch.Tensor | None = None, shrink: float = 0.1) -> None:
