@@ -281,7 +281,7 @@ def polish(prior: MixturePrior, grid: GridLikelihood, reduce: Reduce, n_voxels: 
     the CSF-like voxels' posteriors follow the prior along the ridge); L-BFGS learns the
     ridge's curvature and gets there in tens of evaluations. vae-gmm's refit runs it under
     the Rician likelihood only (with σ re-estimated with the prior: on the seed-0 SNR 20
-    scan, maps 1.03× the Bayes floor in D where EM's stop gave 1.42×). Not with the Gaussian
+    scan, maps 1.05× the Bayes floor in D where EM's stop gave 1.42×). Not with the Gaussian
     one: run after EM from where vae-gmm's training left the prior on the SNR 10
     ``paper-msdki`` scan (with 20,000 grid voxels) it climbed to a CSF-like component with
     its K spread at the grid's floor and D spread twice the truth's (maps 1.59× the Bayes
