@@ -777,12 +777,11 @@ class VAEFitter(LearnedFitter):
                                        all_reduce_sum, **extra)
         first = eb_grid.grid_em(prior, grid, all_reduce_sum, n_all)
         # EM stops short along the CSF-like ridge; L-BFGS finishes the climb where that pays
-        margin = {"margin": eb_grid.RELOCATE_MARGIN}
         if rician:
-            eb_grid.polish(prior, grid, all_reduce_sum, n_all, **margin)
+            eb_grid.polish(prior, grid, all_reduce_sum, n_all, margin=eb_grid.RELOCATE_MARGIN)
         moves = eb_grid.relocate(prior, grid, all_reduce_sum, n_all)
         if rician and moves:
-            eb_grid.polish(prior, grid, all_reduce_sum, n_all, **margin)
+            eb_grid.polish(prior, grid, all_reduce_sum, n_all, margin=eb_grid.RELOCATE_MARGIN)
         last, _ = eb_grid.grid_em_step(prior, grid, all_reduce_sum, update=False)
         return {**first, "log_evidence_per_voxel": last / n_all, "relocations": moves}
 

@@ -78,10 +78,14 @@ def rician_sigma(y: torch.Tensor, nu: torch.Tensor, sigma: float,
     a tensor from every process for that median. Returns (σ, voxels left out, over all
     processes)."""
     y, nu = torch.broadcast_tensors(y.double(), nu.double().abs())
+
+    def cross(s2: float) -> torch.Tensor:  # y ν r, r the expected cosine of the lost phase
+        z = y * nu / s2
+        return y * nu * (torch.special.i1e(z) / torch.special.i0e(z))
+
     left = 0
     if outlier is not None:
-        z = y * nu / float(sigma) ** 2
-        term = y * y + nu * nu - 2 * y * nu * torch.special.i1e(z) / torch.special.i0e(z)
+        term = y * y + nu * nu - 2 * cross(float(sigma) ** 2)
         own = term.mean(-1).reshape(-1, y.shape[-2]).mean(0)  # (n,) each voxel's own σ² × 2
         mid = float(torch.cat([t.to(own.device) for t in gather(own)]).median())
         keep = (own / mid - 1).abs() <= outlier * math.sqrt(2.0 / y.shape[-1])
@@ -92,9 +96,7 @@ def rician_sigma(y: torch.Tensor, nu: torch.Tensor, sigma: float,
     count = float(reduce(torch.tensor(float(y.numel()), dtype=torch.float64, device=y.device)))
     s2 = float(sigma) ** 2
     for _ in range(int(max_iter)):
-        z = y * nu / s2
-        cross = reduce((y * nu * (torch.special.i1e(z) / torch.special.i0e(z))).sum())
-        new = float(yy - 2.0 * cross) / (2.0 * count)
+        new = float(yy - 2.0 * reduce(cross(s2).sum())) / (2.0 * count)
         done = abs(new - s2) <= tol * s2
         s2 = new
         if done:
