@@ -131,7 +131,7 @@ def _write_nifti(path, data, affine):
 
 def test_bad_input_matrix(scan, tmp_path):
     cases = bad_input_cases(scan, tmp_path)
-    assert len(cases) == 15
+    assert len(cases) == 17
     for case in cases:
         r = run("fit", *case.args)
         assert r.exit_code == 2, (case.name, r.output)
@@ -327,3 +327,21 @@ def test_refinement_and_empirical_bayes_options(scan, tmp_path):
     r = run(*fit_args(scan, tmp_path / "x", "--precision", "int8", method="vae"))
     assert r.exit_code == 2 and "unknown precision 'int8'" in r.output
     assert not (tmp_path / "x").exists()
+
+
+def test_lsq_bounds_option_reaches_fit_and_sidecar(scan, tmp_path):
+    """MSDKI least squares keeps K >= 0 unless --bounds widens it; the sidecar records the
+    ranges fitted; a learned method refuses --bounds by name."""
+    default, wide = tmp_path / "default", tmp_path / "wide"
+    assert run(*fit_args(scan, default)).exit_code == 0
+    r = run(*fit_args(scan, wide, "--bounds", "K=-0.5,4", "--bounds", "D=0,3.5"))
+    assert r.exit_code == 0, r.output
+    side = json.loads((default / "model-msdki_fit.json").read_text())
+    assert side["Settings"]["bounds"] == {"D": [0.0, 4.0], "K": [0.0, 4.0]}
+    side = json.loads((wide / "model-msdki_fit.json").read_text())
+    assert side["Settings"]["bounds"] == {"D": [0.0, 3.5], "K": [-0.5, 4.0]}
+    k = nib.load(default / "model-msdki_param-K_dwimap.nii.gz").get_fdata()
+    d = nib.load(wide / "model-msdki_param-D_dwimap.nii.gz").get_fdata()
+    assert np.nanmin(k) >= 0 and np.nanmax(d) <= 3.5
+    r = run(*fit_args(scan, tmp_path / "x", "--bounds", "K=0,4", method="vae"))
+    assert r.exit_code == 2 and "--bounds does not apply to --method vae" in r.output

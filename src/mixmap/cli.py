@@ -105,7 +105,8 @@ def models(
 
     if as_json:
         typer.echo(json.dumps({name: {"description": cls.description,
-                                      "parameters": [p.describe() for p in cls.parameters]}
+                                      "parameters": [p.describe() for p in cls.parameters],
+                                      "lsq_bounds": dict(cls.lsq_bounds)}
                                for name, cls in MODELS.items()}, indent=2, ensure_ascii=False))
         return
     for name, cls in MODELS.items():
@@ -115,6 +116,8 @@ def models(
             if p.scaled:
                 bounds += " × signal scale"
             typer.echo(f"  {p.name:<6} {p.unit:<8} {bounds:<24} {p.description}")
+        for pname, (lo, hi) in cls.lsq_bounds.items():
+            typer.echo(f"  lsq fits {pname} in [{lo:g}, {hi:g}] by default (--bounds to change)")
 
 
 # ---------------------------------------------------------------------------------- simulate
@@ -182,6 +185,22 @@ def build_fitter(method: str, model: str, options: dict):
         flags = ", ".join("--" + k.replace("_", "-") for k in wrong)
         raise ValueError(f"{flags} does not apply to --method {method}; remove it")
     return get_fitter(method, model, **given)
+
+
+def parse_bounds(items: list[str] | None) -> dict[str, tuple[float, float]] | None:
+    """``["K=0,4", ...]`` -> ``{"K": (0.0, 4.0)}``; None when none were given."""
+    if not items:
+        return None
+    out = {}
+    for item in items:
+        name, _, rest = item.partition("=")
+        hint = f"--bounds {item}: write NAME=LOWER,UPPER, e.g. --bounds K=0,4"
+        try:
+            lo, hi = (float(x) for x in rest.split(","))
+        except ValueError:
+            raise ValueError(hint) from None
+        out[name.strip()] = (lo, hi)
+    return out
 
 
 def _check_supported(model: str, acquisition, bvals: Path) -> None:
@@ -294,6 +313,10 @@ def fit(
         "and then maps the scans one at a time."),
     resume: bool = typer.Option(
         False, help="Learned: continue an interrupted training from its checkpoint in --out."),
+    bounds: list[str] | None = typer.Option(
+        None, help="lsq: NAME=LOWER,UPPER fits NAME within that range (repeatable; inside the "
+        "declared range, see `mixmap models`). MSDKI's default is K=0,4 (non-negative "
+        "kurtosis); --bounds K=-0.5,4 fits the declared range."),
 ) -> None:
     """Fit a model to a DWI scan, or one shared model to a cohort of scans, and write parameter
     maps (+ std maps, sidecars).
@@ -323,7 +346,7 @@ def fit(
                    hidden=hidden, epochs=epochs, batch_size=batch_size, lr=lr,
                    kl_weight=kl_weight, likelihood=likelihood, n_samples=n_samples,
                    refine_steps=refine_steps, eb_rounds=eb_rounds, eb_grid=eb_grid,
-                   precision=precision, device=device.value,
+                   precision=precision, bounds=parse_bounds(bounds), device=device.value,
                    seed=seed, quiet=quiet)
     fitter = build_fitter(method, model, options)
     if resume and not hasattr(fitter, "use_checkpoint"):

@@ -77,6 +77,10 @@ def bad_input_cases(scan: Path, tmp: Path) -> list[BadCase]:
         ("unknown model", {"model": "dti9"}, "unknown model 'dti9'"),
         ("option of another method", {"extra": ("--epochs", "3")},
          "--epochs does not apply to --method lsq"),
+        ("bounds not NAME=LOWER,UPPER", {"extra": ("--bounds", "K0,4")},
+         "--bounds K0,4: write NAME=LOWER,UPPER"),
+        ("bounds outside the declared range", {"extra": ("--bounds", "K=-1,4")},
+         "bounds K=-1,4: give lower < upper inside K's declared range [-0.5, 4]"),
     ]
     cases = []
     for i, (name, changes, message) in enumerate(specs):

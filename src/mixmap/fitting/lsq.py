@@ -19,6 +19,8 @@ J taken with respect to the bounded parameters and σ̂ the residual noise level
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -50,6 +52,11 @@ class LeastSquaresFitter(Fitter):
     chunk_size
         Voxels solved together; bounds memory to about chunk·n_meas·16 bytes plus the
         evaluation blocks.
+    bounds
+        name -> (lower, upper): ranges to fit within, inside the model's declared ones. Unnamed
+        parameters keep the model's :attr:`~mixmap.models.base.SignalModel.lsq_bounds` (for
+        MSDKI K ≥ 0) or else their declared range; ``model.declared_bounds()`` fits the
+        declared ranges throughout. The ranges used are in :meth:`settings` (the sidecar).
     """
 
     name = "lsq"
@@ -61,6 +68,7 @@ class LeastSquaresFitter(Fitter):
         max_iter: int = 50,
         tol: float = 1e-6,
         chunk_size: int = 20000,
+        bounds: Mapping[str, tuple[float, float]] | None = None,
         device: str = "cpu",
         seed: int = 0,
         quiet: bool = True,
@@ -69,10 +77,12 @@ class LeastSquaresFitter(Fitter):
         self.max_iter = int(max_iter)
         self.tol = float(tol)
         self.chunk_size = int(chunk_size)
+        self.model = self.model.with_bounds({**self.model.lsq_bounds, **(bounds or {})})
 
     def settings(self) -> dict:
         return {**super().settings(), "max_iter": self.max_iter, "tol": self.tol,
-                "chunk_size": self.chunk_size}
+                "chunk_size": self.chunk_size,
+                "bounds": {k: list(v) for k, v in self.model.declared_bounds().items()}}
 
     def fit(self, signals: np.ndarray, acquisition: Acquisition) -> FitResult:
         signals = self._check_inputs(signals, acquisition)

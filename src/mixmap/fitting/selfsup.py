@@ -114,10 +114,12 @@ class Data:
 
 def lsq_features(model: SignalModel, y_scaled: np.ndarray, acq: Acquisition) -> np.ndarray:
     """Least-squares estimate per voxel in unbounded coordinates, clipped to ±8 (an encoder
-    input: the fit stays self-supervised, no truth is used)."""
+    input: the fit stays self-supervised, no truth is used). Fitted over the model's declared
+    ranges, the ones the network's outputs span, not least squares' default narrower ones."""
     from mixmap.fitting.lsq import LeastSquaresFitter
 
-    res = LeastSquaresFitter(model, max_iter=30).fit(y_scaled, acq)
+    res = LeastSquaresFitter(model, max_iter=30, bounds=model.declared_bounds()).fit(y_scaled,
+                                                                                      acq)
     scale = res.settings["signal_scale"]
     params = {}
     for p in model.parameters:

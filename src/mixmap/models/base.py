@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Mapping
+from dataclasses import replace
+
 import torch
 
 from mixmap.acquisition import Acquisition
@@ -28,6 +32,10 @@ class SignalModel:
     #: True when the signal depends on b only (not on the gradient direction): least squares
     #: then fits the shell means weighted by their counts, which has the same minimiser.
     direction_independent: bool = False
+    #: Ranges least squares keeps to by default where physics rules out part of a parameter's
+    #: declared range (name -> (lower, upper), inside it). A fit without a prior needs them;
+    #: the learned fitters use the declared ranges and learn from the scan where values lie.
+    lsq_bounds: Mapping[str, tuple[float, float]] = {}
 
     # ---------------------------------------------------------------- declared structure
     @property
@@ -39,6 +47,32 @@ class SignalModel:
             if p.name == name:
                 return p
         raise KeyError(f"model {self.name} has no parameter {name!r}")
+
+    def declared_bounds(self) -> dict[str, tuple[float, float]]:
+        """(lower, upper) of every scalar parameter that is not relative to the scan's scale."""
+        return {p.name: (p.lower, p.upper) for p in self.parameters
+                if not (p.is_direction or p.scaled)}
+
+    def with_bounds(self, bounds: Mapping[str, tuple[float, float]]) -> SignalModel:
+        """A copy of the model whose named parameters keep to narrower ranges (the physics is
+        the same; :meth:`split` and :meth:`join` map to the new ranges)."""
+        by_name = {p.name: p for p in self.parameters}
+        for name, pair in bounds.items():
+            p = by_name.get(name)
+            if p is None or p.is_direction or p.scaled:
+                can = ", ".join(self.declared_bounds())
+                raise ValueError(f"bounds {name}=...: model {self.name} has no parameter "
+                                 f"{name!r} whose range can be set; choose from {can}")
+            lo, hi = (float(x) for x in pair)
+            unit = "" if p.unit == "1" else f" {p.unit}"
+            if not (p.lower <= lo < hi <= p.upper):
+                raise ValueError(
+                    f"bounds {name}={lo:g},{hi:g}: give lower < upper inside {name}'s declared "
+                    f"range [{p.lower:g}, {p.upper:g}]{unit} (see `mixmap models`)")
+            by_name[name] = replace(p, lower=lo, upper=hi)
+        out = copy.copy(self)
+        out.parameters = tuple(by_name[p.name] for p in self.parameters)
+        return out
 
     @property
     def n_unbounded(self) -> int:

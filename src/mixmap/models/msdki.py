@@ -10,6 +10,13 @@ can reach about 100 at b = 3 ms/µm², where exp() overflows float32. The expone
 passed through :func:`safe_exp`, which equals exp() for exponents below about 4 (every value the
 paper's simulation produces, where white-matter signals above S0 at b=3000 s/mm² occur) and levels
 off smoothly below 15, so the signal and its gradient stay finite for every allowed parameter.
+
+K is declared down to −0.5 (the paper's simulation draws its CSF-like cluster's K around 0, half
+of it negative), but least squares keeps K ≥ 0 by default (:attr:`MSDKI.lsq_bounds`): the
+kurtosis of any mixture of Gaussian compartments is 3·Var(D)/E(D)² ≥ 0, and constrained DKI fits
+impose K ≥ 0 for that reason (Tabesh et al., 2011). Where the data do not determine K (no signal
+left at the higher shells: CSF) the unconstrained minimum runs along the D-K ridge to K = −0.5 in
+about a quarter of such voxels. ``mixmap fit --bounds K=-0.5,4`` fits the declared range.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ class MSDKI(SignalModel):
         Parameter("D", "µm²/ms", 0.0, 4.0, "mean diffusivity"),
         Parameter("K", "1", -0.5, 4.0, "mean kurtosis"),
     )
+    lsq_bounds = {"K": (0.0, 4.0)}
 
     def forward(self, params: Params, acquisition: Acquisition) -> torch.Tensor:
         b, _ = acquisition.torch(params["D"].device, params["D"].dtype)
