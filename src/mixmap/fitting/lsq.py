@@ -133,7 +133,8 @@ class LeastSquaresFitter(Fitter):
         sw = None if weights is None else weights.sqrt()
         block = max(64, EVAL_BLOCK_ELEMENTS // max(acq.n, 1))
         with torch.no_grad():
-            u = torch.cat([model.join(model.initial_estimates(y[i : i + block], acq))
+            u = torch.cat([model.join(_inside(model, model.initial_estimates(y[i : i + block],
+                                                                              acq)))
                            for i in range(0, y.shape[0], block)])
         n = y.shape[0]
         dir_slices = _direction_slices(model)
@@ -274,6 +275,23 @@ def normal_equations(model: SignalModel, u: torch.Tensor, y: torch.Tensor, acq,
     g = (Jt @ r[..., None])[..., 0].double()
     c = (r * r).sum(-1).double()
     return torch.where(torch.isfinite(c), c, torch.full_like(c, float("inf"))), A, g
+
+
+#: Share of a parameter's range that a start keeps from each bound.
+START_MARGIN = 0.01
+
+
+def _inside(model: SignalModel, start: dict) -> dict:
+    """Pull each scalar start (not S0, whose range is relative) at least :data:`START_MARGIN`
+    of its range inside its bounds. At a bound the sigmoid is flat: a start there (a grid value
+    on a bound that ``--bounds`` moved, say) would never leave it."""
+    out = dict(start)
+    for p in model.parameters:
+        if p.is_direction or p.scaled:
+            continue
+        m = START_MARGIN * (p.upper - p.lower)
+        out[p.name] = start[p.name].clamp(p.lower + m, p.upper - m)
+    return out
 
 
 def _direction_slices(model: SignalModel) -> list[slice]:
