@@ -15,8 +15,9 @@ K is declared down to −0.5 (the paper's simulation draws its CSF-like cluster'
 of it negative), but least squares keeps K ≥ 0 by default (:attr:`MSDKI.lsq_bounds`): the
 kurtosis of any mixture of Gaussian compartments is 3·Var(D)/E(D)² ≥ 0, and constrained DKI fits
 impose K ≥ 0 for that reason (Tabesh et al., 2011). Where the data do not determine K (no signal
-left at the higher shells: CSF) the unconstrained minimum runs along the D-K ridge to K = −0.5 in
-about a quarter of such voxels. ``mixmap fit --bounds K=-0.5,4`` fits the declared range.
+left at the higher shells: CSF) the unconstrained minimum runs along the D-K ridge to the bound:
+22-38 % of the paper's CSF-like voxels end below K = −0.45 at SNR 50-10 (``benchmarks/lsq.py``).
+``mixmap fit --bounds K=-0.5,4`` fits the declared range.
 """
 
 from __future__ import annotations
