@@ -35,7 +35,9 @@ def signalled_run(scan: Path, out: Path, sig: int) -> tuple[int, str, list[str]]
     time.sleep(0.5)
     proc.send_signal(sig)
     _, err = proc.communicate()
-    return proc.returncode, err.strip().splitlines()[-1] if err.strip() else "", left_behind(out)
+    # the last line the program wrote, not a progress bar's (tqdm redraws with \r)
+    lines = [ln for ln in err.replace("\r", "\n").splitlines() if ln.strip() and "%|" not in ln]
+    return proc.returncode, lines[-1] if lines else "", left_behind(out)
 
 
 def main() -> None:
@@ -91,7 +93,9 @@ def main() -> None:
                      "yes (payload not run)" if applied.returncode == 2 and not ran
                      else "**NO**"])
         big = tmp / "big"
-        write_simulation(simulate("ball-stick", "hcp", snr=20, n_voxels=20000, seed=0), big)
+        # big enough that the fit is still running 0.5 s after it starts (a fast machine fits
+        # 20,000 ball-stick voxels in under a second)
+        write_simulation(simulate("ball-stick", "hcp", snr=20, n_voxels=100_000, seed=0), big)
         for sig, name in ((signal.SIGKILL, "killed (SIGKILL) during the fit"),
                           (signal.SIGINT, "interrupted (Ctrl-C) during the fit")):
             code, last, left = signalled_run(big, tmp / f"out-{name[:6]}", sig)
