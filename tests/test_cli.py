@@ -42,6 +42,8 @@ def test_models_lists_parameters():
     assert "µm²/ms" in r.output
     data = json.loads(run("models", "--json").output)
     assert data["msdki"]["parameters"][1]["name"] == "D"
+    assert data["msdki"]["lsq_bounds"] == {"K": [0.0, 4.0]}
+    assert "lsq fits K in [0, 4] by default" in r.output
 
 
 def test_help_has_examples():
