@@ -154,10 +154,17 @@ def test_bids_cohort_lsq_writes_each_subject_in_its_folder(bids, tmp_path):
             "--out", alone, "--quiet")
     assert r.exit_code == 0, r.output
     inside = truths["sub-03_ses-1"]["inside"]
+    tissue = truths["sub-03_ses-1"]["tissue"]
     for param in ("D", "K", "S0"):
         a = nib.load(alone / f"sub-03_ses-1_model-msdki_param-{param}_dwimap.nii.gz").get_fdata()
         b = nib.load(map_path(out, "sub-03_ses-1", param)).get_fdata()
-        np.testing.assert_allclose(b[inside], a[inside], rtol=2e-3, atol=2e-3)
+        # Where the data determine the fit (tissue; S0 everywhere) the maps agree. CSF-like
+        # voxels lie on a flat D-K ridge: the pool's signal scale (about 1, not exactly this
+        # scan's) rounds differently and Levenberg-Marquardt may stop elsewhere on the ridge
+        # (seen: 1 voxel of 150, K 0.021 alone vs 0.001 pooled, with lsq's K >= 0).
+        sel = inside if param == "S0" else tissue
+        np.testing.assert_allclose(b[sel], a[sel], rtol=2e-3, atol=2e-3)
+        assert np.isclose(b[inside], a[inside], rtol=2e-3, atol=2e-3).mean() > 0.97
 
 
 @pytest.mark.parametrize("method", ["lsq", "ssl"])
