@@ -365,10 +365,11 @@ def markdown(msdki: dict, bs: dict, info: dict) -> str:
     load_note = ""
     if loads and max(loads) > 1.5:
         load_note = (
-            f" The machine was shared with other jobs during this run (1-minute load average "
-            f"{min(loads):.1f}–{max(loads):.1f} on {os.cpu_count()} cores), so absolute times "
-            f"are inflated and noisy; ratios are the better guide (MSDKI runs alternate ours "
-            f"and dipy's)."
+            f" The 1-minute load average during this run was {min(loads):.1f}–{max(loads):.1f} "
+            f"on {os.cpu_count()} cores (this benchmark's own threads and dmipy's worker "
+            f"processes count in it, as does any other job); where it is above the core count "
+            f"absolute times are inflated and noisy, and ratios are the better guide (MSDKI "
+            f"runs alternate ours and dipy's)."
         )
     lines = [
         "## Least squares: mixmap vs dipy (MSDKI) and dmipy (ball-stick)",
@@ -597,6 +598,9 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true",
                     help="2,000 voxels, SNR 20 only, 1 repeat, dmipy on 200 voxels")
     ap.add_argument("--no-write", action="store_true", help="print the section, write nothing")
+    ap.add_argument("--render", action="store_true",
+                    help="only rewrite the section from docs/lsq_benchmark.json (fit nothing; "
+                    "the scatter figure is left as it is)")
     args = ap.parse_args(argv)
     if args.dmipy_worker:
         dmipy_worker(*args.dmipy_worker, processors=args.processors)
@@ -605,10 +609,22 @@ def main(argv=None) -> int:
         args.voxels, args.repeats = 2000, 1
         args.msdki_snr, args.ball_stick_snr, args.dmipy_voxels = [20], [20], [200]
 
+    from mixmap.report import update_section
+
+    docs = ROOT / "docs"
+    if args.render:
+        prev = json.loads((docs / "lsq_benchmark.json").read_text())
+        msdki = {float(k): v for k, v in prev["msdki"].items()}
+        bs = prev["ball_stick"]
+        bs["snr"] = {float(k): v for k, v in bs["snr"].items()}
+        text = markdown(msdki, bs, prev["info"])
+        print(text)
+        if not args.no_write:
+            update_section(docs / "RESULTS.md", "lsq", text)
+        return 0
+
     import dipy
     import torch
-
-    from mixmap.report import update_section
 
     info = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
             "dipy": dipy.__version__, "repeats": args.repeats, "command": COMMAND,
@@ -628,7 +644,6 @@ def main(argv=None) -> int:
     print(text)
     if args.no_write:
         return 0
-    docs = ROOT / "docs"
     if 20.0 in msdki:
         scatter_figure(msdki, 20.0, docs / "figures" / "lsq_msdki_scatter.png")
     payload = strip_private({"info": info, "msdki": msdki, "ball_stick": bs})
