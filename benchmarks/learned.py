@@ -218,8 +218,7 @@ def markdown(results: list[dict], command: str = "python benchmarks/learned.py")
                      + "\n".join(f"- {line}" for line in verdicts(res, NAMES, None)))
     return ("### Learned fitters vs least squares and the Bayes-optimal reference\n\n"
             f"Written by `{command}` (default configurations, seed 0; times on "
-            f"{machine_description()}, a machine shared with "
-            "other work while it ran, so times are indicative). "
+            f"{machine_description()}, one run each, so indicative). "
             "`bayes` is the posterior mean under the true prior (not attainable by any method "
             "that has to learn the prior).\n\n" + "\n\n".join(parts))
 
@@ -235,8 +234,14 @@ def main() -> None:
     ap.add_argument("--extra-snr", type=float, default=None,
                     help="at this SNR also vae-gmm with Gumbel-softmax y and with Rician noise")
     ap.add_argument("--out", default=str(DOCS / "learned.json"))
+    ap.add_argument("--render", action="store_true",
+                    help="only rewrite the section from --out's JSON (fit nothing)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.render:
+        results = json.loads(Path(args.out).read_text())
+        update_section(DOCS / "RESULTS.md", "learned", markdown(results))
+        return
     command = " ".join(["python benchmarks/learned.py", *sys.argv[1:]])
     results = []
     out = Path(args.out)
