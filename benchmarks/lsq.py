@@ -579,6 +579,15 @@ def strip_private(obj):
     return obj
 
 
+def load_run(path: Path) -> tuple[dict, dict, dict]:
+    """An earlier run's ``lsq_benchmark.json`` as (info, msdki, ball_stick), with the SNR keys
+    that JSON turned into strings made floats again."""
+    prev = json.loads(path.read_text())
+    bs = prev["ball_stick"]
+    bs["snr"] = {float(k): v for k, v in bs["snr"].items()}
+    return prev["info"], {float(k): v for k, v in prev["msdki"].items()}, bs
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dmipy-worker", nargs=2, metavar=("IN", "OUT"), help=argparse.SUPPRESS)
@@ -613,11 +622,8 @@ def main(argv=None) -> int:
 
     docs = ROOT / "docs"
     if args.render:
-        prev = json.loads((docs / "lsq_benchmark.json").read_text())
-        msdki = {float(k): v for k, v in prev["msdki"].items()}
-        bs = prev["ball_stick"]
-        bs["snr"] = {float(k): v for k, v in bs["snr"].items()}
-        text = markdown(msdki, bs, prev["info"])
+        info, msdki, bs = load_run(docs / "lsq_benchmark.json")
+        text = markdown(msdki, bs, info)
         print(text)
         if not args.no_write:
             update_section(docs / "RESULTS.md", "lsq", text)
@@ -632,10 +638,8 @@ def main(argv=None) -> int:
             "python": platform.python_version(), "seed": args.seed}
     msdki = bench_msdki(args.msdki_snr, args.voxels, args.repeats, args.seed)
     if args.ball_stick_from:
-        prev = json.loads(args.ball_stick_from.read_text())
-        bs = prev["ball_stick"]
-        bs["snr"] = {float(k): v for k, v in bs["snr"].items()}
-        bs["measured_in_run_of"] = prev["info"].get("started", prev["info"]["date"])
+        prev_info, _, bs = load_run(args.ball_stick_from)
+        bs["measured_in_run_of"] = prev_info.get("started", prev_info["date"])
         info["ball_stick_reused"] = bs["measured_in_run_of"]
     else:
         bs = bench_ball_stick(args.ball_stick_snr, args.voxels, args.repeats, args.seed,
