@@ -209,6 +209,10 @@ def test_same_seed_gives_bit_identical_maps_and_checksums_recorded(scan, tmp_pat
     side = json.loads((a / "model-msdki_fit.json").read_text())
     assert side["InputChecksums"]["dwi"].startswith("dwi.nii.gz sha256:")
     assert side["Settings"]["seed"] == 0 and side["Settings"]["method"] == "lsq"
+    # where and how long it ran: device in words, seconds of loading and fitting
+    assert side["Device"].startswith("cpu (")
+    assert list(side["Seconds"]) == ["load", "fit"] and all(
+        v >= 0 for v in side["Seconds"].values())
 
 
 @pytest.mark.parametrize("method", ["ssl", "vae", "vae-gmm"])
@@ -225,6 +229,9 @@ def test_learned_methods_fit_save_and_apply_through_the_cli(scan, tmp_path, meth
         assert (out / "model-msdki_loss.csv").read_text().startswith("epoch")
     if method == "vae-gmm":
         assert (out / "model-msdki_param-cluster_dwimap.nii.gz").exists()
+    seconds = json.loads((out / "model-msdki_fit.json").read_text())["Seconds"]
+    refit = ["empirical_bayes"] if method == "vae-gmm" else []
+    assert list(seconds) == ["load", "prepare", "train", *refit, "maps"]
     # --force replaces maps and the saved model folder
     assert run(*fit_args(scan, out, *fast, "--force", method=method)).exit_code == 0
     r = run("apply", model_dir, scan / "dwi.nii.gz", "--bvals", scan / "dwi.bval", "--bvecs",
@@ -233,6 +240,8 @@ def test_learned_methods_fit_save_and_apply_through_the_cli(scan, tmp_path, meth
     a = nib.load(out / "model-msdki_param-D_dwimap.nii.gz").get_fdata()
     b = nib.load(again / "model-msdki_param-D_dwimap.nii.gz").get_fdata()
     np.testing.assert_array_equal(a, b)
+    seconds = json.loads((again / "model-msdki_fit.json").read_text())["Seconds"]
+    assert list(seconds) == ["load", "prepare", "maps"]
 
 
 def test_apply_refuses_another_acquisition(scan, tmp_path):

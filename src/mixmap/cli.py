@@ -11,6 +11,7 @@ import inspect
 import json
 import logging
 import sys
+import time
 from enum import Enum
 from pathlib import Path
 
@@ -369,6 +370,13 @@ def fit(
         typer.echo(f"wrote {len(written)} maps to {out}/")
 
 
+def _log_times(result, write_s: float) -> None:
+    """One line: the seconds of each phase (fit.json keeps them, without the write)."""
+    phases = {**result.timings, "write": write_s}
+    log.info("seconds: %s (%s)", ", ".join(f"{k} {v:.1f}" for k, v in phases.items()),
+             result.device)
+
+
 def _use_checkpoint(fitter, ckpt: Path, resume: bool) -> None:
     if hasattr(fitter, "use_checkpoint"):
         fitter.use_checkpoint(ckpt, resume=resume)
@@ -391,7 +399,9 @@ def _fit_scan(fitter, dwi: Path, bvals: Path, bvecs: Path, mask: Path | None, *,
             f"{out}: already holds {model} maps ({clash[0].name} ...); use --force to overwrite "
             f"them or choose another --out"
         )
+    t0 = time.perf_counter()
     data = load_dwi(dwi, bvals, bvecs, mask)
+    load_s = time.perf_counter() - t0
     _check_supported(model, data.acquisition, bvals)
     log.info("%s: %d voxels × %d measurements", dwi, *data.signals.shape)
     _use_checkpoint(fitter, out / f".mixmap-checkpoint-{bids_entities(dwi) or 'scan'}-{model}-"
@@ -399,9 +409,12 @@ def _fit_scan(fitter, dwi: Path, bvals: Path, bvecs: Path, mask: Path | None, *,
     result = fitter.fit(data.signals, data.acquisition)
     if not distributed.is_main():  # torchrun: every process trained, the main one writes
         return []
+    result.timings = {"load": load_s, **result.timings}
     extra = {"DroppedVoxels": data.n_dropped, "Seed": seed,
              "InputChecksums": input_checksums(dwi=dwi, bvals=bvals, bvecs=bvecs, mask=mask)}
+    t0 = time.perf_counter()
     written = save_maps(result, data, out, force=force, extra=extra)
+    _log_times(result, time.perf_counter() - t0)
     if save_model and hasattr(fitter, "save"):
         from mixmap.io import AtomicOutput
 
@@ -536,16 +549,21 @@ def apply(
     _single_scan_gradients(bvals, bvecs, mask_pattern)
     dwi_file = dwi[0]
     fitter = load_fitter(model_file, device=device.value)
+    t0 = time.perf_counter()
     data = load_dwi(dwi_file, bvals, bvecs, mask)
+    load_s = time.perf_counter() - t0
     _check_supported(fitter.model.name, data.acquisition, bvals)
     result = fitter.apply(data.signals, data.acquisition,
                           allow_other_acquisition=allow_other_acquisition)
     if not distributed.is_main():  # torchrun: each process mapped its share, one writes
         return
+    result.timings = {"load": load_s, **result.timings}
     extra = {"TrainedModel": str(model_file),
              "InputChecksums": input_checksums(model=model_file, dwi=dwi_file, bvals=bvals,
                                                bvecs=bvecs, mask=mask)}
+    t0 = time.perf_counter()
     written = save_maps(result, data, out, force=force, extra=extra)
+    _log_times(result, time.perf_counter() - t0)
     if not quiet:
         typer.echo(f"wrote {len(written)} maps to {out}/")
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,6 +31,13 @@ class FitResult:
         One dict per epoch/iteration of named loss terms (empty for closed-form fitters).
     settings
         Everything needed to rerun: method, model, hyper-parameters, seed, device.
+    timings
+        Wall seconds of each phase of the fit that made these maps (least squares: ``fit``;
+        learned fitters: ``prepare``, ``train``, ``empirical_bayes`` where vae-gmm refits
+        its prior, ``maps``; the command line adds ``load``), measured with
+        :class:`PhaseTimer`.
+    device
+        Where it ran, in words (:func:`device_description`).
     """
 
     model: str
@@ -38,6 +48,8 @@ class FitResult:
     history: list[dict] = field(default_factory=list)
     settings: dict = field(default_factory=dict)
     noise_sigma: float | None = None  # estimated noise level, input intensity units
+    timings: dict[str, float] = field(default_factory=dict)
+    device: str | None = None
 
     @property
     def n_voxels(self) -> int:
@@ -77,6 +89,39 @@ def resolve_device(device: str | torch.device = "cpu") -> torch.device:
     ):
         raise ValueError("--device mps: no Apple GPU is available; use --device cpu or auto")
     return torch.device(name)
+
+
+def device_description(device: str | torch.device) -> str:
+    """The device in words, for sidecars and benchmark tables: 'cuda:0 (NVIDIA H200)', 'cpu
+    (2 torch threads)'."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+    if dev.type == "cpu":
+        return f"cpu ({torch.get_num_threads()} torch threads)"
+    return str(dev)
+
+
+class PhaseTimer:
+    """Wall seconds per named phase. On an accelerator a phase ends with a synchronisation,
+    so the kernels it queued count in it and not in the next one."""
+
+    def __init__(self, device: str | torch.device = "cpu") -> None:
+        self.device = torch.device(device)
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            elif self.device.type == "mps":
+                torch.mps.synchronize()
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
 
 
 def signal_scale(signals: np.ndarray, acquisition: Acquisition) -> float:

@@ -27,7 +27,15 @@ import torch.autograd.forward_ad as fwAD
 from tqdm.auto import tqdm
 
 from mixmap.acquisition import Acquisition
-from mixmap.fitting.base import FitResult, Fitter, Scheme, resolve_device, signal_scale
+from mixmap.fitting.base import (
+    FitResult,
+    Fitter,
+    PhaseTimer,
+    Scheme,
+    device_description,
+    resolve_device,
+    signal_scale,
+)
 from mixmap.models import SignalModel
 
 #: Signal elements (voxels × measurements) per evaluation block of the Gauss-Newton terms:
@@ -87,6 +95,13 @@ class LeastSquaresFitter(Fitter):
     def fit(self, signals: np.ndarray, acquisition: Acquisition) -> FitResult:
         signals = self._check_inputs(signals, acquisition)
         device = resolve_device(self.device)
+        timer = PhaseTimer(device)
+        with timer("fit"):
+            result = self._fit(signals, acquisition, device)
+        result.timings = dict(timer.seconds)
+        return result
+
+    def _fit(self, signals, acquisition, device) -> FitResult:
         scale = signal_scale(signals, acquisition)
         n = signals.shape[0]
         params: dict[str, list[np.ndarray]] = {p.name: [] for p in self.model.parameters}
@@ -121,6 +136,7 @@ class LeastSquaresFitter(Fitter):
             std={k: v.astype(np.float32) for k, v in std_out.items()},
             settings={**self.settings(), "signal_scale": scale},
             noise_sigma=float(np.median(sigma_all) * scale),
+            device=device_description(device),
         )
 
     # ------------------------------------------------------------------------------

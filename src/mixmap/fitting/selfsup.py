@@ -40,7 +40,9 @@ from mixmap.fitting import distributed
 from mixmap.fitting.base import (
     FitResult,
     Fitter,
+    PhaseTimer,
     Scheme,
+    device_description,
     noise_sigma_from_b0,
     resolve_device,
     signal_scale,
@@ -217,19 +219,28 @@ class LearnedFitter(Fitter):
         key.update(json_dumps(self.settings()).encode())
         self._data_key = key.hexdigest()
         distributed.check_same(self._data_key, "data or settings")
+        timer = PhaseTimer(device)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
-            net = self._build(acquisition, sigma_w).to(device)
-            self.net = net
-            scheme = Scheme.build(self.model, acquisition, self._reduce(), device)
-            data = self._prepare(signals / scale, acquisition, scheme, device, calibrate=True)
+            with timer("prepare"):
+                net = self._build(acquisition, sigma_w).to(device)
+                self.net = net
+                scheme = Scheme.build(self.model, acquisition, self._reduce(), device)
+                data = self._prepare(signals / scale, acquisition, scheme, device,
+                                     calibrate=True)
             if distributed.active():  # each process its own draws for its own voxels
                 torch.manual_seed(distributed.rank_seed(self.seed))
-            history = self._train(data, scheme)
-            extra = self._after_training(data, scheme)
-        result = self._result(data, scheme, scale)
+            with timer("train"):
+                history = self._train(data, scheme)
+            with timer("empirical_bayes"):
+                extra = self._after_training(data, scheme)
+        with timer("maps"):
+            result = self._result(data, scheme, scale)
+        result.timings = dict(timer.seconds)
         if extra:
             result.settings.update(extra)
+        else:  # nothing ran after training (only vae-gmm refits its prior)
+            result.timings.pop("empirical_bayes")
         self.trained = {
             "fingerprint": acquisition.fingerprint(),
             "bvals": acquisition.bvals.tolist(),
@@ -250,8 +261,13 @@ class LearnedFitter(Fitter):
         so a scan with another intensity scaling maps the same. A different acquisition is
         refused unless ``allow_other_acquisition``.
         """
-        data, scheme, scale = self._apply_data(signals, acquisition, allow_other_acquisition)
-        result = self._result(data, scheme, scale)
+        timer = PhaseTimer(resolve_device(self.device))
+        with timer("prepare"):
+            data, scheme, scale = self._apply_data(signals, acquisition,
+                                                   allow_other_acquisition)
+        with timer("maps"):
+            result = self._result(data, scheme, scale)
+        result.timings = dict(timer.seconds)
         result.settings["applied"] = True
         return result
 
@@ -315,6 +331,7 @@ class LearnedFitter(Fitter):
             cluster_probs=None if probs is None else np.asarray(probs, dtype=np.float32),
             settings=settings,
             noise_sigma=_finite_or_none(self._sigma_working() * scale),
+            device=device_description(next(self.net.parameters()).device),
         )
 
     def _sigma_working(self) -> float:

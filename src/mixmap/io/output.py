@@ -181,8 +181,9 @@ def save_maps(
 ) -> list[Path]:
     """Write every map of a :class:`~mixmap.fitting.FitResult` with the DWI's affine and
     header: float32, NaN outside the mask, one JSON sidecar per map (units, model, method,
-    settings, version), plus ``fit.json`` (the whole run) and, for learned fitters, the loss
-    curve as ``loss.csv``. Returns the written map paths.
+    settings, version), plus ``fit.json`` (the whole run, with the device and the seconds of
+    each phase) and, for learned fitters, the loss curve as ``loss.csv``. Returns the written
+    map paths.
     """
     with AtomicOutput(out_dir, force=force) as w:
         names = stage_maps(w, result, dwi, extra=extra)
@@ -238,7 +239,9 @@ def stage_maps(
                {"Parameter": param, "Units": unit, "Description": text, **common})
         written.append(pre + name)
     summary = {**common, "NoiseSigma": result.noise_sigma,
-               "NumberOfVoxels": result.n_voxels, "Acquisition": dwi.acquisition.describe()}
+               "NumberOfVoxels": result.n_voxels, "Acquisition": dwi.acquisition.describe(),
+               "Device": result.device,
+               "Seconds": {k: round(v, 3) for k, v in result.timings.items()}}
     w.json(pre + (entities + "_" if entities else "") + f"model-{_label(result.model)}_fit.json",
            summary)
     if result.history:
