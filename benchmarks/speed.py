@@ -101,6 +101,7 @@ def worker(spec: dict) -> dict:
     if spec["kind"] == "cli":
         return cli_worker(spec)
     kind, n, seed = spec["kind"], int(spec["n"]), int(spec.get("seed", 0))
+    device = spec.get("device", "cpu")
     preset = "ball-stick" if kind in ("ball-stick-lsq", "dmipy") else "paper-msdki"
     signals, truth, acq = make_data(preset, n, seed)
     extra: dict = {}
@@ -108,7 +109,7 @@ def worker(spec: dict) -> dict:
     if kind == "lsq" or kind == "ball-stick-lsq":
         from mixmap.fitting.lsq import LeastSquaresFitter
 
-        fitter = LeastSquaresFitter("msdki" if kind == "lsq" else "ball-stick")
+        fitter = LeastSquaresFitter("msdki" if kind == "lsq" else "ball-stick", device=device)
 
         def step():
             return fitter.fit(signals, acq).params
@@ -120,7 +121,7 @@ def worker(spec: dict) -> dict:
     elif kind == "vae-gmm":
         from mixmap.fitting.vae import MixtureVAEFitter
 
-        fitter = MixtureVAEFitter("msdki", seed=seed)
+        fitter = MixtureVAEFitter("msdki", seed=seed, device=device)
 
         def step():
             res = fitter.fit(signals, acq)
@@ -130,7 +131,7 @@ def worker(spec: dict) -> dict:
         from mixmap.fitting.vae import MixtureVAEFitter
 
         train, _, _ = make_data(preset, APPLY_TRAIN_VOXELS, seed + 1000)
-        fitter = MixtureVAEFitter("msdki", seed=seed)
+        fitter = MixtureVAEFitter("msdki", seed=seed, device=device)
         fitter.fit(train, acq)
         del train
 
@@ -148,11 +149,14 @@ def worker(spec: dict) -> dict:
     else:
         raise SystemExit(f"unknown worker kind {kind!r}")
     data_bytes = int(signals.nbytes)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
     before = reset_peak()
     t0 = time.perf_counter()
-    est = step()
+    est = step()  # numpy maps: the device's work is done when it returns
     seconds = time.perf_counter() - t0
     peak = peak_rss()
+    extra.update(device_peak(device))
     if kind == "dmipy":  # its own fit time, without its process start and numba compilation
         extra["wall_with_start"] = seconds
         seconds = extra["seconds_inside"]
@@ -175,7 +179,17 @@ def cli_worker(spec: dict) -> dict:
             raise
     seconds = time.perf_counter() - t0
     return {"kind": "cli", "args": spec["args"], "seconds": seconds, "rss_before": before,
-            "peak_rss": peak_rss()}
+            "peak_rss": peak_rss(), **device_peak(spec.get("device", "cpu"))}
+
+
+def device_peak(device: str) -> dict:
+    """Peak memory the step allocated on a CUDA device, and the device's name; {} on the CPU."""
+    import torch
+
+    if not (device.startswith("cuda") and torch.cuda.is_initialized()):
+        return {}
+    return {"device_peak": int(torch.cuda.max_memory_allocated()),
+            "device_name": torch.cuda.get_device_name()}
 
 
 def run_worker(spec: dict, timeout: float | None = None) -> dict:
@@ -191,8 +205,11 @@ def run_worker(spec: dict, timeout: float | None = None) -> dict:
 
 
 # ============================================================================ whole brain
-def whole_brain(brain_dir: Path, out_root: Path, threads: int) -> list[dict]:
-    """Simulate the brain once (cached in ``brain_dir``), then time ``mixmap fit`` on it."""
+def whole_brain(brain_dir: Path, out_root: Path, threads: int, device: str = "cpu",
+                methods=("lsq", "vae-gmm"), timeout: float | None = None) -> list[dict]:
+    """Simulate the brain once (cached in ``brain_dir``), then time ``mixmap fit`` on it (each
+    method at most ``timeout`` seconds): wall time and peak memory of the whole command, and
+    the seconds of each phase as its fit.json records them."""
     dwi = brain_dir / "dwi.nii.gz"
     if not dwi.exists():
         print(f"simulating the whole brain into {brain_dir} (once) ...", flush=True)
@@ -208,13 +225,18 @@ def whole_brain(brain_dir: Path, out_root: Path, threads: int) -> list[dict]:
     n_vox = int((np.asarray(nib.load(str(brain_dir / "mask.nii.gz")).dataobj) > 0).sum())
     n_vol = int(nib.load(str(dwi)).shape[3])
     rows = []
-    for method in ("lsq", "vae-gmm"):
+    for method in methods:
         out = out_root / f"brain-{method}"
         args = ["fit", str(dwi), "--bvals", str(brain_dir / "dwi.bval"), "--bvecs",
                 str(brain_dir / "dwi.bvec"), "--mask", str(brain_dir / "mask.nii.gz"),
-                "--model", "msdki", "--method", method, "--out", str(out), "--force", "--quiet"]
-        res = run_worker({"kind": "cli", "args": args, "threads": threads})
-        res.update(method=method, n=n_vox, n_volumes=n_vol,
+                "--model", "msdki", "--method", method, "--device", device, "--out", str(out),
+                "--force", "--quiet"]
+        try:
+            res = run_worker({"kind": "cli", "args": args, "threads": threads,
+                              "device": device}, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            res = {"error": f"stopped after {timeout:.0f} s"}
+        res.update(method=method, n=n_vox, n_volumes=n_vol, device=device,
                    data_bytes=n_vox * n_vol * 4)
         if "error" not in res:
             from mixmap.evaluate import evaluate_dirs
@@ -222,8 +244,12 @@ def whole_brain(brain_dir: Path, out_root: Path, threads: int) -> list[dict]:
             rep = evaluate_dirs(out, brain_dir, bayes=False)
             res["rmse"] = {p: rep["metrics"][p]["all"]["rmse"] for p in ("D", "K")
                            if p in rep["metrics"]}
-        print(f"whole brain {method}: {res.get('seconds', float('nan')):.0f} s, peak "
-              f"{res.get('peak_rss', 0) / 2**30:.2f} GiB {res.get('error', '')}", flush=True)
+            summary = json.loads((out / "model-msdki_fit.json").read_text())
+            res["phases"] = summary.get("Seconds", {})
+            res["device_description"] = summary.get("Device")
+        print(f"whole brain {method} ({device}): {res.get('seconds', float('nan')):.0f} s, "
+              f"peak {res.get('peak_rss', 0) / 2**30:.2f} GiB {res.get('phases', '')} "
+              f"{res.get('error', '')}", flush=True)
         rows.append(res)
     return rows
 
@@ -335,17 +361,19 @@ def markdown(results: dict, brain: list[dict], info: dict) -> str:
     if brain:
         lines += ["", "Whole brain (`mixmap simulate --layout brain`, HCP grid, end to end as "
                   "`mixmap fit` runs it: load, fit, maps, write):", "",
-                  "| method | voxels × volumes | seconds | peak memory (whole process) | "
-                  "RMSE D | RMSE K |", "|---|---|---|---|---|---|"]
+                  "| method | voxels × volumes | seconds | phases (s, from fit.json; the rest "
+                  "is start-up and writing) | peak memory (whole process) | RMSE D | RMSE K |",
+                  "|---|---|---|---|---|---|---|"]
         for r in brain:
             if "error" in r:
                 lines.append(f"| {r['method']} | {r['n']:,} × {r['n_volumes']} | failed: "
-                             f"{r['error']} | | | |")
+                             f"{r['error']} | | | | |")
                 continue
             rm = r.get("rmse", {})
+            phases = ", ".join(f"{k} {v:.0f}" for k, v in r.get("phases", {}).items())
             lines.append(f"| {r['method']} | {r['n']:,} × {r['n_volumes']} | {r['seconds']:.0f} | "
-                         f"{r['peak_rss'] / 2**30:.2f} GiB | {rm.get('D', float('nan')):.3f} | "
-                         f"{rm.get('K', float('nan')):.3f} |")
+                         f"{phases or 'not recorded'} | {r['peak_rss'] / 2**30:.2f} GiB | "
+                         f"{rm.get('D', float('nan')):.3f} | {rm.get('K', float('nan')):.3f} |")
     lines += ["", "![scaling](figures/speed_scaling.png)", ""]
     return "\n".join(lines)
 
