@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 COMMAND = "python benchmarks/gpu_check.py"
+STEPS = ("tests", "brain", "precision", "scaling")
 
 
 class Budget:
@@ -136,10 +137,11 @@ def check(args) -> dict:
 
     t0 = time.perf_counter()
     limit = budget.allow(args.test_cap, 30)
-    res["tests"] = device_tests(args.device, limit, args.workers) if limit else {
-        "error": "skipped: no time left"}
-    print(res["tests"].get("summary") or res["tests"].get("error"), flush=True)
-    save("tests", t0)
+    if "tests" in args.steps:
+        res["tests"] = device_tests(args.device, limit, args.workers) if limit else {
+            "error": "skipped: no time left"}
+        print(res["tests"].get("summary") or res["tests"].get("error"), flush=True)
+        save("tests", t0)
 
     quick = args.quick
     with tempfile.TemporaryDirectory(prefix="mixmap-gpu-") as tmp:
@@ -147,7 +149,7 @@ def check(args) -> dict:
         brain_dir = Path(tmp) / "brain"
         grid = "36,44,36" if quick else "145,174,145"
         limit = budget.allow(args.simulate_cap, 30)
-        if limit:
+        if limit and "brain" in args.steps:
             sim = speed.run_worker({"kind": "cli", "threads": args.threads, "args": [
                 "simulate", str(brain_dir), "--preset", "paper-msdki", "--layout", "brain",
                 "--grid", grid, "--snr", str(speed.SNR), "--force", "--quiet"]},
@@ -166,12 +168,12 @@ def check(args) -> dict:
 
     t0 = time.perf_counter()
     limit = budget.allow(args.precision_cap, 60)
-    if limit:
+    if limit and "precision" in args.steps:
         res["precision"] = precision_runs(args.device, args.precisions, limit)
         save("precision", t0)
 
     sizes = [1000, 10_000] if quick else [10_000, 100_000, 1_000_000]
-    for kind in ("lsq", "vae-gmm", "apply"):
+    for kind in ("lsq", "vae-gmm", "apply") if "scaling" in args.steps else ():
         for n in sizes:
             t0 = time.perf_counter()
             limit = budget.allow(args.scaling_cap, 20)
@@ -202,9 +204,10 @@ def section(res: dict) -> str:
              + (f" ({m['gpu_memory_gib']} GiB, CUDA {m['cuda']})" if m.get("gpu") else "")
              + f", {m['cpu_count']} CPU cores, torch {m['torch']}; rendered into this file by "
              f"`{COMMAND} --render <its gpu_check.json>`. One run, so indicative.", ""]
-    t = res.get("tests", {})
-    lines += [f"**Device tests** (`tests/test_device.py`): {t.get('summary') or t.get('error')}",
-              ""]
+    t = res.get("tests")
+    if t:
+        lines += [f"**Device tests** (`tests/test_device.py`): "
+                  f"{t.get('summary') or t.get('error')}", ""]
     brain = res.get("whole_brain", [])
     if brain:
         sim = res.get("brain_simulation", {})
@@ -246,6 +249,18 @@ def section(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def merge(runs: list[dict]) -> dict:
+    """Runs of other ``--steps`` (on the same machine) as one: each step's results from the
+    last run that has them; the commands joined."""
+    out = dict(runs[0])
+    for r in runs[1:]:
+        if r["machine"].get("gpu") != out["machine"].get("gpu"):
+            raise SystemExit("--render: these runs were on different machines; render each alone")
+        out.update({k: v for k, v in r.items() if k not in ("command", "machine", "steps")})
+        out["command"] = f"{out['command']}; {r['command']}"
+    return out
+
+
 def _cell(row: dict | None, n: int) -> str:
     if row is None:
         return ""
@@ -261,6 +276,9 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, default=420.0,
                     help="seconds for the whole run (steps that no longer fit are skipped)")
     ap.add_argument("--quick", action="store_true", help="small sizes: a rehearsal")
+    ap.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS),
+                    help="the steps to run, always in this order (a second call can run the "
+                    "ones the first had no time for)")
     ap.add_argument("--threads", type=int, default=8, help="torch CPU threads per process")
     ap.add_argument("--workers", type=int, default=4, help="pytest-xdist workers (1: none)")
     ap.add_argument("--precisions", nargs="+", default=["float32", "bfloat16", "float16"])
@@ -270,12 +288,13 @@ def main(argv=None) -> int:
     ap.add_argument("--lsq-cap", type=float, default=90.0)
     ap.add_argument("--precision-cap", type=float, default=120.0)
     ap.add_argument("--scaling-cap", type=float, default=60.0)
-    ap.add_argument("--render", type=Path, metavar="JSON",
-                    help="write docs/gpu.json and the gpu section of RESULTS.md from a run")
+    ap.add_argument("--render", type=Path, nargs="+", metavar="JSON",
+                    help="write docs/gpu.json and the gpu section of RESULTS.md from a run's "
+                    "gpu_check.json (several: runs of other --steps on the same machine, merged)")
     ap.add_argument("--no-write", action="store_true", help="--render: print, write nothing")
     args = ap.parse_args(argv)
     if args.render:
-        res = json.loads(args.render.read_text())
+        res = merge([json.loads(path.read_text()) for path in args.render])
         text = section(res)
         print(text)
         if not args.no_write:
