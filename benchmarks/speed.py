@@ -236,7 +236,7 @@ def whole_brain(brain_dir: Path, out_root: Path, threads: int, device: str = "cp
                               "device": device}, timeout=timeout)
         except subprocess.TimeoutExpired:
             res = {"error": f"stopped after {timeout:.0f} s"}
-        res.update(method=method, n=n_vox, n_volumes=n_vol, device=device,
+        res.update(method=method, n=n_vox, n_volumes=n_vol, device=device, threads=threads,
                    data_bytes=n_vox * n_vol * 4)
         if "error" not in res:
             from mixmap.evaluate import evaluate_dirs
@@ -361,19 +361,20 @@ def markdown(results: dict, brain: list[dict], info: dict) -> str:
     if brain:
         lines += ["", "Whole brain (`mixmap simulate --layout brain`, HCP grid, end to end as "
                   "`mixmap fit` runs it: load, fit, maps, write):", "",
-                  "| method | voxels × volumes | seconds | phases (s, from fit.json; the rest "
-                  "is start-up and writing) | peak memory (whole process) | RMSE D | RMSE K |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| method | threads | voxels × volumes | seconds | phases (s, from fit.json; "
+                  "the rest is start-up and writing) | peak memory (whole process) | RMSE D | "
+                  "RMSE K |", "|---|---|---|---|---|---|---|---|"]
         for r in brain:
+            head = (f"| {r['method']} | {r.get('threads', info['threads'])} | {r['n']:,} × "
+                    f"{r['n_volumes']} |")
             if "error" in r:
-                lines.append(f"| {r['method']} | {r['n']:,} × {r['n_volumes']} | failed: "
-                             f"{r['error']} | | | | |")
+                lines.append(f"{head} failed: {r['error']} | | | | |")
                 continue
             rm = r.get("rmse", {})
             phases = ", ".join(f"{k} {v:.0f}" for k, v in r.get("phases", {}).items())
-            lines.append(f"| {r['method']} | {r['n']:,} × {r['n_volumes']} | {r['seconds']:.0f} | "
-                         f"{phases or 'not recorded'} | {r['peak_rss'] / 2**30:.2f} GiB | "
-                         f"{rm.get('D', float('nan')):.3f} | {rm.get('K', float('nan')):.3f} |")
+            lines.append(f"{head} {r['seconds']:.0f} | {phases or 'not recorded'} | "
+                         f"{r['peak_rss'] / 2**30:.2f} GiB | {rm.get('D', float('nan')):.3f} | "
+                         f"{rm.get('K', float('nan')):.3f} |")
     lines += ["", "![scaling](figures/speed_scaling.png)", ""]
     return "\n".join(lines)
 
@@ -388,6 +389,8 @@ def main(argv=None) -> int:
                     help="largest size for dipy (its fit is slower)")
     ap.add_argument("--dmipy-sizes", type=int, nargs="*", default=[1000, 10_000])
     ap.add_argument("--whole-brain", action="store_true")
+    ap.add_argument("--brain-threads", type=int,
+                    help="torch threads of the whole-brain fits (default: --threads)")
     ap.add_argument("--brain-dir", type=Path, default=Path.home() / ".cache" / "mixmap" /
                     "speed-brain")
     ap.add_argument("--threads", type=int, default=2,
@@ -411,14 +414,21 @@ def main(argv=None) -> int:
     from mixmap.report import cpu_description, update_section
 
     results: dict[str, list] = {}
-    if args.reuse:  # cells measured by an earlier (interrupted) run of the same command
-        results = {k: [r for r in v if "error" not in r]
-                   for k, v in json.loads(args.reuse.read_text())["results"].items()}
-    partial = Path(tempfile.gettempdir()) / "mixmap-speed-partial.json"
     brain = []
+    brain_threads = args.brain_threads or args.threads
+    if args.reuse:  # cells measured by an earlier (interrupted) run of the same command
+        old = json.loads(args.reuse.read_text())
+        results = {k: [r for r in v if "error" not in r] for k, v in old["results"].items()}
+        # whole-brain rows at other thread counts than this run's are kept beside its own
+        threads_before = old.get("info", {}).get("threads", args.threads)
+        brain = [r for r in old.get("whole_brain", []) if "error" not in r and not (
+            args.whole_brain and r.get("threads", threads_before) == brain_threads)]
+        for r in brain:
+            r.setdefault("threads", threads_before)
+    partial = Path(tempfile.gettempdir()) / "mixmap-speed-partial.json"
     if args.whole_brain:  # first: the longest single measurement, and the one a goal names
         with tempfile.TemporaryDirectory(prefix="mixmap-speed-") as tmp:
-            brain = whole_brain(args.brain_dir, Path(tmp), args.threads)
+            brain += whole_brain(args.brain_dir, Path(tmp), brain_threads)
         partial.write_text(json.dumps({"results": results, "whole_brain": brain}, indent=1))
     for kind in args.methods:
         sizes = args.dmipy_sizes if kind == "dmipy" else [
@@ -435,6 +445,8 @@ def main(argv=None) -> int:
             partial.write_text(json.dumps({"results": results, "whole_brain": brain},
                                           indent=1))
     info = {"command": " ".join([COMMAND, *(["--whole-brain"] if args.whole_brain else []),
+                                 *([f"--brain-threads {args.brain_threads}"]
+                                   if args.brain_threads else []),
                                  *([f"--threads {args.threads}"] if args.threads != 2 else [])]),
             "machine": cpu_description(), "torch": torch.__version__, "threads": args.threads}
     text = markdown(results, brain, info)
