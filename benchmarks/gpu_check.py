@@ -216,8 +216,9 @@ def section(res: dict) -> str:
         rows = []
         for r in brain:
             if "error" in r:
-                rows.append([r["method"], f"{r['n']:,} × {r['n_volumes']}",
-                             f"failed: {r['error']}", "", "", "", "", ""])
+                what = r["error"] if r["error"].startswith("stopped") else f"failed: {r['error']}"
+                rows.append([r["method"], f"{r['n']:,} × {r['n_volumes']}", what,
+                             "", "", "", "", ""])
                 continue
             ph = r.get("phases", {})
             rows.append([r["method"], f"{r['n']:,} × {r['n_volumes']}", f"{r['seconds']:.1f}",
