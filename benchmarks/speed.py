@@ -193,10 +193,15 @@ def device_peak(device: str) -> dict:
 
 
 def run_worker(spec: dict, timeout: float | None = None) -> dict:
+    """Run one measurement in a fresh process: its result, or ``spec`` with an ``error`` (a
+    failure, or "stopped after N s" where it ran past ``timeout`` and was killed)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(spec.get("threads", 2))}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {**spec, "error": f"stopped after {timeout:.0f} s"}
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
         return {**spec, "error": f"exit {proc.returncode}: {tail}",
@@ -231,11 +236,8 @@ def whole_brain(brain_dir: Path, out_root: Path, threads: int, device: str = "cp
                 str(brain_dir / "dwi.bvec"), "--mask", str(brain_dir / "mask.nii.gz"),
                 "--model", "msdki", "--method", method, "--device", device, "--out", str(out),
                 "--force", "--quiet"]
-        try:
-            res = run_worker({"kind": "cli", "args": args, "threads": threads,
-                              "device": device}, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            res = {"error": f"stopped after {timeout:.0f} s"}
+        res = run_worker({"kind": "cli", "args": args, "threads": threads, "device": device},
+                         timeout=timeout)
         res.update(method=method, n=n_vox, n_volumes=n_vol, device=device, threads=threads,
                    data_bytes=n_vox * n_vol * 4)
         if "error" not in res:
