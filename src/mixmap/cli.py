@@ -370,11 +370,27 @@ def fit(
         typer.echo(f"wrote {len(written)} maps to {out}/")
 
 
-def _log_times(result, write_s: float) -> None:
-    """One line: the seconds of each phase (fit.json keeps them, without the write)."""
-    phases = {**result.timings, "write": write_s}
+def _timed_load(dwi: Path, bvals: Path, bvecs: Path, mask: Path | None):
+    """:func:`~mixmap.io.load_dwi` and the seconds it took."""
+    from mixmap.io import load_dwi
+
+    t0 = time.perf_counter()
+    data = load_dwi(dwi, bvals, bvecs, mask)
+    return data, time.perf_counter() - t0
+
+
+def _save_timed(result, data, out: Path, *, force: bool, extra: dict, load_s: float) -> list:
+    """save_maps with the load's seconds first in fit.json's Seconds, then one log line with
+    every phase and the write (fit.json, written by it, cannot hold its own time)."""
+    from mixmap.io import save_maps
+
+    result.timings = {"load": load_s, **result.timings}
+    t0 = time.perf_counter()
+    written = save_maps(result, data, out, force=force, extra=extra)
+    phases = {**result.timings, "write": time.perf_counter() - t0}
     log.info("seconds: %s (%s)", ", ".join(f"{k} {v:.1f}" for k, v in phases.items()),
              result.device)
+    return written
 
 
 def _use_checkpoint(fitter, ckpt: Path, resume: bool) -> None:
@@ -388,7 +404,7 @@ def _use_checkpoint(fitter, ckpt: Path, resume: bool) -> None:
 def _fit_scan(fitter, dwi: Path, bvals: Path, bvecs: Path, mask: Path | None, *, out: Path,
               seed: int, force: bool, save_model: bool, resume: bool) -> list[Path]:
     from mixmap.fitting import distributed
-    from mixmap.io import existing_maps, load_dwi, save_maps
+    from mixmap.io import existing_maps
     from mixmap.io.nifti import bids_entities
 
     model, method = fitter.model.name, fitter.name
@@ -399,9 +415,7 @@ def _fit_scan(fitter, dwi: Path, bvals: Path, bvecs: Path, mask: Path | None, *,
             f"{out}: already holds {model} maps ({clash[0].name} ...); use --force to overwrite "
             f"them or choose another --out"
         )
-    t0 = time.perf_counter()
-    data = load_dwi(dwi, bvals, bvecs, mask)
-    load_s = time.perf_counter() - t0
+    data, load_s = _timed_load(dwi, bvals, bvecs, mask)
     _check_supported(model, data.acquisition, bvals)
     log.info("%s: %d voxels × %d measurements", dwi, *data.signals.shape)
     _use_checkpoint(fitter, out / f".mixmap-checkpoint-{bids_entities(dwi) or 'scan'}-{model}-"
@@ -409,12 +423,9 @@ def _fit_scan(fitter, dwi: Path, bvals: Path, bvecs: Path, mask: Path | None, *,
     result = fitter.fit(data.signals, data.acquisition)
     if not distributed.is_main():  # torchrun: every process trained, the main one writes
         return []
-    result.timings = {"load": load_s, **result.timings}
     extra = {"DroppedVoxels": data.n_dropped, "Seed": seed,
              "InputChecksums": input_checksums(dwi=dwi, bvals=bvals, bvecs=bvecs, mask=mask)}
-    t0 = time.perf_counter()
-    written = save_maps(result, data, out, force=force, extra=extra)
-    _log_times(result, time.perf_counter() - t0)
+    written = _save_timed(result, data, out, force=force, extra=extra, load_s=load_s)
     if save_model and hasattr(fitter, "save"):
         from mixmap.io import AtomicOutput
 
@@ -534,7 +545,6 @@ def apply(
       mixmap apply maps/model-msdki_method-vae-gmm new_bids/ --out maps2/
     """
     from mixmap.fitting import distributed
-    from mixmap.io import load_dwi, save_maps
     from mixmap.io.checkpoint import load_fitter
 
     _setup_logging(quiet)
@@ -549,21 +559,16 @@ def apply(
     _single_scan_gradients(bvals, bvecs, mask_pattern)
     dwi_file = dwi[0]
     fitter = load_fitter(model_file, device=device.value)
-    t0 = time.perf_counter()
-    data = load_dwi(dwi_file, bvals, bvecs, mask)
-    load_s = time.perf_counter() - t0
+    data, load_s = _timed_load(dwi_file, bvals, bvecs, mask)
     _check_supported(fitter.model.name, data.acquisition, bvals)
     result = fitter.apply(data.signals, data.acquisition,
                           allow_other_acquisition=allow_other_acquisition)
     if not distributed.is_main():  # torchrun: each process mapped its share, one writes
         return
-    result.timings = {"load": load_s, **result.timings}
     extra = {"TrainedModel": str(model_file),
              "InputChecksums": input_checksums(model=model_file, dwi=dwi_file, bvals=bvals,
                                                bvecs=bvecs, mask=mask)}
-    t0 = time.perf_counter()
-    written = save_maps(result, data, out, force=force, extra=extra)
-    _log_times(result, time.perf_counter() - t0)
+    written = _save_timed(result, data, out, force=force, extra=extra, load_s=load_s)
     if not quiet:
         typer.echo(f"wrote {len(written)} maps to {out}/")
 
