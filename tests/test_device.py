@@ -130,10 +130,30 @@ def test_cli_fit_and_apply_on_the_accelerator(tiny_msdki_dir, tmp_path, device):
     a = img.get_fdata()
     b = nib.load(again / "model-msdki_param-D_dwimap.nii.gz").get_fdata()
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-    # a model trained on the accelerator maps on the CPU too
+    # a model trained on the accelerator maps on the CPU too: with the CPU's random draws,
+    # so within Monte-Carlo error (another seed moves each voxel by a median 0.10-0.11
+    # posterior sd on this scan, measured on the CPU)
     r = run("apply", out / "model-msdki_method-vae-gmm", d / "dwi.nii.gz", *scan,
             "--device", "cpu", "--out", tmp_path / "cpu", "--quiet")
     assert r.exit_code == 0, r.output
     c = nib.load(tmp_path / "cpu" / "model-msdki_param-D_dwimap.nii.gz").get_fdata()
-    inside = np.isfinite(a)
-    assert np.median(np.abs(c[inside] - a[inside])) < 1e-3
+    sd = nib.load(out / "model-msdki_param-D_desc-std_dwimap.nii.gz").get_fdata()
+    inside = np.isfinite(a) & (sd > 0)
+    assert np.median(np.abs(c[inside] - a[inside]) / sd[inside]) < 0.3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
+def test_maps_on_cuda_use_large_chunks_and_draw_on_the_device():
+    from mixmap.fitting.vae import DRAWS_PER_SLICE, PREDICT_CHUNK, maps_sizes
+    from mixmap.nn import rng
+
+    chunk, draws = maps_sizes("cuda")
+    assert chunk > PREDICT_CHUNK and draws >= DRAWS_PER_SLICE
+    assert maps_sizes("cuda") == (chunk, draws)  # the same every time: reproducible maps
+    gen = rng.draw_generator(1, "cuda")
+    assert gen.device.type == "cuda"
+    z = rng.randn((3, 4), gen, torch.device("cuda"))
+    k = rng.multinomial(torch.rand(5, 3, device="cuda"), 6, gen)
+    assert z.device.type == "cuda" and k.device.type == "cuda" and k.shape == (5, 6)
+    again = rng.randn((3, 4), rng.draw_generator(1, "cuda"), torch.device("cuda"))
+    torch.testing.assert_close(z, again, rtol=0, atol=0)

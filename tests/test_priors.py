@@ -87,3 +87,21 @@ def test_matched_log_prob_is_the_diagonal_of_all_components():
     full = p.component_log_prob(z)  # (S, K, n, K)
     diag = torch.diagonal(full, dim1=1, dim2=-1).permute(0, 2, 1)  # (S, K, n)
     torch.testing.assert_close(p.matched_log_prob(z), diag)
+
+
+def test_draw_helpers_on_a_cpu_generator_make_the_draws_of_the_plain_calls():
+    """A CPU fit's maps stay reproducible to the bit: on a CPU generator each helper of
+    mixmap.nn.rng draws exactly what the torch call it stands for draws, and only CUDA gets
+    a generator on the device."""
+    from mixmap.nn import rng
+
+    assert rng.draw_generator(3, "cpu").device.type == "cpu"
+    assert rng.draw_generator(3, "mps").device.type == "cpu"
+    probs = torch.tensor([[0.2, 0.5, 0.3], [0.9, 0.05, 0.05]])
+    a, b = rng.draw_generator(3, "cpu"), torch.Generator().manual_seed(3)
+    torch.testing.assert_close(rng.randn((4, 5), a, torch.device("cpu")),
+                               torch.randn(4, 5, generator=b), rtol=0, atol=0)
+    torch.testing.assert_close(rng.rand((4, 5), a, torch.device("cpu")),
+                               torch.rand(4, 5, generator=b), rtol=0, atol=0)
+    torch.testing.assert_close(rng.multinomial(probs, 7, a),
+                               torch.multinomial(probs, 7, replacement=True, generator=b))

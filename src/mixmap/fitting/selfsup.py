@@ -48,6 +48,7 @@ from mixmap.fitting.base import (
     signal_scale,
 )
 from mixmap.models import SignalModel
+from mixmap.nn import rng
 from mixmap.nn.encoders import mlp
 
 log = logging.getLogger(__name__)
@@ -114,14 +115,16 @@ class Data:
         return int(self.y.shape[0])
 
 
-def lsq_features(model: SignalModel, y_scaled: np.ndarray, acq: Acquisition) -> np.ndarray:
+def lsq_features(model: SignalModel, y_scaled: np.ndarray, acq: Acquisition,
+                 device: torch.device | str = "cpu") -> np.ndarray:
     """Least-squares estimate per voxel in unbounded coordinates, clipped to ±8 (an encoder
     input: the fit stays self-supervised, no truth is used). Fitted over the model's declared
-    ranges, the ones the network's outputs span, not least squares' default narrower ones."""
+    ranges, the ones the network's outputs span, not least squares' default narrower ones, on
+    the fit's own device."""
     from mixmap.fitting.lsq import LeastSquaresFitter
 
-    res = LeastSquaresFitter(model, max_iter=30, bounds=model.declared_bounds()).fit(y_scaled,
-                                                                                      acq)
+    res = LeastSquaresFitter(model, max_iter=30, bounds=model.declared_bounds(),
+                             device=str(device)).fit(y_scaled, acq)
     scale = res.settings["signal_scale"]
     params = {}
     for p in model.parameters:
@@ -305,7 +308,7 @@ class LearnedFitter(Fitter):
         world = distributed.world_size() if distributed.active() else 1
         if world > 1:
             data, seed = data.rows(distributed.shard(data.n)), distributed.rank_seed(seed)
-        gen = torch.Generator().manual_seed(seed)
+        gen = rng.draw_generator(seed, data.y.device)
         self.net.eval()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -376,7 +379,7 @@ class LearnedFitter(Fitter):
         if self._uses_lsq_features():
             # Fitted to all voxels in every process: seconds for a whole brain, and sharding
             # it would change the start (least squares scales by its input's 95th percentile).
-            extra = torch.as_tensor(lsq_features(self.model, ys, acq), device=device)
+            extra = torch.as_tensor(lsq_features(self.model, ys, acq, device), device=device)
         with torch.no_grad():
             if calibrate:
                 self.net.features.calibrate(y, extra)
@@ -457,13 +460,15 @@ class LearnedFitter(Fitter):
                     # makes its gradients NaN, and the average carries them to every process.
                     w = torch.tensor(idx.numel() * world / (stop - start), device=loss.device)
                     loss = loss * torch.where(torch.isfinite(loss), w, torch.nan)
-                ok = bool(torch.isfinite(loss))
-                if ok or world > 1:
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    # (after DDP's all-reduce the gradients are the same in every process)
-                    ok = all(torch.isfinite(p.grad).all() for p in net.parameters()
-                             if p.grad is not None)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                # One wait for the device per step, not one per parameter and logged term
+                # (each wait idles a GPU between mini-batches): the loss and every gradient
+                # are checked together. (After DDP's all-reduce the gradients are the same in
+                # every process, and a process's NaN weight above has made them all NaN.)
+                ok = bool(torch.stack([torch.isfinite(loss)] + [
+                    torch.isfinite(p.grad).all() for p in net.parameters()
+                    if p.grad is not None]).all())
                 if not ok:  # undo: no step is taken; lower the learning rate
                     bad += 1
                     lr = self._lower_lr(opt, bad, "a non-finite loss or gradient")
@@ -471,8 +476,9 @@ class LearnedFitter(Fitter):
                 opt.step()
                 k = int(idx.numel())
                 seen += k
-                for name, v in terms.items():
-                    sums[name] = sums.get(name, 0.0) + float(v) * k
+                for name, v in terms.items():  # on the device, in float64: read once an epoch
+                    sums[name] = sums.get(name, 0.0) + torch.as_tensor(v).double() * k
+            sums = {name: float(v) for name, v in sums.items()}
             if world > 1:  # the epoch's means over every voxel, the same in every process
                 names = sorted(sums)
                 tot = torch.tensor([seen] + [sums[k] for k in names], dtype=torch.float64)

@@ -48,6 +48,7 @@ from mixmap.fitting.distributed import all_reduce_sum
 from mixmap.fitting.lsq import normal_equations
 from mixmap.fitting.selfsup import Data, LearnedFitter, Scheme, robust_mean
 from mixmap.models import SignalModel
+from mixmap.nn import rng
 from mixmap.nn.encoders import Decoder, FeatureMap, MixtureEncoder
 from mixmap.nn.likelihoods import LIKELIHOODS, NoiseModel, rician_sigma
 from mixmap.nn.priors import MixturePrior, standard_normal_prior
@@ -89,6 +90,13 @@ PREDICT_CHUNK = 2048
 REFINE_DRAWS = 1
 #: Posterior draws (voxels × draws per voxel) evaluated at once for the maps.
 DRAWS_PER_SLICE = 2048 * 96
+#: On a CUDA device the maps' chunks are sized to the device instead (:func:`maps_sizes`):
+#: this many voxels per chunk, and draws per slice to fill this share of the device's memory at
+#: about ``DRAW_BYTES`` each (measured on the CPU: a peak of 160-170 bytes a draw, 2.06 GB for
+#: 32,768 voxels × 384 draws; three times that for the caching allocator's slack).
+ACCEL_CHUNK = 262_144
+ACCEL_MEMORY_SHARE = 0.25
+DRAW_BYTES = 512
 #: Posterior draws per voxel (picked by importance weight) in the Rician σ update
 #: (:meth:`VAEFitter._sigma_em`), and the distance from the median voxel, in standard errors,
 #: beyond which a voxel's own update is left out of it.
@@ -471,9 +479,10 @@ class VAEFitter(LearnedFitter):
 
     def _predict(self, data: Data, scheme: Scheme, gen: torch.Generator):
         outs = []
+        chunk, _ = maps_sizes(data.y.device)
         with self._frozen():
-            for start in range(0, data.n, PREDICT_CHUNK):
-                batch = data.rows(slice(start, start + PREDICT_CHUNK))
+            for start in range(0, data.n, chunk):
+                batch = data.rows(slice(start, start + chunk))
                 outs.append(self._predict_chunk(batch, scheme, gen))
         params = {k: np.concatenate([o[0][k] for o in outs]) for k in outs[0][0]}
         std = {k: np.concatenate([o[1][k] for o in outs]) for k in outs[0][1]}
@@ -493,11 +502,11 @@ class VAEFitter(LearnedFitter):
     @torch.no_grad()
     def _weighted_draws(self, log_qy, mu, L, batch: Data, scheme: Scheme, gen):
         """:meth:`_posterior_draws` over a chunk's voxels in slices of at most
-        ``DRAWS_PER_SLICE`` draws in all, yielding (rows, z, w, cluster probabilities): the
+        :func:`maps_sizes`'s draws in all, yielding (rows, z, w, cluster probabilities): the
         densities of the proposal's parts hold a few (draws × voxels × K × d) temporaries,
-        0.4 GB at 384 draws for a 2,048-voxel chunk otherwise. The maps and :meth:`encode`
-        both go through here, so they see the same draws."""
-        step = max(1, DRAWS_PER_SLICE // int(self.n_samples))
+        about 170 bytes a draw at the peak (2.06 GB for 32,768 voxels × 384 draws). The maps
+        and :meth:`encode` both go through here, so they see the same draws."""
+        step = max(1, maps_sizes(mu.device)[1] // int(self.n_samples))
         for start in range(0, batch.n, step):
             rows = slice(start, start + step)
             yield rows, *self._posterior_draws(log_qy[rows], mu[rows], L[rows],
@@ -515,19 +524,39 @@ class VAEFitter(LearnedFitter):
             return torch.log_softmax(logits, -1), mu, enc.cholesky(raw)
 
     def _refine(self, logits, mu, raw, batch: Data, scheme: Scheme):
-        """A few Adam steps on each voxel's own q (the network's output as the start)."""
-        logits, mu, raw = (t.detach().clone().requires_grad_(True) for t in (logits, mu, raw))
-        opt = torch.optim.Adam([logits, mu, raw], lr=self.refine_lr)
+        """A few Adam steps on each voxel's own q (the network's output as the start).
+
+        A voxel whose gradient turns non-finite stays where it was before that step, and the
+        others go on: each voxel's q has its own parameters and its own terms of the loss,
+        so one voxel's NaN reaches no other. (Stopping the whole chunk there would leave a
+        chunk's worth of voxels unrefined for one bad voxel, and how many depended on the
+        device's chunk size.)"""
+        params = [t.detach().clone().requires_grad_(True) for t in (logits, mu, raw)]
+        logits, mu, raw = params
+        opt = torch.optim.Adam(params, lr=self.refine_lr)
         enc = self.net.encoder
+        stuck = None  # voxels kept where they were, once any gradient has turned non-finite
         for _ in range(int(self.refine_steps)):
             recon, kl_z, kl_y = self._elbo_terms(logits, mu, enc.cholesky(raw), batch, scheme,
                                                  n_draws=REFINE_DRAWS)
             loss = -(recon - kl_z - kl_y).sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            if not all(torch.isfinite(t.grad).all() for t in (logits, mu, raw)):
+            bad = ~torch.stack([torch.isfinite(t.grad).flatten(1).all(1) for t in params]
+                               ).all(0)  # (n,)
+            if stuck is None and not bool(bad.any()):  # one wait for the device a step
+                opt.step()
+                continue
+            stuck = bad if stuck is None else stuck | bad
+            if bool(stuck.all()):
                 break
-            opt.step()
+            with torch.no_grad():
+                before = [t.clone() for t in params]
+                for t in params:
+                    t.grad.masked_fill_(stuck.view(-1, *[1] * (t.dim() - 1)), 0.0)
+                opt.step()
+                for t, b in zip(params, before, strict=True):
+                    t.copy_(torch.where(stuck.view(-1, *[1] * (t.dim() - 1)), b, t))
         return logits.detach(), mu.detach(), raw.detach()
 
     def _posterior_draws(self, log_qy, mu, L, batch: Data, scheme: Scheme, gen,
@@ -555,7 +584,7 @@ class VAEFitter(LearnedFitter):
             return z, w, probs
         n, K, d = mu.shape
         S = -(-S // K)
-        eps = torch.randn(S, K, n, d, generator=gen).to(mu.device)
+        eps = rng.randn((S, K, n, d), gen, mu.device)
         z = mu.transpose(0, 1) + torch.einsum("...ij,...j->...i", L.transpose(0, 1),
                                               eps)  # (S, K, n, d)
         logw = log_qy.T.expand(S, K, n)
@@ -584,9 +613,8 @@ class VAEFitter(LearnedFitter):
         for c, (lq, m, chol, scale) in zip(counts, parts, strict=False):
             if c == 0:
                 continue
-            k = torch.multinomial(lq.exp().cpu(), c, replacement=True,
-                                  generator=gen).T.to(mu.device)  # (c, n)
-            eps = torch.randn(c, n, d, generator=gen).to(mu.device)
+            k = rng.multinomial(lq.exp(), c, gen).T  # (c, n)
+            eps = rng.randn((c, n, d), gen, mu.device)
             zs.append(m[rows, k] + scale * torch.einsum("...ij,...j->...i", chol[rows, k], eps))
         if counts[-1]:
             zs.append(self.net.prior.sample((counts[-1], n), gen))
@@ -656,7 +684,8 @@ class VAEFitter(LearnedFitter):
             idx = torch.randperm(local.n, generator=gen)[:n_use].sort().values
             local = local.rows(idx.to(local.y.device))
         qs = []
-        step = max(1, min(PREDICT_CHUNK, DRAWS_PER_SLICE // int(self.eb_samples)))
+        chunk, per_slice = maps_sizes(local.y.device)
+        step = max(1, min(chunk, per_slice // int(self.eb_samples)))
         with self._frozen():
             for start in range(0, local.n, step):
                 batch = local.rows(slice(start, start + step))
@@ -738,8 +767,7 @@ class VAEFitter(LearnedFitter):
         ys, nus = [], []
         for (batch, *_), dr, z in zip(qs, draws, zs, strict=True):
             w = eb.posterior_weights(prior, dr)  # (S, n)
-            pick = torch.multinomial(w.T.float().cpu(), SIGMA_DRAWS, replacement=True,
-                                     generator=gen).T.to(z.device)  # (R, n)
+            pick = rng.multinomial(w.T.float(), SIGMA_DRAWS, gen).T  # (R, n)
             zp = z.gather(0, pick[..., None].expand(-1, -1, z.shape[-1]))
             nus.append(self.model.forward(self.model.split(self.net.decoder(zp)), scheme.work))
             ys.append(batch.yw)
@@ -842,18 +870,18 @@ class VAEFitter(LearnedFitter):
         # The same seeds and order of draws as LearnedFitter._result, so that the weighted
         # draws are those the maps were computed from.
         seed = self.seed + 1
-        gen = torch.Generator().manual_seed(seed)
-        pick = torch.Generator().manual_seed(seed + 1)
+        gen = rng.draw_generator(seed, data.y.device)
+        pick = rng.draw_generator(seed + 1, data.y.device)
+        chunk, _ = maps_sizes(data.y.device)
         zs, probs = [], []
         with self._frozen():
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                for start in range(0, data.n, PREDICT_CHUNK):
-                    batch = data.rows(slice(start, start + PREDICT_CHUNK))
+                for start in range(0, data.n, chunk):
+                    batch = data.rows(slice(start, start + chunk))
                     log_qy, mu, L = self._q_chunk(batch, scheme)
                     for _, z, w, p in self._weighted_draws(log_qy, mu, L, batch, scheme, gen):
-                        idx = torch.multinomial(w.T.cpu(), int(n_samples), replacement=True,
-                                                generator=pick).to(z.device)  # (n, S')
+                        idx = rng.multinomial(w.T, int(n_samples), pick)  # (n, S')
                         voxels = torch.arange(z.shape[1], device=z.device)[:, None]
                         zs.append(z[idx, voxels])  # (n, S', d)
                         probs.append(p)
@@ -921,6 +949,26 @@ class LatentSamples:
     prior_stds: np.ndarray
     prior_weights: np.ndarray
     signal_scale: float
+
+
+def maps_sizes(device: torch.device | str) -> tuple[int, int]:
+    """(voxels per chunk, draws per slice) of the posterior maps on ``device``.
+
+    CPU (and MPS): :data:`PREDICT_CHUNK` and :data:`DRAWS_PER_SLICE`, fixed (a CPU fit's maps
+    depend on them through the order of the random draws, and they are as fast as larger
+    ones there). CUDA: :data:`ACCEL_CHUNK` voxels and a share of the device's memory for the
+    draws. At the CPU's sizes a whole brain would be 440 chunks of 100 refinement steps and
+    1,760 slices of draws, every one a few hundred kernels on a few thousand voxels: the GPU
+    would wait on the launches (the maps of 1,000 voxels are 41,800 tensor operations at the
+    CPU's sizes, 5,000 at these, counted with torch.profiler on the CPU). The sizes follow the
+    device's total memory, not what is free at the moment, so the same device always slices
+    the same way, and a seed gives the same maps and :meth:`VAEFitter.encode` the maps' own
+    draws."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return PREDICT_CHUNK, DRAWS_PER_SLICE
+    total = torch.cuda.get_device_properties(dev).total_memory
+    return ACCEL_CHUNK, max(DRAWS_PER_SLICE, int(total * ACCEL_MEMORY_SHARE) // DRAW_BYTES)
 
 
 def mixture_log_prob(z: torch.Tensor, log_qy: torch.Tensor, mu: torch.Tensor,

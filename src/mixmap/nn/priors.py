@@ -12,6 +12,8 @@ import math
 import torch
 from torch import nn
 
+from mixmap.nn import rng
+
 
 class MixturePrior(nn.Module):
     """p(y) = Categorical(π), p(z|y) = N(μ_y, diag σ_y²), all learned.
@@ -113,14 +115,14 @@ class MixturePrior(nn.Module):
     def sample(self, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
         """Draws of z (*shape, d) from p(z): a component by π, then each coordinate from its
         Gaussian truncated to the bounds (inverse CDF) and mapped back to the latent
-        coordinate. ``generator`` is a CPU generator; the draws move to the prior's device."""
+        coordinate. The draws are made on ``generator``'s device and moved to the prior's
+        (:mod:`mixmap.nn.rng`)."""
         n = math.prod(shape)
         dev = self.mu.device
-        k = torch.multinomial(self.log_pi().exp().cpu(), n, replacement=True,
-                              generator=generator).to(dev)
+        k = rng.multinomial(self.log_pi().exp(), n, generator)
         a, b = (t[k] for t in self._standard_bounds())
         lo_p, hi_p = torch.special.ndtr(a), torch.special.ndtr(b)
-        u = torch.rand(n, self.latent_dim, generator=generator).to(dev)
+        u = rng.rand((n, self.latent_dim), generator, dev)
         p = (lo_p + (hi_p - lo_p) * u).clamp(1e-7, 1 - 1e-7)
         x = self.mu[k] + self.log_std.exp()[k] * torch.special.ndtri(p)
         # back to the latent coordinate: the logit of the position within the bounds
