@@ -73,6 +73,11 @@ def machine(device: str) -> dict:
         p = torch.cuda.get_device_properties(0)
         info.update(gpu=p.name, gpu_memory_gib=round(p.total_memory / 2**30, 1),
                     cuda=torch.version.cuda, multiprocessors=p.multi_processor_count)
+    if device == "cpu" or torch.cuda.is_available():
+        from mixmap.fitting.vae import maps_sizes
+
+        # voxels per chunk and draws per slice of vae-gmm's maps on this device
+        info["maps_sizes"] = list(maps_sizes(device))
     try:
         info["nvidia_smi"] = subprocess.run(
             ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv"],
@@ -200,7 +205,10 @@ def section(res: dict) -> str:
              f"Produced by `{res['command']}` on {where}"
              + (f" ({m['gpu_memory_gib']} GiB, CUDA {m['cuda']})" if m.get("gpu") else "")
              + f", {m['cpu_count']} CPU cores, torch {m['torch']}; rendered into this file by "
-             f"`{COMMAND} --render <its gpu_check.json>`. One run, so indicative.", ""]
+             f"`{COMMAND} --render <its gpu_check.json>`. One run, so indicative."
+             + (" vae-gmm's maps ran in chunks of {:,} voxels and slices of {:,} draws "
+                "(`mixmap.fitting.vae.maps_sizes`).".format(*m["maps_sizes"])
+                if m.get("maps_sizes") else ""), ""]
     t = res.get("tests")
     if t:
         lines += [f"**Device tests** (`tests/test_device.py`): "
