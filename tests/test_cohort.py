@@ -214,6 +214,8 @@ def test_learned_cohort_saves_one_model_and_apply_maps_new_subjects(bids, tmp_pa
         side = json.loads((out / s["Maps"] / f"{s['Entities']}_model-msdki_fit.json").read_text())
         assert side["NoiseSigma"] == pytest.approx(
             summary["NoiseSigmaNormalised"] * s["SignalScale"], rel=1e-4)
+        # the subject's own load, then the phases of the shared fit that made its maps
+        assert list(side["Seconds"]) == ["load", "prepare", "train", "empirical_bayes", "maps"]
     for entities, truth in truths.items():
         assert map_path(out, entities, "cluster").exists()
         img = nib.load(map_path(out, entities, "D"))
@@ -237,6 +239,8 @@ def test_learned_cohort_saves_one_model_and_apply_maps_new_subjects(bids, tmp_pa
             7.0 if entities == "sub-05_ses-2" else 1.0, rel=0.1)
     side = json.loads((applied / "sub-04/dwi/sub-04_model-msdki_param-D_dwimap.json").read_text())
     assert side["TrainedModel"] == str(model_dir)
+    fit_side = json.loads((applied / "sub-04/dwi/sub-04_model-msdki_fit.json").read_text())
+    assert list(fit_side["Seconds"]) == ["load", "prepare", "maps"]
     r = run("apply", model_dir, new, "--out", applied)
     assert "already holds msdki maps" in one_line_error(r, "apply")
     assert run("apply", model_dir, new, "--out", applied, "--force", "--quiet").exit_code == 0
@@ -327,6 +331,9 @@ def test_large_cohort_is_streamed_one_scan_at_a_time(bids, tmp_path, monkeypatch
     assert r.exit_code == 0, r.output
     summary = json.loads((out / "cohort.json").read_text())
     assert summary["Streamed"] is True and summary["TrainingVoxels"] == 120
+    seconds = [json.loads((out / s["Maps"] / f"{s['Entities']}_model-msdki_fit.json")
+                          .read_text())["Seconds"] for s in summary["Subjects"]]
+    assert all(list(t) == ["load", "prepare", "maps"] for t in seconds)  # each scan's own
     assert [s["NumberOfVoxels"] for s in summary["Subjects"]] == [150, 200, 150]
     model_dir = out / "model-msdki_method-vae-gmm"
     again = tmp_path / "again"
@@ -341,6 +348,8 @@ def test_large_cohort_is_streamed_one_scan_at_a_time(bids, tmp_path, monkeypatch
     assert run("fit", root, "--train-voxels", "100", "--out", streamed, "--quiet").exit_code == 0
     # each scan fitted on its own: no cohort-wide (normalised) noise level to report
     assert json.loads((streamed / "cohort.json").read_text())["NoiseSigmaNormalised"] is None
+    side = json.loads((streamed / "sub-02/dwi/sub-02_model-msdki_fit.json").read_text())
+    assert list(side["Seconds"]) == ["load", "fit"]
     monkeypatch.undo()
     assert run("fit", root, "--out", pooled, "--quiet").exit_code == 0
     for entities, truth in truths.items():

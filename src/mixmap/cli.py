@@ -494,9 +494,10 @@ def _fit_cohort(fitter, inputs: list[Path], bvals: Path | None, bvecs: Path | No
     written: list[str] = []
     with AtomicOutput(out, force=force) as w:
         if not streamed:
-            for scan, d, res, scale in zip(scans, cohort.data, results, cohort.scales,
-                                           strict=True):
-                written += stage_maps(w, res, d, scan.folder, extra=extra(scan, d, scale))
+            for scan, d, res, scale, load_s in zip(scans, cohort.data, results, cohort.scales,
+                                                   cohort.load_seconds, strict=True):
+                written += stage_maps(w, co.with_load(res, load_s), d, scan.folder,
+                                      extra=extra(scan, d, scale))
         else:
             infos_seen = []
             for scan, d, res in co.map_scans(fitter, scans, trained=learned):
