@@ -370,24 +370,15 @@ def fit(
         typer.echo(f"wrote {len(written)} maps to {out}/")
 
 
-def _timed_load(dwi: Path, bvals: Path, bvecs: Path, mask: Path | None):
-    """:func:`~mixmap.io.load_dwi` and the seconds it took."""
-    from mixmap.io import load_dwi
-
-    t0 = time.perf_counter()
-    data = load_dwi(dwi, bvals, bvecs, mask)
-    return data, time.perf_counter() - t0
-
-
-def _save_timed(result, data, out: Path, *, force: bool, extra: dict, load_s: float) -> list:
-    """save_maps with the load's seconds first in fit.json's Seconds, then one log line with
-    every phase and the write (fit.json, written by it, cannot hold its own time)."""
+def _save_timed(result, data, out: Path, *, force: bool, extra: dict) -> list:
+    """save_maps, then one log line with every phase, the load's first, and the write
+    (fit.json, written by it, cannot hold its own time)."""
     from mixmap.io import save_maps
+    from mixmap.io.output import phase_seconds
 
-    result.timings = {"load": load_s, **result.timings}
     t0 = time.perf_counter()
     written = save_maps(result, data, out, force=force, extra=extra)
-    phases = {**result.timings, "write": time.perf_counter() - t0}
+    phases = {**phase_seconds(result, data), "write": time.perf_counter() - t0}
     log.info("seconds: %s (%s)", ", ".join(f"{k} {v:.1f}" for k, v in phases.items()),
              result.device)
     return written
@@ -404,7 +395,7 @@ def _use_checkpoint(fitter, ckpt: Path, resume: bool) -> None:
 def _fit_scan(fitter, dwi: Path, bvals: Path, bvecs: Path, mask: Path | None, *, out: Path,
               seed: int, force: bool, save_model: bool, resume: bool) -> list[Path]:
     from mixmap.fitting import distributed
-    from mixmap.io import existing_maps
+    from mixmap.io import existing_maps, load_dwi
     from mixmap.io.nifti import bids_entities
 
     model, method = fitter.model.name, fitter.name
@@ -415,7 +406,7 @@ def _fit_scan(fitter, dwi: Path, bvals: Path, bvecs: Path, mask: Path | None, *,
             f"{out}: already holds {model} maps ({clash[0].name} ...); use --force to overwrite "
             f"them or choose another --out"
         )
-    data, load_s = _timed_load(dwi, bvals, bvecs, mask)
+    data = load_dwi(dwi, bvals, bvecs, mask)
     _check_supported(model, data.acquisition, bvals)
     log.info("%s: %d voxels × %d measurements", dwi, *data.signals.shape)
     _use_checkpoint(fitter, out / f".mixmap-checkpoint-{bids_entities(dwi) or 'scan'}-{model}-"
@@ -425,7 +416,7 @@ def _fit_scan(fitter, dwi: Path, bvals: Path, bvecs: Path, mask: Path | None, *,
         return []
     extra = {"DroppedVoxels": data.n_dropped, "Seed": seed,
              "InputChecksums": input_checksums(dwi=dwi, bvals=bvals, bvecs=bvecs, mask=mask)}
-    written = _save_timed(result, data, out, force=force, extra=extra, load_s=load_s)
+    written = _save_timed(result, data, out, force=force, extra=extra)
     if save_model and hasattr(fitter, "save"):
         from mixmap.io import AtomicOutput
 
@@ -494,10 +485,9 @@ def _fit_cohort(fitter, inputs: list[Path], bvals: Path | None, bvecs: Path | No
     written: list[str] = []
     with AtomicOutput(out, force=force) as w:
         if not streamed:
-            for scan, d, res, scale, load_s in zip(scans, cohort.data, results, cohort.scales,
-                                                   cohort.load_seconds, strict=True):
-                written += stage_maps(w, co.with_load(res, load_s), d, scan.folder,
-                                      extra=extra(scan, d, scale))
+            for scan, d, res, scale in zip(scans, cohort.data, results, cohort.scales,
+                                           strict=True):
+                written += stage_maps(w, res, d, scan.folder, extra=extra(scan, d, scale))
         else:
             infos_seen = []
             for scan, d, res in co.map_scans(fitter, scans, trained=learned):
@@ -546,6 +536,7 @@ def apply(
       mixmap apply maps/model-msdki_method-vae-gmm new_bids/ --out maps2/
     """
     from mixmap.fitting import distributed
+    from mixmap.io import load_dwi
     from mixmap.io.checkpoint import load_fitter
 
     _setup_logging(quiet)
@@ -560,7 +551,7 @@ def apply(
     _single_scan_gradients(bvals, bvecs, mask_pattern)
     dwi_file = dwi[0]
     fitter = load_fitter(model_file, device=device.value)
-    data, load_s = _timed_load(dwi_file, bvals, bvecs, mask)
+    data = load_dwi(dwi_file, bvals, bvecs, mask)
     _check_supported(fitter.model.name, data.acquisition, bvals)
     result = fitter.apply(data.signals, data.acquisition,
                           allow_other_acquisition=allow_other_acquisition)
@@ -569,7 +560,7 @@ def apply(
     extra = {"TrainedModel": str(model_file),
              "InputChecksums": input_checksums(model=model_file, dwi=dwi_file, bvals=bvals,
                                                bvecs=bvecs, mask=mask)}
-    written = _save_timed(result, data, out, force=force, extra=extra, load_s=load_s)
+    written = _save_timed(result, data, out, force=force, extra=extra)
     if not quiet:
         typer.echo(f"wrote {len(written)} maps to {out}/")
 

@@ -42,7 +42,6 @@ scan uses that scan's own scale and b=0 noise estimate.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -117,7 +116,6 @@ class Cohort:
     scans: list[Scan]
     data: list[DWIData]
     infos: list[ScanInfo]
-    load_seconds: list[float]
 
     @property
     def acquisition(self) -> Acquisition:
@@ -291,24 +289,12 @@ def load_cohort(scans: Sequence[Scan]) -> Cohort:
     """Load every scan (all inputs are read and checked before anything is fitted), after
     refusing scans whose acquisitions differ."""
     check_acquisitions(scans)
-    data, seconds = [], []
-    for scan in scans:
-        t0 = time.perf_counter()
-        data.append(load_dwi(scan.dwi, scan.bvals, scan.bvecs, scan.mask))
-        seconds.append(time.perf_counter() - t0)
+    data = [load_dwi(scan.dwi, scan.bvals, scan.bvecs, scan.mask) for scan in scans]
     for scan, d in zip(scans, data, strict=True):  # after all loaded: an error stays one line
         log.info("%s: %d voxels × %d measurements%s", scan.dwi, *d.signals.shape,
                  "" if scan.mask else " (no mask: voxels with positive b=0 signal)")
     return Cohort(list(scans), data,
-                  [ScanInfo.of(d, signal_scale(d.signals, d.acquisition)) for d in data],
-                  seconds)
-
-
-def with_load(result: FitResult, seconds: float) -> FitResult:
-    """The result with its scan's load time first in its timings (fit.json's Seconds): a
-    subject's own load, beside the phases of the fit that made its maps (the shared fit's, for
-    the subjects of a pooled fit)."""
-    return replace(result, timings={"load": seconds, **result.timings})
+                  [ScanInfo.of(d, signal_scale(d.signals, d.acquisition)) for d in data])
 
 
 # ------------------------------------------------------------------------------- fitting
@@ -373,14 +359,11 @@ def estimated_voxels(scans: Sequence[Scan]) -> int:
     return total
 
 
-def load_scan(scan: Scan) -> tuple[DWIData, float]:
-    """The scan and the seconds its loading took."""
-    t0 = time.perf_counter()
+def load_scan(scan: Scan) -> DWIData:
     data = load_dwi(scan.dwi, scan.bvals, scan.bvecs, scan.mask)
-    seconds = time.perf_counter() - t0
     log.info("%s: %d voxels × %d measurements%s", scan.dwi, *data.signals.shape,
              "" if scan.mask else " (no mask: voxels with positive b=0 signal)")
-    return data, seconds
+    return data
 
 
 def sample_cohort(scans: Sequence[Scan], train_voxels: int, seed: int = 0
@@ -393,7 +376,7 @@ def sample_cohort(scans: Sequence[Scan], train_voxels: int, seed: int = 0
     rng = np.random.default_rng(seed)
     parts, infos = [], []
     for scan in scans:
-        data, _ = load_scan(scan)
+        data = load_scan(scan)
         scale = signal_scale(data.signals, data.acquisition)
         infos.append(ScanInfo.of(data, scale))
         n = data.signals.shape[0]
@@ -408,9 +391,9 @@ def map_scans(fitter, scans: Sequence[Scan], *, trained: bool,
               allow_other_acquisition: bool = False):
     """Yield (scan, data, result) one scan at a time: ``trained`` fitters map each scan as a
     new scan (:meth:`apply`); others (least squares) fit each scan, normalised by its own
-    scale, on its own. The result's timings start with the scan's load."""
+    scale, on its own."""
     for scan in scans:
-        data, load_s = load_scan(scan)
+        data = load_scan(scan)
         if trained:
             res = fitter.apply(data.signals, data.acquisition,
                                allow_other_acquisition=allow_other_acquisition)
@@ -418,7 +401,7 @@ def map_scans(fitter, scans: Sequence[Scan], *, trained: bool,
             scale = signal_scale(data.signals, data.acquisition)
             res = split_result(fitter.fit(data.signals / np.float32(scale), data.acquisition),
                                [data.signals.shape[0]], [scale], fitter.model)[0]
-        yield scan, data, with_load(res, load_s)
+        yield scan, data, res
 
 
 # ------------------------------------------------------------------------------- output
@@ -502,6 +485,5 @@ __all__ = [
     "model_folder",
     "sample_cohort",
     "split_result",
-    "with_load",
     "write_cohort_extras",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,9 @@ class DWIData:
         The DWI file.
     n_dropped
         Voxels inside the given mask removed because they hold NaN or Inf.
+    load_seconds
+        Wall seconds :func:`load_dwi` took (None for data made in memory); fit.json's
+        ``Seconds`` starts with it.
     """
 
     signals: np.ndarray
@@ -45,6 +49,7 @@ class DWIData:
     acquisition: Acquisition
     path: Path
     n_dropped: int = 0
+    load_seconds: float | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -81,6 +86,7 @@ def load_dwi(
     mean b=0 signal (mean signal if the scheme has no b=0) is positive is fitted. Masked voxels
     with NaN or Inf are dropped and counted.
     """
+    t_start = time.perf_counter()
     dwi = Path(dwi)
     img = load_image(dwi, "DWI", keep_open=True)
     if len(img.shape) != 4:
@@ -163,7 +169,8 @@ def load_dwi(
             f"{dwi}: the signal is zero or negative in every fitted voxel; give magnitude "
             f"DWI data"
         )
-    return DWIData(signals, final_mask, img.affine, img.header, acq, dwi, n_dropped)
+    return DWIData(signals, final_mask, img.affine, img.header, acq, dwi, n_dropped,
+                   time.perf_counter() - t_start)
 
 
 #: Bytes of float32 volumes read (by :func:`load_dwi`) or written at once.

@@ -190,6 +190,13 @@ def save_maps(
     return [Path(out_dir) / name for name in names]
 
 
+def phase_seconds(result, dwi) -> dict[str, float]:
+    """Seconds of each phase that made these maps: the scan's load (where it was loaded from
+    a file), then the fit's phases (for the subjects of a pooled cohort fit, the shared fit's)."""
+    load = {} if dwi.load_seconds is None else {"load": dwi.load_seconds}
+    return {**load, **result.timings}
+
+
 def stage_maps(
     w: AtomicOutput,
     result,
@@ -241,7 +248,7 @@ def stage_maps(
     summary = {**common, "NoiseSigma": result.noise_sigma,
                "NumberOfVoxels": result.n_voxels, "Acquisition": dwi.acquisition.describe(),
                "Device": result.device,
-               "Seconds": {k: round(v, 3) for k, v in result.timings.items()}}
+               "Seconds": {k: round(v, 3) for k, v in phase_seconds(result, dwi).items()}}
     w.json(pre + (entities + "_" if entities else "") + f"model-{_label(result.model)}_fit.json",
            summary)
     if result.history:
