@@ -7,11 +7,11 @@
 Every fitter writes a ``_desc-std`` map next to each parameter map: lsq its asymptotic
 (Cramér-Rao) standard deviation at the estimate, vae and vae-gmm the posterior standard
 deviation. On simulated ``paper-msdki`` scans (10,000 voxels, Gaussian noise, seed 0) this
-scores them against the truth with :func:`mixmap.evaluate.metrics` (``std``): the RMS of the
+scores them against the truth with :func:`mixmap.evaluation.scores` (``std``): the RMS of the
 reported sd next to the RMSE (equal where the sd is right on average), and the share of voxels
 whose true value lies within ±1 sd and ±1.96 sd of the estimate (68.3 % and 95 % for a
 calibrated Gaussian posterior). The Bayes-optimal reference's posterior sd (the true prior,
-:func:`mixmap.evaluate.bayes_reference`) is scored alike: its coverage is the mark where
+:func:`mixmap.evaluation.scores.bayes_reference`) is scored alike: its coverage is the mark where
 posteriors are not Gaussian (bounds, the CSF-like voxels' D–K ridge). Default configurations,
 seed 0; results go to ``docs/calibration.json`` (entries replaced per case) and the
 ``calibration`` section of RESULTS.md.
@@ -27,10 +27,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from learned_variants import parse_run_args, replace_entries  # noqa: E402
 
-from mixmap.evaluate import bayes_reference, metrics  # noqa: E402
+from mixmap.evaluation.scores import bayes_reference, metrics  # noqa: E402
 from mixmap.fitting import get_fitter  # noqa: E402
-from mixmap.report import machine_description, markdown_table, update_section  # noqa: E402
-from mixmap.simulate import simulate  # noqa: E402
+from mixmap.paper.report import machine_description, markdown_table, update_section  # noqa: E402
+from mixmap.simulation import simulate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "calibration.json"
@@ -71,7 +71,7 @@ def section(results: list[dict], command: str) -> str:
         f"Produced by `{command}` on {machine_description()}. `{PRESET}`, {VOXELS:,} voxels, "
         "Gaussian noise, seed 0, default configurations. Each fitter's `_desc-std` map (lsq: "
         "asymptotic Cramér-Rao sd at the estimate; vae, vae-gmm: posterior sd) is scored against "
-        "the truth by `mixmap.evaluate.metrics` (the same numbers `mixmap evaluate` prints for a "
+        "the truth by `mixmap.evaluation.scores` (the same numbers `mixmap evaluate` prints for a "
         "fit folder): 'sd (RMS)' next to the RMSE (equal where the sd is right on average) and "
         "the share of voxels whose true value lies within ±1 sd and ±1.96 sd of the estimate "
         "(68.3 % and 95 % for a calibrated Gaussian posterior). `bayes` is the exact posterior "

@@ -7,14 +7,14 @@ vae-gmm learns its prior from the scan alone (empirical Bayes); the Bayes-optima
 measured against knows the true prior. This benchmark separates the two without any network:
 for simulated ``paper-msdki`` scans (HCP scheme, SNR 20, 10,000 voxels; one per seed), it
 maximises the scan's exact log evidence over 3-component mixture priors on the grid of
-:mod:`mixmap.fitting.eb_grid` (every voxel's likelihood on a 96 × 96 (D, K) grid, S0 integrated
+:mod:`~.empirical_bayes.grid` (every voxel's likelihood on a 96 × 96 (D, K) grid, S0 integrated
 out; Rician noise through the per-shell Rician term), by EM, L-BFGS (:func:`mixmap.fitting.
 eb_grid.polish`) and relocation, on all the scan's voxels, from two starts: the true prior,
 and the true prior with its CSF-like component moved along the D–K ridge to where vae-gmm's
 seed-0 Rician fit put it (D 2.91, K −0.07). Both should end at one place;
 the one with the higher evidence gives the maximum-evidence prior: the best that empirical
 Bayes can learn from that scan. Its CSF-like component is reported, with the log evidence
-between the two optima, and the RMSE of the exact posterior mean under it (:func:`mixmap.evaluate.
+between the two optima, and the RMSE of the exact posterior mean under it (:func:`mixmap.evaluation.
 bayes_reference`, S0 = 1 known) as a ratio to the true prior's: what an ideal vae-gmm would
 reach. Results go to ``docs/eb_spread.json`` and the ``eb-spread`` section of RESULTS.md.
 """
@@ -33,14 +33,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from learned_variants import parse_run_args, replace_entries  # noqa: E402
 from prior_gap import learned_preset  # noqa: E402
 
-from mixmap.evaluate import bayes_reference  # noqa: E402
-from mixmap.fitting import eb_grid  # noqa: E402
+from mixmap.evaluation.scores import bayes_reference  # noqa: E402
 from mixmap.fitting.base import Scheme  # noqa: E402
-from mixmap.fitting.vae import latent_bounds  # noqa: E402
+from mixmap.fitting.empirical_bayes import grid as eb_grid  # noqa: E402
+from mixmap.fitting.learned.vae import latent_bounds  # noqa: E402
 from mixmap.models import get_model  # noqa: E402
 from mixmap.nn.priors import MixturePrior  # noqa: E402
-from mixmap.report import machine_description, markdown_table, update_section  # noqa: E402
-from mixmap.simulate import get_preset, simulate  # noqa: E402
+from mixmap.paper.report import machine_description, markdown_table, update_section  # noqa: E402
+from mixmap.simulation import get_preset, simulate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "eb_spread.json"
@@ -134,7 +134,7 @@ def section(results: list[dict], command: str) -> str:
         "## How well one scan fixes the prior: the maximum-evidence prior, scan by scan\n",
         f"Produced by `{command}` on {machine_description()}. {PRESET}, HCP scheme, SNR "
         f"{SNR:g}, {VOXELS:,} voxels per scan, one simulated scan per seed. No network: the "
-        "scan's exact log evidence (grid of `mixmap.fitting.eb_grid`, S0 integrated out) is "
+        "scan's exact log evidence (grid of `empirical_bayes.grid`, S0 integrated out) is "
         "maximised over 3-component mixture priors by EM, L-BFGS (`eb_grid.polish`, not part of "
         "vae-gmm's refit) and relocation, on all voxels, from the true prior and "
         "from the true prior with its CSF-like component moved to (D 2.91, K −0.07), where "

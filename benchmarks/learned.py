@@ -2,7 +2,7 @@
 
 On ``simulate("paper-msdki", "hcp", snr=S)`` (10,000 voxels) fit lsq, ssl, vae and vae-gmm
 (default configurations) and report the RMSE of D and K overall and per cluster, the Bayes
-reference (posterior mean under the true prior, :func:`mixmap.evaluate.bayes_reference`) and the
+reference (posterior mean under the true prior, :func:`mixmap.evaluation.bayes_reference`) and the
 training time; write the table to the ``learned`` section of docs/RESULTS.md and everything to
 docs/learned.json.
 
@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mixmap.demo import dipy_msdki
-from mixmap.evaluate import angular_error, bayes_reference
+from mixmap.evaluation.scores import angular_error, bayes_reference
 from mixmap.fitting import get_fitter
-from mixmap.report import machine_description, markdown_table, update_section
-from mixmap.simulate import simulate
+from mixmap.paper.demo import dipy_msdki
+from mixmap.paper.report import machine_description, markdown_table, update_section
+from mixmap.simulation import simulate
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 NAMES = ("D", "K")
@@ -62,7 +62,7 @@ def angle_table(est: dict, sim, name: str = "n") -> dict:
 
 def bayes_entry(sim, names: tuple[str, ...] = NAMES) -> dict:
     """The Bayes reference's RMSE table and time, or ``{"error": why}`` where
-    :func:`mixmap.evaluate.bayes_reference` cannot integrate the preset."""
+    :func:`mixmap.evaluation.scores.bayes_reference` cannot integrate the preset."""
     try:
         t = time.perf_counter()
         ref = bayes_reference(sim.signals, sim.acquisition, sim.preset, sim.sigma, sim.noise)

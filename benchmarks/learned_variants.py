@@ -3,7 +3,7 @@
 Each variant simulates one preset / scheme / noise, fits it with least squares, dipy's MSDKI
 (where the model is MSDKI and dipy is importable), the learned fitters (default configurations,
 seed 0) and, where it can be integrated, scores the Bayes-optimal reference
-(:func:`mixmap.evaluate.bayes_reference`); it writes ``docs/learned_<variant>.json`` after every
+(:func:`mixmap.evaluation.bayes_reference`); it writes ``docs/learned_<variant>.json`` after every
 fit and its own section ``learned-<variant>`` of docs/RESULTS.md.
 
 - ``msdki4``: the ``msdki-4`` preset (4 clusters, other means, spreads and weights), HCP
@@ -41,8 +41,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from learned import DOCS, bayes_entry, fit_entry, table, verdicts  # noqa: E402
 
-from mixmap.report import cpu_description, update_section  # noqa: E402
-from mixmap.simulate import simulate  # noqa: E402
+from mixmap.paper.report import cpu_description, update_section  # noqa: E402
+from mixmap.simulation import simulate  # noqa: E402
 
 MSDKI = ("D", "K")
 BALL_STICK = ("f", "Dpar", "Diso")

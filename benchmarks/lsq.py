@@ -3,7 +3,7 @@ side by side on the same simulated data in the same run.
 
 * MSDKI on ``simulate("paper-msdki", "hcp", snr=S)`` (10,000 voxels), S in 10, 20, 50: ours vs
   dipy's ``MeanDiffusionKurtosisModel`` (log-linear), with the Bayes-optimal reference when
-  :func:`mixmap.evaluate.bayes_reference` is available. RMSE of D and K overall and per cluster;
+  :func:`mixmap.evaluation.bayes_reference` is available. RMSE of D and K overall and per cluster;
   time as the median of repeats after one warm-up, 2 torch threads.
 * Ball-stick on ``simulate("ball-stick", "hcp", snr=S)``: ours vs dmipy 1.0.x's ball-stick with
   ``solver="brute2fine"``. dmipy runs in its own virtual environment (``benchmarks/setup_dmipy.sh``)
@@ -132,7 +132,7 @@ def dmipy_available(python: Path) -> tuple[bool, str]:
 
 # ============================================================================ helpers
 def machine() -> str:
-    from mixmap.report import cpu_description
+    from mixmap.paper.report import cpu_description
 
     return cpu_description()
 
@@ -175,13 +175,13 @@ def rmse_row(m: dict, params: list[str], clusters: list[str]) -> list:
 def bench_msdki(snrs, n_voxels, repeats, seed) -> dict:
     import torch
 
-    from mixmap.demo import dipy_msdki
-    from mixmap.evaluate import metrics
+    from mixmap.evaluation.scores import metrics
     from mixmap.fitting.lsq import LeastSquaresFitter
-    from mixmap.simulate import simulate
+    from mixmap.paper.demo import dipy_msdki
+    from mixmap.simulation import simulate
 
     try:
-        from mixmap.evaluate import bayes_reference
+        from mixmap.evaluation.scores import bayes_reference
     except ImportError:
         bayes_reference = None
     torch.set_num_threads(2)
@@ -237,9 +237,9 @@ def bench_msdki(snrs, n_voxels, repeats, seed) -> dict:
 def bench_ball_stick(snrs, n_voxels, repeats, seed, dmipy_python, dmipy_voxels, processors):
     import torch
 
-    from mixmap.evaluate import metrics
+    from mixmap.evaluation.scores import metrics
     from mixmap.fitting.lsq import LeastSquaresFitter
-    from mixmap.simulate import simulate
+    from mixmap.simulation import simulate
 
     torch.set_num_threads(2)
     ok, dmipy_info = dmipy_available(dmipy_python)
@@ -357,7 +357,7 @@ def fmt(x, f=".3f"):
 
 
 def markdown(msdki: dict, bs: dict, info: dict) -> str:
-    from mixmap.report import markdown_table
+    from mixmap.paper.report import markdown_table
 
     mach = info["machine"]
     loads = [x for r in msdki.values() for x in r["load_average_1min"]]
@@ -618,7 +618,7 @@ def main(argv=None) -> int:
         args.voxels, args.repeats = 2000, 1
         args.msdki_snr, args.ball_stick_snr, args.dmipy_voxels = [20], [20], [200]
 
-    from mixmap.report import update_section
+    from mixmap.paper.report import update_section
 
     docs = ROOT / "docs"
     if args.render:

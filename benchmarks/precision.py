@@ -27,10 +27,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from learned_variants import parse_run_args, replace_entries  # noqa: E402
 
-from mixmap.evaluate import bayes_reference, metrics  # noqa: E402
+from mixmap.evaluation.scores import bayes_reference, metrics  # noqa: E402
 from mixmap.fitting import get_fitter  # noqa: E402
-from mixmap.report import machine_description, markdown_table, update_section  # noqa: E402
-from mixmap.simulate import simulate  # noqa: E402
+from mixmap.paper.report import machine_description, markdown_table, update_section  # noqa: E402
+from mixmap.simulation import simulate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "precision.json"

@@ -8,7 +8,7 @@ compared:
 
 - vae-gmm's maps (its learned prior, its amortised and refined q, importance-sampled means);
 - the exact posterior mean under vae-gmm's *learned* prior (the learned mixture handed to
-  :func:`mixmap.evaluate.bayes_reference` as if it were the truth): what a perfect posterior
+  :func:`mixmap.evaluation.bayes_reference` as if it were the truth): what a perfect posterior
   would give with the prior vae-gmm learned;
 - the exact posterior mean under the *true* prior (the Bayes-optimal reference).
 
@@ -30,12 +30,12 @@ import numpy as np
 import torch
 from scipy.special import logsumexp
 
-from mixmap.evaluate import _log_prior, bayes_reference
+from mixmap.evaluation.scores import _log_prior, bayes_reference
 from mixmap.fitting import get_fitter
 from mixmap.fitting.base import Scheme
 from mixmap.models import get_model
-from mixmap.report import machine_description, markdown_table, update_section
-from mixmap.simulate import Cluster, Preset, get_preset, simulate
+from mixmap.paper.report import machine_description, markdown_table, update_section
+from mixmap.simulation import Cluster, Preset, get_preset, simulate
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESET = "paper-msdki"
@@ -62,7 +62,7 @@ def log_evidence(signals, acquisition, presets: list[Preset], sigma: float,
     """log p(x) per voxel under each preset's prior, up to a constant shared by all priors
     (the likelihood on the grid is computed once for all of them): Gaussian noise on the
     direction-averaged shell means (the fitters' reduced scheme), S0 = 1, the preset's prior
-    (the truncated mixture of :func:`mixmap.evaluate.bayes_reference`), integrated on a grid of
+    (the truncated mixture of :func:`mixmap.evaluation.bayes_reference`), integrated on a grid of
     the given step over the bounds of D and K (rectangle rule)."""
     model = get_model(presets[0].model)
     names = ["D", "K"]
@@ -140,7 +140,7 @@ def section(results: list[dict], n_voxels: int,
         f"{PRESET}, HCP scheme, Gaussian noise, {n_voxels:,} voxels, default vae-gmm (seed 0). "
         "RMSE of three estimates of the same voxels: vae-gmm's maps (after its empirical-Bayes "
         "refit of the prior); the exact posterior mean "
-        "(grid integration, `mixmap.evaluate.bayes_reference`) under the prior vae-gmm "
+        "(grid integration, `mixmap.evaluation.scores.bayes_reference`) under the prior vae-gmm "
         "*learned*; the exact posterior mean under the *true* prior (Bayes-optimal). The "
         "first gap is the inference's (amortised, refined Gaussian q and importance "
         "sampling), the second the prior learning's.\n",

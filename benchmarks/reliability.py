@@ -14,20 +14,20 @@ import tempfile
 import time
 from pathlib import Path
 
-from mixmap.report import markdown_table
-from mixmap.simulate import simulate, write_simulation
+from mixmap.paper.report import markdown_table
+from mixmap.simulation import simulate, write_simulation
 from mixmap.testing import bad_input_cases, left_behind
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def mixmap(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mixmap.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "mixmap", *args], capture_output=True,
                           text=True)
 
 
 def signalled_run(scan: Path, out: Path, sig: int) -> tuple[int, str, list[str]]:
-    cmd = [sys.executable, "-m", "mixmap.cli", "fit", str(scan / "dwi.nii.gz"),
+    cmd = [sys.executable, "-m", "mixmap", "fit", str(scan / "dwi.nii.gz"),
            "--bvals", str(scan / "dwi.bval"), "--bvecs", str(scan / "dwi.bvec"),
            "--mask", str(scan / "mask.nii.gz"), "--model", "ball-stick", "--out", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

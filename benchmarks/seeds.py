@@ -7,7 +7,7 @@ One simulated data set (HCP scheme, Gaussian noise, SNR ``--snr`` (20), 10,000 v
 simulation seed 0) of ``--preset`` (``paper-msdki`` or the 4-cluster ``msdki-4``); vae-gmm
 trained with seeds 0 to ``--seeds`` − 1. Reports RMSE of D and K per seed, as a ratio to the
 Bayes-optimal reference (the posterior mean under the true prior,
-:func:`mixmap.evaluate.bayes_reference`), their mean, standard deviation and relative spread,
+:func:`mixmap.evaluation.bayes_reference`), their mean, standard deviation and relative spread,
 the split-and-merge moves of the empirical-Bayes refit, and the time to train and to apply the
 trained model to the same voxels. With ``--without-split-merge`` every seed is also trained
 with ``eb_split_merge=False`` (the control for what the moves change).
@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mixmap.evaluate import bayes_reference
+from mixmap.evaluation.scores import bayes_reference
 from mixmap.fitting import get_fitter
-from mixmap.report import machine_description, markdown_table, update_section
-from mixmap.simulate import simulate
+from mixmap.paper.report import machine_description, markdown_table, update_section
+from mixmap.simulation import simulate
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = {"paper-msdki": ("seeds", "seeds.json"),

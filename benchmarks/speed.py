@@ -74,7 +74,7 @@ def peak_rss() -> int:
 # ============================================================================ worker
 def make_data(preset: str, n: int, seed: int):
     """(signals (n, 288) float32, truth, acquisition), made in chunks of 100,000 voxels."""
-    from mixmap.simulate import simulate
+    from mixmap.simulation import simulate
 
     parts, truth = [], {}
     acq = None
@@ -114,12 +114,12 @@ def worker(spec: dict) -> dict:
         def step():
             return fitter.fit(signals, acq).params
     elif kind == "dipy":
-        from mixmap.demo import dipy_msdki
+        from mixmap.paper.demo import dipy_msdki
 
         def step():
             return dipy_msdki(signals, acq)
     elif kind == "vae-gmm":
-        from mixmap.fitting.vae import MixtureVAEFitter
+        from mixmap.fitting.learned.vae import MixtureVAEFitter
 
         fitter = MixtureVAEFitter("msdki", seed=seed, device=device)
 
@@ -128,7 +128,7 @@ def worker(spec: dict) -> dict:
             extra["epochs"] = len(res.history)
             return res.params
     elif kind == "apply":
-        from mixmap.fitting.vae import MixtureVAEFitter
+        from mixmap.fitting.learned.vae import MixtureVAEFitter
 
         train, _, _ = make_data(preset, APPLY_TRAIN_VOXELS, seed + 1000)
         fitter = MixtureVAEFitter("msdki", seed=seed, device=device)
@@ -241,7 +241,7 @@ def whole_brain(brain_dir: Path, out_root: Path, threads: int, device: str = "cp
         res.update(method=method, n=n_vox, n_volumes=n_vol, device=device, threads=threads,
                    data_bytes=n_vox * n_vol * 4)
         if "error" not in res:
-            from mixmap.evaluate import evaluate_dirs
+            from mixmap.evaluation.scores import evaluate_dirs
 
             rep = evaluate_dirs(out, brain_dir, bayes=False)
             res["rmse"] = {p: rep["metrics"][p]["all"]["rmse"] for p in ("D", "K")
@@ -413,7 +413,7 @@ def main(argv=None) -> int:
         return 0
     import torch
 
-    from mixmap.report import cpu_description, update_section
+    from mixmap.paper.report import cpu_description, update_section
 
     results: dict[str, list] = {}
     brain = []

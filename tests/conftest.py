@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mixmap.simulate import simulate, write_simulation
+from mixmap.simulation import simulate, write_simulation
 
 torch.set_num_threads(2)
 

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from mixmap.acquisition import Acquisition
 from mixmap.cli import app
 from mixmap.cohort import find_scans
-from mixmap.simulate import simulate
+from mixmap.simulation import simulate
 
 runner = CliRunner()
 GRID = (8, 8, 4)

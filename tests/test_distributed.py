@@ -23,8 +23,9 @@ import numpy as np
 import pytest
 import torch
 
-from mixmap.fitting import distributed, get_fitter
-from mixmap.simulate import simulate
+from mixmap.fitting import get_fitter
+from mixmap.fitting.learned import distributed
+from mixmap.simulation import simulate
 from mixmap.testing import interrupt_training
 
 #: Not a multiple of the batch size nor of 2: the last, smaller batch is shared unevenly.

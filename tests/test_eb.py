@@ -1,4 +1,4 @@
-"""Empirical Bayes on fixed draws (mixmap.fitting.eb): the importance-sampled evidence is the
+"""Monte-Carlo empirical Bayes on fixed draws: the importance-sampled evidence is the
 mixture's own density where the draws are the data, EM climbs it, and a split-and-merge move
 takes EM out of the local optimum where two components share one cluster."""
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from mixmap.fitting import eb
+from mixmap.fitting.empirical_bayes import monte_carlo as eb
 from mixmap.nn.priors import MixturePrior
 
 torch.set_num_threads(1)

@@ -1,4 +1,4 @@
-"""Empirical Bayes on a grid (mixmap.fitting.eb_grid): the tabulated likelihood is the
+"""Empirical Bayes on a grid (mixmap.fitting.empirical_bayes.grid): the tabulated likelihood is the
 Gaussian likelihood of the shell means with S0 integrated out, EM on it climbs the evidence,
 and relocation moves a component that EM leaves far from its voxels to them."""
 
@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from mixmap.fitting import eb_grid
 from mixmap.fitting.base import Scheme
-from mixmap.fitting.vae import latent_bounds
+from mixmap.fitting.empirical_bayes import grid as eb_grid
+from mixmap.fitting.learned.vae import latent_bounds
 from mixmap.models import get_model
 from mixmap.nn.likelihoods import rician_loglik
 from mixmap.nn.priors import MixturePrior
-from mixmap.simulate import get_scheme
+from mixmap.simulation import get_scheme
 
 torch.set_num_threads(1)
 

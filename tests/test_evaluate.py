@@ -10,12 +10,18 @@ import pytest
 import torch
 from scipy.stats import rice, truncnorm
 
-import mixmap.evaluate as evaluate_module
-from mixmap.evaluate import angular_error, bayes_reference, evaluate_dirs, metrics, metrics_markdown
+import mixmap.evaluation.scores as evaluate_module
+from mixmap.evaluation.scores import (
+    angular_error,
+    bayes_reference,
+    evaluate_dirs,
+    metrics,
+    metrics_markdown,
+)
 from mixmap.io import map_name
 from mixmap.models import get_model
 from mixmap.plots import latent_scatter, loss_curves, map_panels, scatter_truth_vs_estimate
-from mixmap.simulate import simulate, write_simulation
+from mixmap.simulation import simulate, write_simulation
 
 
 # ------------------------------------------------------------------------------ metrics

@@ -13,11 +13,11 @@ import torch
 
 from mixmap.acquisition import clinical_scheme
 from mixmap.fitting import FITTERS, get_fitter
-from mixmap.fitting.selfsup import Scheme, TrainingDiverged, epoch_exploded
-from mixmap.io.checkpoint import load_fitter
+from mixmap.fitting.learned.base import Scheme, TrainingDiverged, epoch_exploded
+from mixmap.io.model_store import load_fitter
 from mixmap.models import get_model
 from mixmap.nn.likelihoods import gaussian_loglik, rician_loglik, rician_sigma
-from mixmap.simulate import Cluster, Preset, simulate
+from mixmap.simulation import Cluster, Preset, simulate
 from mixmap.testing import interrupt_training
 
 torch.set_num_threads(1)
@@ -522,7 +522,7 @@ def test_plateau_rule_follows_the_loss_at_the_final_weights(sim):
     """A loss raised on purpose after the first epoch (as a KL warm-up raises it) must not stop
     training: the plateau rule, like the guard, follows ``loss_final``. With the old rule the
     first epoch's loss stayed the best and training stopped at ``min_epochs``."""
-    from mixmap.fitting.selfsup import SelfSupervisedFitter
+    from mixmap.fitting.learned.ssl import SelfSupervisedFitter
 
     class Raised(SelfSupervisedFitter):
         def _loss(self, batch, scheme, epoch):
@@ -541,7 +541,7 @@ def test_importance_proposal_density_is_that_of_its_draws(sim, gmm_fit):
     g, E_r[g(z) / r(z)] = 1. Checked for the prior, for q's mixture and for the extra part
     around the least-squares estimate, which are parts of r (so the ratios are bounded and
     the check is tight), with and without that part."""
-    from mixmap.fitting.vae import mixture_log_prob
+    from mixmap.fitting.learned.vae import mixture_log_prob
 
     f, _ = gmm_fit
     data, scheme, _ = f._apply_data(sim.signals[:5], sim.acquisition, False)
@@ -603,7 +603,7 @@ def test_maps_and_encode_share_draws_when_sliced_for_memory(sim, gmm_fit, monkey
     """With the posterior draws evaluated in slices of voxels (a whole-brain chunk at the
     default 384 draws would otherwise hold 0.4 GB of temporaries), encode's samples are still
     the maps' own draws: their mean is the map within Monte-Carlo error."""
-    import mixmap.fitting.vae as vae
+    import mixmap.fitting.learned.vae as vae
 
     fitter, _ = gmm_fit
     monkeypatch.setattr(vae, "DRAWS_PER_SLICE", fitter.n_samples * 70)  # 70 voxels a slice
@@ -651,7 +651,7 @@ def test_other_draws_move_the_maps_by_monte_carlo_error_only(sim, gmm_fit, monke
     vae.maps_sizes) instead of small ones. Each voxel's posterior mean moves by a small
     fraction of its posterior sd: a median of 0.09-0.10 here at the default 384 draws, and
     0.10-0.11 for another seed on the 400-voxel HCP scan of the accelerator tests."""
-    import mixmap.fitting.vae as vae
+    import mixmap.fitting.learned.vae as vae
 
     f, _ = gmm_fit
     monkeypatch.setattr(f, "n_samples", 384)  # the default's draws (the fixture has 16)

@@ -7,7 +7,7 @@ import pytest
 
 from mixmap.acquisition import Acquisition, hcp_scheme
 from mixmap.fitting import LeastSquaresFitter, get_fitter
-from mixmap.simulate import simulate
+from mixmap.simulation import simulate
 
 
 def rmse(a, b):
@@ -30,7 +30,7 @@ def test_msdki_matches_dipy_or_better():
     at 0 afterwards: the same physics, a better fit. Over the declared range K >= -0.5 the
     minimum runs along the D-K ridge to the bound, and dipy's K is closer there."""
     pytest.importorskip("dipy")
-    from mixmap.demo import dipy_msdki
+    from mixmap.paper.demo import dipy_msdki
 
     sim = simulate("paper-msdki", "hcp", snr=20, n_voxels=3000, seed=4)
     ours = LeastSquaresFitter("msdki").fit(sim.signals, sim.acquisition).params
@@ -86,7 +86,7 @@ def test_bounds_narrow_the_fit_and_are_checked():
     # ... and their least-squares encoder features are fitted over it
     import torch
 
-    from mixmap.fitting.selfsup import lsq_features
+    from mixmap.fitting.learned.base import lsq_features
 
     feats = model.split(torch.as_tensor(lsq_features(model, sim.signals, sim.acquisition)))
     assert feats["K"].min() < -0.1

@@ -191,8 +191,8 @@ def test_fused_normal_equations_match_autodiff(model):
 def test_ball_stick_start_direction():
     """The start's stick direction is near the truth in tissue (tensor-fit candidate), and where
     f ≈ 0.03 the high-b candidate makes it better than the tensor fit alone."""
-    from mixmap.models.ball_stick import tensor_direction
-    from mixmap.simulate import simulate
+    from mixmap.models.diffusion.ball_stick import tensor_direction
+    from mixmap.simulation import simulate
 
     sim = simulate("ball-stick", "hcp", snr=50, n_voxels=2000, seed=1)
     y = torch.as_tensor(sim.signals)

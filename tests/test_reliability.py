@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from mixmap.io import AtomicOutput
-from mixmap.simulate import simulate, write_simulation
+from mixmap.simulation import simulate, write_simulation
 
 
 def test_atomic_output_leaves_nothing_on_error(tmp_path):
@@ -45,7 +45,7 @@ def test_killed_fit_leaves_no_partial_map(tmp_path, sig):
     # voxels in about a second).
     write_simulation(simulate("ball-stick", "hcp", snr=20, n_voxels=20000, seed=0), scan)
     out = tmp_path / "maps"
-    cmd = [sys.executable, "-m", "mixmap.cli", "fit", str(scan / "dwi.nii.gz"),
+    cmd = [sys.executable, "-m", "mixmap", "fit", str(scan / "dwi.nii.gz"),
            "--bvals", str(scan / "dwi.bval"), "--bvecs", str(scan / "dwi.bvec"),
            "--mask", str(scan / "mask.nii.gz"), "--model", "ball-stick", "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -13,7 +13,7 @@ import pytest
 
 from mixmap.acquisition import Acquisition
 from mixmap.fitting import FITTERS
-from mixmap.reproduce import icc31, run_reproduce, split_halves
+from mixmap.paper.reproduce import icc31, run_reproduce, split_halves
 
 FIGURES = [
     "repro_sim_scatter_D.png",

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mixmap.io import load_dwi
-from mixmap.simulate import PRESETS, brain_layout, simulate, simulate_brain, write_simulation
+from mixmap.simulation import PRESETS, brain_layout, simulate, simulate_brain, write_simulation
 
 
 def test_paper_preset_statistics():

@@ -201,7 +201,7 @@ def latent_scatter(
 
 def latent_projection(lat, axes: tuple[str, str] | None = None,
                       labels: tuple[str, str] | None = None) -> dict:
-    """2-D view of :meth:`~mixmap.fitting.vae.VAEFitter.encode`'s samples and of the learned
+    """2-D view of :meth:`~mixmap.fitting.learned.vae.VAEFitter.encode`'s samples and of the learned
     prior, in the prior's coordinates (``lat.z_prior``, where its components are Gaussian, so
     that their projections are exact ellipses).
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from mixmap.fitting.base import FitResult, Fitter, resolve_device
+from mixmap.fitting.learned.ssl import SelfSupervisedFitter
+from mixmap.fitting.learned.vae import GaussianVAEFitter, MixtureVAEFitter
 from mixmap.fitting.lsq import LeastSquaresFitter
-from mixmap.fitting.selfsup import SelfSupervisedFitter
-from mixmap.fitting.vae import GaussianVAEFitter, MixtureVAEFitter
 
 FITTERS: dict[str, type[Fitter]] = {LeastSquaresFitter.name: LeastSquaresFitter}
 FITTERS[SelfSupervisedFitter.name] = SelfSupervisedFitter

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from mixmap.models.ball_stick import BallStick
 from mixmap.models.base import Params, SignalModel, UnsupportedAcquisition
-from mixmap.models.ivim import IVIM
-from mixmap.models.msdki import MSDKI
+from mixmap.models.diffusion.ball_stick import BallStick
+from mixmap.models.diffusion.ivim import IVIM
+from mixmap.models.diffusion.msdki import MSDKI
 
 MODELS: dict[str, type[SignalModel]] = {
     MSDKI.name: MSDKI,

@@ -161,8 +161,8 @@ class RiceTable:
     [``s_min``, min(``s_max``, ``cap``)] and interpolated, linearly (:meth:`positions`) or
     cubically with its slope (:meth:`lookup`); the Gaussian part is added exactly by the
     caller. Shared by the Bayes reference
-    (:func:`mixmap.evaluate.bayes_reference`) and the grid refit of the prior
-    (:mod:`mixmap.fitting.eb_grid`).
+    (:func:`mixmap.evaluation.scores.bayes_reference`) and the grid refit of the prior
+    (:mod:`mixmap.fitting.empirical_bayes.grid`).
     """
 
     def __init__(self, sigma: float, s_min: float, s_max: float, cap: float = 20.0,

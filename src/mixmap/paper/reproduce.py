@@ -1,7 +1,7 @@
 """`mixmap reproduce`: regenerate every table and figure of docs/RESULTS.md.
 
 Four parts, each writing PNG figures, JSON/CSV numbers and a ``repro-…`` section of
-``<out>/RESULTS.md`` (through :func:`mixmap.report.update_section`, so other sections are kept):
+``<out>/RESULTS.md`` (through :func:`~.report.update_section`, so other sections are kept):
 
 1. **Simulation** (paper Fig. 1 and 7): the paper's 3-cluster MSDKI preset on the HCP scheme at
    several SNRs; truth-vs-estimate scatter per cluster for D and K, one row per method (plus the
@@ -10,7 +10,7 @@ Four parts, each writing PNG figures, JSON/CSV numbers and a ``repro-…`` secti
    ``vae-gmm`` (``vae`` where the mixture fitter is not registered), optimum marked.
 3. **Real data** (paper Fig. 2, 3, 5): ball-stick and MSDKI maps of the ``b1k_b2k`` in-vivo scan
    on one slice and colour scale, posterior std maps, the ``vae-gmm`` cluster map, and the latent
-   space (Fig. 3): posterior samples of z (:meth:`~mixmap.fitting.vae.VAEFitter.encode`) of the
+   space (Fig. 3): posterior samples of z (:meth:`~.VAEFitter.encode`) of the
    simulation and of the scan in 2-D, coloured by cluster, with the learned prior overlaid.
 4. **Real data without truth**: (a) repeatability between two disjoint halves of the gradient
    directions (RMS difference, ICC(3,1)); (b) goodness of fit: residual RMS against the noise σ
@@ -40,7 +40,7 @@ from mixmap.acquisition import Acquisition
 from mixmap.fitting import FITTERS, get_fitter
 from mixmap.fitting.base import FitResult, noise_sigma_from_b0
 from mixmap.models import get_model
-from mixmap.report import markdown_table, update_section
+from mixmap.paper.report import markdown_table, update_section
 
 #: Methods in display order (the paper's columns).
 ALL_METHODS = ("lsq", "ssl", "vae", "vae-gmm")
@@ -242,8 +242,8 @@ def _fmt(x, spec=".3f") -> str:
 
 # ============================================================================ 1. simulation
 def _simulation(run: _Run) -> dict:
-    from mixmap.evaluate import bayes_reference, metrics
-    from mixmap.simulate import get_preset, simulate
+    from mixmap.evaluation.scores import bayes_reference, metrics
+    from mixmap.simulation import get_preset, simulate
 
     s = run.s
     preset = get_preset("paper-msdki")
@@ -372,7 +372,7 @@ def _sim_verdict(rows_out: dict, methods: list[str]) -> str:
 
 # ============================================================================ 2. sensitivity
 def _sensitivity(run: _Run) -> dict:
-    from mixmap.simulate import simulate
+    from mixmap.simulation import simulate
 
     s = run.s
     method = next((m for m in s.sens_methods if m in run.methods), None)
@@ -388,7 +388,7 @@ def _sensitivity(run: _Run) -> dict:
                                           "config"], [])
         run.section("repro-sensitivity", f"Regenerate: `{run.command}`. {note}.")
         return out
-    from mixmap.evaluate import metrics
+    from mixmap.evaluation.scores import metrics
 
     sim = simulate("paper-msdki", "hcp", snr=s.sens_snr, n_voxels=s.sens_n, seed=s.seed + 1)
     lsq, _, _ = _fit(run, "lsq", "msdki", sim.signals, sim.acquisition)
@@ -878,7 +878,7 @@ def _scalar_params(model_name: str) -> list[str]:
 
 
 def _repeatability(run: _Run, scan: _Scan) -> dict:
-    from mixmap.evaluate import angular_error
+    from mixmap.evaluation.scores import angular_error
 
     h1, h2 = split_halves(scan.acq)
     out: dict = {"halves": [len(h1), len(h2)], "models": {}}
@@ -1003,7 +1003,7 @@ def _goodness(run: _Run, scan: _Scan, fits) -> dict:
 
 
 def _phantom(run: _Run, scan: _Scan, fits) -> dict:
-    from mixmap.evaluate import angular_error
+    from mixmap.evaluation.scores import angular_error
 
     s = run.s
     sd = s.phantom_smooth_vox

@@ -70,7 +70,7 @@ def handle_errors(fn):
 
 
 def _setup_logging(quiet: bool) -> None:
-    from mixmap.fitting import distributed
+    from mixmap.fitting.learned import distributed
 
     logging.basicConfig(  # under torchrun, only the main process reports progress
         level=logging.WARNING if quiet or not distributed.is_main() else logging.INFO,
@@ -147,8 +147,8 @@ def simulate(
 
       mixmap simulate brain/ --preset ball-stick --layout brain --grid 72,87,72
     """
-    from mixmap.simulate import get_scheme, simulate_brain, write_simulation
-    from mixmap.simulate import simulate as run_simulation
+    from mixmap.simulation import get_scheme, simulate_brain, write_simulation
+    from mixmap.simulation import simulate as run_simulation
 
     _setup_logging(quiet)
     if (bvals is None) != (bvecs is None):
@@ -394,7 +394,7 @@ def _use_checkpoint(fitter, ckpt: Path, resume: bool) -> None:
 
 def _fit_scan(fitter, dwi: Path, bvals: Path, bvecs: Path, mask: Path | None, *, out: Path,
               seed: int, force: bool, save_model: bool, resume: bool) -> list[Path]:
-    from mixmap.fitting import distributed
+    from mixmap.fitting.learned import distributed
     from mixmap.io import existing_maps, load_dwi
     from mixmap.io.nifti import bids_entities
 
@@ -437,7 +437,7 @@ def _fit_cohort(fitter, inputs: list[Path], bvals: Path | None, bvecs: Path | No
     from dataclasses import replace
 
     from mixmap import cohort as co
-    from mixmap.fitting import distributed
+    from mixmap.fitting.learned import distributed
     from mixmap.io import AtomicOutput
     from mixmap.io.output import stage_maps
 
@@ -535,9 +535,9 @@ def apply(
 
       mixmap apply maps/model-msdki_method-vae-gmm new_bids/ --out maps2/
     """
-    from mixmap.fitting import distributed
+    from mixmap.fitting.learned import distributed
     from mixmap.io import load_dwi
-    from mixmap.io.checkpoint import load_fitter
+    from mixmap.io.model_store import load_fitter
 
     _setup_logging(quiet)
     if _is_cohort(dwi):
@@ -570,9 +570,9 @@ def _apply_cohort(model_file: Path, inputs: list[Path], bvals: Path | None,
                   force: bool, allow_other_acquisition: bool) -> tuple[list[str], int]:
     from mixmap import cohort as co
     from mixmap.acquisition import Acquisition
-    from mixmap.fitting import distributed
+    from mixmap.fitting.learned import distributed
     from mixmap.io import AtomicOutput
-    from mixmap.io.checkpoint import load_fitter
+    from mixmap.io.model_store import load_fitter
     from mixmap.io.output import stage_maps
 
     fitter = load_fitter(model_file, device=device)
@@ -642,7 +642,7 @@ def evaluate(
 
     Example: mixmap evaluate maps/ --truth sim/
     """
-    from mixmap.evaluate import evaluate_dirs, metrics_markdown
+    from mixmap.evaluation.scores import evaluate_dirs, metrics_markdown
     from mixmap.io import AtomicOutput
 
     report = evaluate_dirs(fit_dir, truth)
@@ -703,7 +703,7 @@ def reproduce(
 
     Example: mixmap reproduce --quick --out /tmp/repro
     """
-    from mixmap.reproduce import run_reproduce
+    from mixmap.paper.reproduce import run_reproduce
 
     _setup_logging(quiet)
     chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
@@ -730,14 +730,14 @@ def demo(
 
     Example: mixmap demo --out demo_output/
     """
-    from mixmap.demo import run_demo
+    from mixmap.paper.demo import run_demo
 
     _setup_logging(quiet)
     text = run_demo(out, snr=snr, methods=[m.strip() for m in methods.split(",") if m.strip()],
                     n_voxels=n_voxels, epochs=epochs, force=force, quiet=quiet)
     typer.echo(text)
     if results is not None:
-        from mixmap.report import update_section
+        from mixmap.paper.report import update_section
 
         table = text.split("\n\nmaps, scatter.png")[0]
         update_section(results, "demo", "## Demo: the paper's MSDKI simulation\n\n"

@@ -1,6 +1,6 @@
 """Simulated scans: tissue-like mixtures of parameter values, any acquisition, Gaussian or Rician
 noise. The truth is kept, so every fitter can be scored against it (and, for the 2-parameter MSDKI
-presets, against the Bayes-optimal estimate in :mod:`mixmap.evaluate`).
+presets, against the Bayes-optimal estimate in :mod:`mixmap.evaluation.scores`).
 """
 
 from __future__ import annotations

@@ -14,11 +14,11 @@ full-covariance Gaussian per component from an encoder that also sees the least-
 (computed inside the fitter, no truth involved). After training, the mixture prior is refitted
 to the scan by maximum marginal likelihood (Monte-Carlo EM with importance-sampled E-steps,
 accelerated by SQUAREM, with split-and-merge moves between rounds: empirical Bayes,
-``eb_rounds``, :mod:`mixmap.fitting.eb`), since the ELBO fits the prior to the amortised q and
+``eb_rounds``, :mod:`~.monte_carlo`), since the ELBO fits the prior to the amortised q and
 inherits its errors where the data leave a direction free; for models with at most two
 parameters besides S0 (MSDKI) the refit ends on a grid, where the marginal likelihood is a
 quadrature and each component can be moved to its best place (``eb_grid``,
-:mod:`mixmap.fitting.eb_grid`). Under the Rician likelihood the noise level is re-estimated
+:mod:`~.empirical_bayes.grid`). Under the Rician likelihood the noise level is re-estimated
 with the prior before the grid refit (:meth:`VAEFitter._sigma_em`), and the grid's EM is
 finished by L-BFGS. Then q is refined per voxel (closing
 the amortisation gap) and the posterior mean and standard deviation are computed by
@@ -42,11 +42,13 @@ import torch
 from torch import nn
 
 from mixmap.acquisition import Acquisition
-from mixmap.fitting import distributed, eb, eb_grid
 from mixmap.fitting.base import signal_scale
-from mixmap.fitting.distributed import all_reduce_sum
+from mixmap.fitting.empirical_bayes import grid as eb_grid
+from mixmap.fitting.empirical_bayes import monte_carlo as eb
+from mixmap.fitting.learned import distributed
+from mixmap.fitting.learned.base import Data, LearnedFitter, Scheme, robust_mean
+from mixmap.fitting.learned.distributed import all_reduce_sum
 from mixmap.fitting.lsq import normal_equations
-from mixmap.fitting.selfsup import Data, LearnedFitter, Scheme, robust_mean
 from mixmap.models import SignalModel
 from mixmap.nn import rng
 from mixmap.nn.encoders import Decoder, FeatureMap, MixtureEncoder
@@ -169,7 +171,7 @@ class VAEFitter(LearnedFitter):
         them (three or more components).
     eb_grid
         After the importance-sampled rounds, refit the prior on a grid
-        (:mod:`mixmap.fitting.eb_grid`): the marginal likelihood by quadrature, EM to
+        (:mod:`mixmap.fitting.empirical_bayes.grid`): the marginal likelihood by quadrature, EM to
         convergence and each component moved to its best place on a coarse lattice when that
         pays. Applies where the model has at most two parameters besides S0 and no
         direction (MSDKI), with the Gaussian or the Rician likelihood; elsewhere it is
@@ -695,9 +697,9 @@ class VAEFitter(LearnedFitter):
 
     def _em_rounds(self, qs, scheme: Scheme, gen: torch.Generator, n_local: int) -> dict:
         """``eb_rounds`` rounds: draw, then ``eb_steps`` EM updates on those draws, sped up by
-        SQUAREM (:func:`mixmap.fitting.eb.squarem`). With ``eb_split_merge`` and three or more
+        SQUAREM (:func:`~.monte_carlo.squarem`). With ``eb_split_merge`` and three or more
         components, after each round but the last one split-and-merge move is tried
-        (:func:`mixmap.fitting.eb.split_merge`; a few seconds a round): EM alone cannot move
+        (:func:`~.monte_carlo.split_merge`; a few seconds a round): EM alone cannot move
         a component from a cluster that two of them share to two clusters that one of them
         spans, and which clusters end up sharing depends on the path of training. The next
         round's fresh draws then measure the moved prior. Each round's entry records the move
@@ -705,7 +707,7 @@ class VAEFitter(LearnedFitter):
 
         From the second round on, the proposal has one more part per voxel: a Gaussian on the
         last round's importance-weighted posterior under the updated prior
-        (:func:`mixmap.fitting.eb.posterior_gaussian`). q was refined under the prior that
+        (:func:`~.monte_carlo.posterior_gaussian`). q was refined under the prior that
         training left, so where EM moves the prior the posterior leaves q behind; this part
         follows it (adaptive importance sampling)."""
         prior = self.net.prior
@@ -778,7 +780,7 @@ class VAEFitter(LearnedFitter):
         return {"before": before, "after": sigma, "voxels_left_out": left}
 
     def _grid_eb(self, qs, scheme: Scheme, gen: torch.Generator) -> dict | None:
-        """The grid refit of :mod:`mixmap.fitting.eb_grid` on up to ``GRID_VOXELS`` of the
+        """The grid refit of :mod:`~.empirical_bayes.grid` on up to ``GRID_VOXELS`` of the
         empirical-Bayes voxels (a random share on each process); None where it does not
         apply. Returns its log evidence per voxel before and after, and the moves made."""
         dims = eb_grid.grid_dims(self.model)

@@ -1,7 +1,7 @@
 """Empirical Bayes on a grid: the marginal likelihood by quadrature, for models with at most
 two parameters besides the signal scale (MSDKI's D and K).
 
-Importance-sampled EM (:mod:`mixmap.fitting.eb`) estimates each voxel's evidence from draws
+Importance-sampled EM (:mod:`~.monte_carlo`) estimates each voxel's evidence from draws
 near the current posterior. Where the data leave a direction nearly free (MSDKI's CSF-like
 voxels: the b = 1000 s/mm² shell fixes −bD + b²D²K/6 and the higher shells are noise) the
 evidence of the scan prefers one place of a component along that ridge by about 0.01 nats
@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from mixmap.acquisition import Acquisition
-from mixmap.fitting.eb import Reduce, squarem
+from mixmap.fitting.empirical_bayes.monte_carlo import Reduce, squarem
 from mixmap.models import SignalModel
 from mixmap.nn.likelihoods import RiceTable
 from mixmap.nn.priors import MixturePrior
@@ -225,7 +225,7 @@ def grid_em_step(prior: MixturePrior, grid: GridLikelihood, reduce: Reduce, *,
     """The grid's log evidence Σ_i log Σ_g L_ig P_g at the current prior (summed over
     processes) and, with ``update``, one EM update of the weights and of the gridded
     coordinates' means and variances (S0's stay). Variances are floored at a quarter of the
-    grid's spacing squared. Returns (log evidence, []) like :func:`mixmap.fitting.eb.em_step`
+    grid's spacing squared. Returns (log evidence, []) like :func:`~.monte_carlo.em_step`
     (there are no importance weights to report)."""
     _, joint = _joint(prior, grid)  # (K, L)
     P = joint.sum(0)  # (L,)
@@ -249,7 +249,7 @@ def grid_em_step(prior: MixturePrior, grid: GridLikelihood, reduce: Reduce, *,
 
 def grid_em(prior: MixturePrior, grid: GridLikelihood, reduce: Reduce, n_voxels: float,
             *, max_steps: int = GRID_MAX_STEPS, tol: float = GRID_TOL) -> dict:
-    """EM on the grid with SQUAREM (:func:`mixmap.fitting.eb.squarem`) in blocks of 20
+    """EM on the grid with SQUAREM (:func:`~.monte_carlo.squarem`) in blocks of 20
     updates, until a block gains under ``tol`` nats per voxel. Returns the log evidence per
     voxel before and after, and the updates made."""
     start, _ = grid_em_step(prior, grid, reduce, update=False)

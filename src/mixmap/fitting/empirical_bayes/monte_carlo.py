@@ -129,7 +129,7 @@ def squarem(prior: MixturePrior, draws, reduce: Reduce, steps: int, *,
     extrapolates along the path of two EM steps and keeps the result only if the marginal
     likelihood does not fall, so it never does worse than EM. Returns the log evidence and the
     effective sample sizes at the start of the last group of steps. ``em`` is the update
-    (default :func:`em_step` on importance draws; :func:`mixmap.fitting.eb_grid.grid_em_step`
+    (default :func:`em_step` on importance draws; :func:`~.grid.grid_em_step`
     on a grid)."""
     em_step_ = em_step if em is None else em
     left = int(steps)

@@ -262,36 +262,3 @@ def _read_table(path: Path) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------- standard schemes
-def fibonacci_sphere(n: int, hemisphere: bool = False) -> np.ndarray:
-    """(n, 3) nearly uniform unit vectors (Fibonacci lattice); z >= 0 with ``hemisphere``."""
-    i = np.arange(n) + 0.5
-    z = 1 - i / n if hemisphere else 1 - 2 * i / n
-    r = np.sqrt(np.clip(1 - z**2, 0, None))
-    phi = np.pi * (3 - np.sqrt(5)) * i
-    return np.stack([r * np.cos(phi), r * np.sin(phi), z], axis=1)
-
-
-def hcp_scheme() -> Acquisition:
-    """The paper's scheme: 18 b=0 and 90 directions at each of b = 1000, 2000, 3000 s/mm²."""
-    bvals = [0.0] * 18
-    bvecs = [np.zeros(3)] * 18
-    for k, b in enumerate((1000.0, 2000.0, 3000.0)):
-        dirs = fibonacci_sphere(90 + k)[:90]  # a slightly different set per shell
-        bvals += [b] * 90
-        bvecs += list(dirs)
-    return Acquisition.from_arrays(np.array(bvals), np.array(bvecs), units="s/mm2", source="hcp")
-
-
-def clinical_scheme() -> Acquisition:
-    """A short clinical-style scheme: 2 b=0 and 10 directions at b = 1000, 2000, 3000 s/mm²."""
-    bvals = [0.0, 0.0]
-    bvecs = [np.zeros(3), np.zeros(3)]
-    for b in (1000.0, 2000.0, 3000.0):
-        bvals += [b] * 10
-        bvecs += list(fibonacci_sphere(10))
-    return Acquisition.from_arrays(
-        np.array(bvals), np.array(bvecs), units="s/mm2", source="clinical"
-    )
-
-
-SCHEMES = {"hcp": hcp_scheme, "clinical": clinical_scheme}

@@ -23,7 +23,13 @@ from scipy.special import ndtr
 from mixmap.acquisition import Acquisition
 from mixmap.models import get_model
 from mixmap.nn.likelihoods import RiceTable
-from mixmap.simulate import NOISE_TYPES, Preset, get_preset, preset_from_info, read_simulation_info
+from mixmap.simulation import (
+    NOISE_TYPES,
+    Preset,
+    get_preset,
+    preset_from_info,
+    read_simulation_info,
+)
 
 log = logging.getLogger(__name__)
 
@@ -322,7 +328,7 @@ def bayes_reference(
 
     For presets whose clusters vary one or two scalar parameters and no direction (the MSDKI
     presets ``paper-msdki`` and ``msdki-4``); every other parameter is fixed at its simulated
-    value (S0 = 1, as in :func:`mixmap.simulate.simulate`). The prior is the preset's mixture:
+    value (S0 = 1, as in :func:`mixmap.simulation.simulate`). The prior is the preset's mixture:
     weights ``preset.weights``, per cluster independent Gaussians each truncated to the
     parameter's bounds (the simulation redraws out-of-bounds values).
 
@@ -359,7 +365,7 @@ def bayes_reference(
     acquisition
         The scheme the signals were simulated with.
     preset
-        A :class:`~mixmap.simulate.Preset` or its name.
+        A :class:`~mixmap.simulation.Preset` or its name.
     sigma
         Noise standard deviation (per real/imaginary channel for Rician), signal units.
     noise
@@ -553,7 +559,7 @@ def _read_masked(path: Path, mask: np.ndarray) -> np.ndarray:
 def evaluate_dirs(fit_dir: str | Path, sim_dir: str | Path, *, bayes: bool = True) -> dict:
     """Score the maps in ``fit_dir`` against the simulation in ``sim_dir``.
 
-    ``sim_dir`` is a folder written by :func:`mixmap.simulate.write_simulation`; ``fit_dir``
+    ``sim_dir`` is a folder written by :func:`mixmap.simulation.write_simulation`; ``fit_dir``
     holds ``<entities>_model-<model>_param-<name>_dwimap.nii.gz`` maps (as ``mixmap fit``
     writes them) of the simulation's model. Maps are read inside the simulation's mask; where
     the fit wrote ``_desc-std`` maps, the calibration of its standard deviations is scored too
@@ -656,7 +662,7 @@ def metrics_markdown(report: dict) -> str:
     dict): one row per parameter × (all, each cluster) with n, RMSE, bias, r and, where
     present, the reported sd's RMS and coverage, and the Bayes reference's RMSE and
     coverage; directions get their own table of angular errors."""
-    from mixmap.report import markdown_table
+    from mixmap.paper.report import markdown_table
 
     m = report["metrics"] if "metrics" in report else report
     ref = report.get("bayes_reference") or {}

@@ -10,8 +10,8 @@ import numpy as np
 
 from mixmap.fitting import FITTERS, get_fitter
 from mixmap.io import AtomicOutput, DWIData, save_maps
-from mixmap.report import machine_description, markdown_table
-from mixmap.simulate import grid_shape, simulate, write_simulation
+from mixmap.paper.report import machine_description, markdown_table
+from mixmap.simulation import grid_shape, simulate, write_simulation
 
 
 def dipy_msdki(signals: np.ndarray, acquisition) -> dict[str, np.ndarray] | None:
@@ -41,7 +41,7 @@ def run_demo(
     """Run the demo and return the accuracy table (Markdown). Writes into ``out``: the
     simulated scan (``sim/``), maps per method (``maps-<method>/``), ``scatter.png``,
     ``accuracy.md`` and ``accuracy.json``."""
-    from mixmap.evaluate import bayes_reference, metrics
+    from mixmap.evaluation.scores import bayes_reference, metrics
     from mixmap.plots import scatter_truth_vs_estimate
 
     out = Path(out)

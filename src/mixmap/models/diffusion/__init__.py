@@ -1,0 +1,1 @@
+"""Diffusion signal models: signals over b-values and gradient directions."""

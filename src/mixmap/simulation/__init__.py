@@ -1,0 +1,40 @@
+"""Simulated scans: mixture presets, signals with Gaussian or Rician noise, brain-shaped
+layouts, and the folders ``mixmap simulate`` writes."""
+
+from mixmap.simulation.synthesize import (
+    NOISE_TYPES,
+    PRESETS,
+    Cluster,
+    Preset,
+    Simulation,
+    add_noise,
+    brain_layout,
+    get_preset,
+    get_scheme,
+    grid_shape,
+    preset_from_info,
+    read_simulation_info,
+    sample_parameters,
+    simulate,
+    simulate_brain,
+    write_simulation,
+)
+
+__all__ = [
+    "NOISE_TYPES",
+    "PRESETS",
+    "Cluster",
+    "Preset",
+    "Simulation",
+    "add_noise",
+    "brain_layout",
+    "get_preset",
+    "get_scheme",
+    "grid_shape",
+    "preset_from_info",
+    "read_simulation_info",
+    "sample_parameters",
+    "simulate",
+    "simulate_brain",
+    "write_simulation",
+]
