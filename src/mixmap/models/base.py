@@ -36,6 +36,11 @@ class SignalModel:
     #: declared range (name -> (lower, upper), inside it). A fit without a prior needs them;
     #: the learned fitters use the declared ranges and learn from the scan where values lie.
     lsq_bounds: Mapping[str, tuple[float, float]] = {}
+    #: The parameter the signal is proportional to (S0, M0 ...), or None: fitters may solve or
+    #: integrate it in closed form, and a grid need not span it.
+    scale_parameter: str | None = "S0"
+    #: BIDS suffix of the maps (``sub-01_model-msdki_param-D_dwimap.nii.gz``).
+    output_suffix: str = "dwimap"
 
     # ---------------------------------------------------------------- declared structure
     @property
@@ -47,6 +52,14 @@ class SignalModel:
             if p.name == name:
                 return p
         raise KeyError(f"model {self.name} has no parameter {name!r}")
+
+    def grid_parameters(self) -> list[str]:
+        """The scalar parameters a quadrature grid spans: all but the scale parameter, or none
+        when the model has a direction (a grid cannot integrate the sphere cheaply)."""
+        if self.scale_parameter not in self.parameter_names or any(
+                p.is_direction for p in self.parameters):
+            return []
+        return [p.name for p in self.parameters if p.name != self.scale_parameter]
 
     def declared_bounds(self) -> dict[str, tuple[float, float]]:
         """(lower, upper) of every scalar parameter that is not relative to the scan's scale."""

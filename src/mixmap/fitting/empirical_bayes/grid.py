@@ -79,12 +79,11 @@ class GridLikelihood:
 
 
 def grid_dims(model: SignalModel) -> list[int] | None:
-    """The latent coordinates a grid covers: every scalar parameter but the signal scale S0.
-    None where the grid does not apply (a direction, no S0, more than two others)."""
-    names = [p.name for p in model.parameters]
-    if "S0" not in names or any(p.is_direction for p in model.parameters):
-        return None
-    dims = [i for i, p in enumerate(model.parameters) if p.name != "S0"]
+    """The latent coordinates a grid covers (:meth:`SignalModel.grid_parameters`: every
+    scalar parameter but the signal scale). None where the grid does not apply (a direction,
+    no scale parameter, more than two others)."""
+    names = model.grid_parameters()
+    dims = [i for i, p in enumerate(model.parameters) if p.name in names]
     return dims if 1 <= len(dims) <= 2 else None
 
 
@@ -116,7 +115,7 @@ def grid_likelihood(model: SignalModel, prior: MixturePrior, dims: list[int],
         steps.append(step)
     mesh = torch.meshgrid(*axes, indexing="ij")
     x = torch.stack([m.reshape(-1) for m in mesh], 1)  # (G, k)
-    params = {"S0": torch.ones(x.shape[0], dtype=torch.float64)}
+    params = {model.scale_parameter: torch.ones(x.shape[0], dtype=torch.float64)}
     for col, j in enumerate(dims):
         params[model.parameters[j].name] = x[:, col]
     f = model.forward(params, work).double()  # (G, m'), the signal at S0 = 1
