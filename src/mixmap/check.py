@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mixmap.fitting.base import noise_sigma_from_b0
+from mixmap.fitting.base import noise_sigma_from_repeats
 from mixmap.io import load_dwi
 from mixmap.models import MODELS, UnsupportedAcquisition
 
@@ -65,7 +65,7 @@ def check_dataset(
     neg = float((data.signals < 0).mean())
     if neg > 0:
         rep.lines.append(f"negative values: {100 * neg:.2f} % of the fitted data")
-    sigma = noise_sigma_from_b0(data.signals, acq)
+    sigma = noise_sigma_from_repeats(data.signals, acq)
     if sigma is not None and sigma > 0:
         s0 = float(np.median(data.signals[:, acq.b0_mask].mean(1)))
         rep.lines.append(f"noise σ from {acq.n_b0} b=0 volumes: {sigma:.4g}; "

@@ -50,7 +50,7 @@ import numpy as np
 
 from mixmap import __version__
 from mixmap.acquisition import Acquisition
-from mixmap.fitting.base import FitResult, noise_sigma_from_b0, signal_scale
+from mixmap.fitting.base import FitResult, noise_sigma_from_repeats, signal_scale
 from mixmap.io import AtomicOutput, DWIData, InputError, bids_entities, existing_maps, load_dwi
 from mixmap.io.output import _label, command_line, loss_csv
 
@@ -103,7 +103,7 @@ class ScanInfo:
 
     @classmethod
     def of(cls, data: DWIData, scale: float) -> ScanInfo:
-        sigma = noise_sigma_from_b0(data.signals, data.acquisition)
+        sigma = noise_sigma_from_repeats(data.signals, data.acquisition)
         return cls(int(data.signals.shape[0]), int(data.n_dropped), float(scale),
                    None if sigma is None else sigma / scale)
 

@@ -2,12 +2,22 @@
 
 from mixmap.acquisition.core import (
     B0_THRESHOLD,
+    FIELDS,
     SHELL_TOLERANCE,
     Acquisition,
     AcquisitionError,
+    Field,
     Shell,
+    VolumeGroup,
 )
-from mixmap.acquisition.schemes import SCHEMES, clinical_scheme, fibonacci_sphere, hcp_scheme
+from mixmap.acquisition.schemes import (
+    SCHEMES,
+    clinical_scheme,
+    example_scheme,
+    fibonacci_sphere,
+    hcp_scheme,
+    multi_echo_scheme,
+)
 
 __all__ = [
     "B0_THRESHOLD",
@@ -15,8 +25,13 @@ __all__ = [
     "SHELL_TOLERANCE",
     "Acquisition",
     "AcquisitionError",
+    "FIELDS",
+    "Field",
     "Shell",
+    "VolumeGroup",
     "clinical_scheme",
+    "example_scheme",
     "fibonacci_sphere",
     "hcp_scheme",
+    "multi_echo_scheme",
 ]

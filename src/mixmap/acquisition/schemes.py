@@ -1,4 +1,5 @@
-"""Named example acquisition schemes for simulations: ``hcp`` and ``clinical``."""
+"""Named example acquisition schemes for simulations and tests: ``hcp`` and ``clinical``
+(diffusion), ``multi-echo`` (echo times)."""
 
 from __future__ import annotations
 
@@ -40,3 +41,20 @@ def clinical_scheme() -> Acquisition:
 
 
 SCHEMES = {"hcp": hcp_scheme, "clinical": clinical_scheme}
+
+
+def multi_echo_scheme() -> Acquisition:
+    """A multi-echo spin-echo scheme: 16 echo times, 10 to 160 ms."""
+    return Acquisition.from_fields({"TE": np.arange(1, 17) * 10.0}, source="multi-echo")
+
+
+#: An example acquisition for each field a model may require (for simulations and tests).
+EXAMPLE_FOR_FIELD = {"b": hcp_scheme, "direction": hcp_scheme, "TE": multi_echo_scheme}
+
+
+def example_scheme(required_fields: tuple[str, ...]) -> Acquisition:
+    """An example acquisition that has every field in ``required_fields``."""
+    makers = {EXAMPLE_FOR_FIELD[f] for f in required_fields}
+    if len(makers) > 1:
+        raise ValueError(f"no example acquisition has all of {required_fields}")
+    return (makers.pop() if makers else hcp_scheme)()

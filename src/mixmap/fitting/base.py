@@ -124,29 +124,39 @@ class PhaseTimer:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
 
 
-def signal_scale(signals: np.ndarray, acquisition: Acquisition) -> float:
-    """Intensity scale that S0 bounds are relative to: the 95th percentile over voxels of the
-    mean b=0 signal (of the largest signal where the scheme has no b=0)."""
-    if acquisition.n_b0:
-        s0 = signals[:, acquisition.b0_mask].mean(1)
+def reference_mask(acquisition: Acquisition, model: SignalModel | None = None) -> np.ndarray:
+    """(n,) bool: ``model``'s reference volumes, or the b=0 volumes without a model."""
+    if model is None:
+        return acquisition.b0_mask
+    return model.reference_volumes(acquisition)
+
+
+def signal_scale(signals: np.ndarray, acquisition: Acquisition,
+                 model: SignalModel | None = None) -> float:
+    """Intensity scale that the scale parameter's bounds are relative to: the 95th percentile
+    over voxels of the mean signal of the reference volumes (:func:`reference_mask`; of the
+    largest signal where the acquisition has none)."""
+    ref = reference_mask(acquisition, model)
+    if ref.any():
+        s0 = signals[:, ref].mean(1)
     else:
         s0 = signals.max(1)
     scale = float(np.percentile(s0, 95)) if s0.size else 1.0
     return scale if np.isfinite(scale) and scale > 0 else 1.0
 
 
-def noise_sigma_from_b0(signals: np.ndarray, acquisition: Acquisition) -> float | None:
-    """Noise standard deviation pooled over voxels from repeated b=0 volumes (None if < 2).
-
-    Uses the median over voxels of the unbiased per-voxel variance, so that a few voxels with
-    motion or artefacts do not inflate it.
-    """
-    b0 = acquisition.b0_mask
-    if b0.sum() < 2 or signals.shape[0] == 0:
+def noise_sigma_from_repeats(signals: np.ndarray, acquisition: Acquisition,
+                             model: SignalModel | None = None) -> float | None:
+    """Noise standard deviation pooled over voxels from the repeated reference volumes
+    (:func:`reference_mask`; None if fewer than 2): the median over voxels of the unbiased
+    per-voxel variance, corrected to a mean, so that a few voxels with artefacts do not
+    inflate it."""
+    ref = reference_mask(acquisition, model)
+    if ref.sum() < 2 or signals.shape[0] == 0:
         return None
-    var = signals[:, b0].astype(np.float64).var(1, ddof=1)
+    var = signals[:, ref].astype(np.float64).var(1, ddof=1)
     # The median of a scaled chi-square with k dof is below its mean; correct for that.
-    k = int(b0.sum()) - 1
+    k = int(ref.sum()) - 1
     from scipy.stats import chi2
 
     return float(np.sqrt(np.median(var) * k / chi2.ppf(0.5, k)))
@@ -224,9 +234,8 @@ class Scheme:
     def build(cls, model: SignalModel, acq: Acquisition, reduce: bool, device) -> Scheme:
         if not (reduce and model.direction_independent):
             return cls(acq, acq, None, None)
-        shells = acq.shells(tolerance=1e-3)  # same b only: the reduction is exact
-        work = Acquisition(np.array([s.bval for s in shells]), np.zeros((len(shells), 3)),
-                           source=acq.source)
+        shells = model.volume_groups(acq, exact=True)  # equal values only: exact reduction
+        work = acq.reduced(shells, by=model.group_field)
         weights = torch.tensor([float(s.n) for s in shells], device=device)
         groups = [torch.as_tensor(s.indices, device=device) for s in shells]
         return cls(acq, work, weights, groups)

@@ -102,7 +102,7 @@ class LeastSquaresFitter(Fitter):
         return result
 
     def _fit(self, signals, acquisition, device) -> FitResult:
-        scale = signal_scale(signals, acquisition)
+        scale = signal_scale(signals, acquisition, self.model)
         n = signals.shape[0]
         params: dict[str, list[np.ndarray]] = {p.name: [] for p in self.model.parameters}
         stds: dict[str, list[np.ndarray]] = {

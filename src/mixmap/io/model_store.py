@@ -13,7 +13,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from mixmap import __version__
@@ -40,11 +39,7 @@ def save_fitter(fitter, path: str | Path) -> Path:
         "hyper": fitter.hyper(),
         "seed": fitter.seed,
         "parameters": [p.describe() for p in fitter.model.parameters],
-        "acquisition": {
-            "fingerprint": fitter.trained["fingerprint"],
-            "bvals_ms_per_um2": fitter.trained["bvals"],
-            "bvecs": fitter.trained["bvecs"],
-        },
+        "acquisition": fitter.trained["acquisition"],
         "signal_scale": fitter.trained["signal_scale"],
         "noise_sigma": fitter.trained["noise_sigma"],
         "noise_sigma_source": fitter.trained["noise_sigma_source"],
@@ -124,8 +119,7 @@ def load_fitter(path: str | Path, *, device: str = "cpu"):
         fitter = cls(config["model"], device=device, seed=int(config.get("seed", 0)), quiet=True,
                      **hyper)
         acq_cfg = config["acquisition"]
-        acq = Acquisition.from_arrays(np.asarray(acq_cfg["bvals_ms_per_um2"]),
-                                      np.asarray(acq_cfg["bvecs"]), units="ms/um2")
+        acq = Acquisition.from_record(acq_cfg)
         sigma_in = config.get("noise_sigma")
         scale = float(config["signal_scale"])
         sigma_w = (None if config.get("noise_sigma_source") == "learned" or sigma_in is None
@@ -152,8 +146,7 @@ def load_fitter(path: str | Path, *, device: str = "cpu"):
     fitter.net = net.to(device)
     fitter.trained = {
         "fingerprint": acq_cfg["fingerprint"],
-        "bvals": acq_cfg["bvals_ms_per_um2"],
-        "bvecs": acq_cfg["bvecs"],
+        "acquisition": acq_cfg,
         "signal_scale": scale,
         "noise_sigma": sigma_in,
         "noise_sigma_source": config.get("noise_sigma_source", "b0"),

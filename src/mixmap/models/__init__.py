@@ -6,11 +6,13 @@ from mixmap.models.base import Params, SignalModel, UnsupportedAcquisition
 from mixmap.models.diffusion.ball_stick import BallStick
 from mixmap.models.diffusion.ivim import IVIM
 from mixmap.models.diffusion.msdki import MSDKI
+from mixmap.models.relaxometry.t2 import MonoExponentialT2
 
 MODELS: dict[str, type[SignalModel]] = {
     MSDKI.name: MSDKI,
     BallStick.name: BallStick,
     IVIM.name: IVIM,
+    MonoExponentialT2.name: MonoExponentialT2,
 }
 
 

@@ -6,9 +6,10 @@ import copy
 from collections.abc import Mapping
 from dataclasses import replace
 
+import numpy as np
 import torch
 
-from mixmap.acquisition import Acquisition
+from mixmap.acquisition import Acquisition, VolumeGroup
 from mixmap.parameters import Parameter
 
 Params = dict[str, torch.Tensor]
@@ -41,6 +42,9 @@ class SignalModel:
     scale_parameter: str | None = "S0"
     #: BIDS suffix of the maps (``sub-01_model-msdki_param-D_dwimap.nii.gz``).
     output_suffix: str = "dwimap"
+    #: The per-volume acquisition fields the signal depends on (names of
+    #: :data:`mixmap.acquisition.FIELDS`); checked before any fit.
+    required_fields: tuple[str, ...] = ()
 
     # ---------------------------------------------------------------- declared structure
     @property
@@ -160,7 +164,46 @@ class SignalModel:
         return None
 
     def check_acquisition(self, acquisition: Acquisition) -> None:
-        """Raise :class:`UnsupportedAcquisition` if the scheme cannot determine the model."""
+        """Raise :class:`UnsupportedAcquisition` if the scheme cannot determine the model: a
+        required field is missing, or :meth:`check_scheme` refuses it."""
+        missing = [f for f in self.required_fields if not acquisition.has(f)]
+        if missing:
+            from mixmap.acquisition import FIELDS
+
+            what = ", ".join(f"{FIELDS[f].description} ({f})" for f in missing)
+            raise UnsupportedAcquisition(
+                f"model {self.name} needs {what} in the acquisition; it has "
+                f"{', '.join(acquisition.fields)}")
+        self.check_scheme(acquisition)
+
+    def check_scheme(self, acquisition: Acquisition) -> None:
+        """Model-specific checks of an acquisition that has the required fields."""
+
+    # ---------------------------------------------------------------- reference volumes
+    def reference_volumes(self, acquisition: Acquisition) -> np.ndarray:
+        """(n,) bool: the volumes whose signal is the scale parameter alone (diffusion: b=0).
+        They set the signal scale and, when repeated, the noise level. None by default."""
+        return np.zeros(acquisition.n, dtype=bool)
+
+    #: The acquisition field whose equal values make volumes repeats of one another for a
+    #: direction-independent model (diffusion: b), or None.
+    group_field: str | None = None
+
+    def volume_groups(self, acquisition: Acquisition, exact: bool = False) -> list[VolumeGroup]:
+        """Groups of volumes of equal :attr:`group_field` (diffusion: shells). ``exact``:
+        only equal values (their means are a lossless reduction); else values within the
+        field's usual tolerance. One group a volume where the model has no group field."""
+        if self.group_field is None:
+            return [VolumeGroup(float(i), (i,)) for i in range(acquisition.n)]
+        return acquisition.groups(self.group_field)
+
+    def reference_signal(self, signals: torch.Tensor, acquisition: Acquisition) -> torch.Tensor:
+        """(n,) mean signal of the reference volumes per voxel (the largest signal where the
+        acquisition has none)."""
+        ref = torch.as_tensor(self.reference_volumes(acquisition), device=signals.device)
+        if bool(ref.any()):
+            return signals[:, ref].mean(1)
+        return signals.max(1).values
 
     # ---------------------------------------------------------------- fitting support
     def initial_estimates(self, signals: torch.Tensor, acquisition: Acquisition) -> Params:
@@ -185,7 +228,8 @@ class SignalModel:
             else:
                 out[p.name] = p.lower + (p.upper - p.lower) * u[:, i]
             i += p.size
-        out["S0"] = torch.ones(n, device=device)
+        if self.scale_parameter is not None:
+            out[self.scale_parameter] = torch.ones(n, device=device)
         return out
 
 
@@ -216,7 +260,7 @@ def grid_search(
         best_s0.append(s0.gather(1, idx[:, None])[:, 0])
     idx = torch.cat(best_idx)
     out = {k: v[idx] for k, v in candidates.items()}
-    out["S0"] = torch.cat(best_s0)
+    out[model.scale_parameter] = torch.cat(best_s0)
     return out
 
 
@@ -236,14 +280,6 @@ def sphere_directions(n: int, device=None, dtype=torch.float32) -> torch.Tensor:
     return torch.as_tensor(fibonacci_sphere(n, hemisphere=True), dtype=dtype, device=device)
 
 
-def log_linear_b0(signals: torch.Tensor, acquisition: Acquisition) -> torch.Tensor:
-    """Mean b=0 signal per voxel (or the largest signal where the scheme has no b=0)."""
-    b0 = torch.as_tensor(acquisition.b0_mask, device=signals.device)
-    if bool(b0.any()):
-        return signals[:, b0].mean(1)
-    return signals.max(1).values
-
-
 __all__ = [
     "Params",
     "SignalModel",
@@ -252,5 +288,4 @@ __all__ = [
     "safe_exp",
     "SAFE_EXP_CAP",
     "sphere_directions",
-    "log_linear_b0",
 ]

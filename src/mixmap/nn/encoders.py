@@ -29,9 +29,10 @@ def mlp(n_in: int, hidden: int, n_layers: int, n_out: int | None = None) -> nn.S
 class FeatureMap(nn.Module):
     """Encoder inputs from (n, m) signals already divided by the scan's signal scale.
 
-    For a direction-independent model the shell means (and the log of each shell mean relative
-    to the b=0 mean) are the inputs: they carry all the information the model can use and make
-    the encoder small. Otherwise the inputs are the signals and the signals over their b=0 mean.
+    For a direction-independent model the group means (:meth:`SignalModel.volume_groups`:
+    shells for diffusion) and the log of each relative to the reference volumes' mean (b=0)
+    are the inputs: they carry all the information the model can use and make the encoder
+    small. Otherwise the inputs are the signals and the signals over their reference mean.
     ``extra`` more columns (e.g. a least-squares estimate) can be appended by the caller.
     Features are standardised with statistics frozen at the first :meth:`calibrate` call and
     saved with the weights.
@@ -41,12 +42,13 @@ class FeatureMap(nn.Module):
                  reduce: bool = True) -> None:
         super().__init__()
         self.reduce = bool(reduce and model.direction_independent)
-        shells = acquisition.shells()
+        shells = model.volume_groups(acquisition)
         member = torch.zeros(acquisition.n, len(shells))
         for j, s in enumerate(shells):
             member[list(s.indices), j] = 1.0 / s.n
         self.register_buffer("shell_avg", member)
-        self.register_buffer("b0", torch.as_tensor(acquisition.b0_mask, dtype=torch.bool))
+        self.register_buffer("b0", torch.as_tensor(model.reference_volumes(acquisition),
+                                                   dtype=torch.bool))
         n_base = 2 * len(shells) if self.reduce else 2 * acquisition.n
         self.raw_size = n_base
         self.n_features = n_base + int(extra)

@@ -38,7 +38,7 @@ import torch
 
 from mixmap.acquisition import Acquisition
 from mixmap.fitting import FITTERS, get_fitter
-from mixmap.fitting.base import FitResult, noise_sigma_from_b0
+from mixmap.fitting.base import FitResult, noise_sigma_from_repeats
 from mixmap.models import get_model
 from mixmap.paper.report import markdown_table, update_section
 
@@ -528,7 +528,7 @@ def _load_scan(run: _Run) -> _Scan:
     mask = np.zeros(data.mask.shape, dtype=bool)
     mask[tuple(coords[keep].T)] = True
     signals = data.signals[keep]
-    sigma = noise_sigma_from_b0(signals, data.acquisition)
+    sigma = noise_sigma_from_repeats(signals, data.acquisition)
     return _Scan(signals, data.acquisition, mask, coords[keep], z, float(sigma), note)
 
 

@@ -31,7 +31,7 @@ from mixmap.fitting.base import (
     PhaseTimer,
     Scheme,
     device_description,
-    noise_sigma_from_b0,
+    noise_sigma_from_repeats,
     resolve_device,
     signal_scale,
 )
@@ -199,8 +199,8 @@ class LearnedFitter(Fitter):
         if distributed.active() and signals.shape[0] < distributed.world_size():
             raise ValueError(f"{signals.shape[0]} voxels cannot be shared by "
                              f"{distributed.world_size()} processes; use fewer processes")
-        scale = signal_scale(signals, acquisition)
-        sigma_in = noise_sigma_from_b0(signals, acquisition)
+        scale = signal_scale(signals, acquisition, self.model)
+        sigma_in = noise_sigma_from_repeats(signals, acquisition, self.model)
         sigma_w = None if sigma_in is None else sigma_in / scale
         import hashlib
 
@@ -234,8 +234,7 @@ class LearnedFitter(Fitter):
             result.timings.pop("empirical_bayes")
         self.trained = {
             "fingerprint": acquisition.fingerprint(),
-            "bvals": acquisition.bvals.tolist(),
-            "bvecs": acquisition.bvecs.tolist(),
+            "acquisition": acquisition.to_record(),
             "signal_scale": scale,
             "noise_sigma": result.noise_sigma,
             "noise_sigma_source": "b0" if sigma_in is not None else "learned",
@@ -281,8 +280,8 @@ class LearnedFitter(Fitter):
             self._adapt_features(acquisition)
         device = distributed.setup(resolve_device(self.device))
         self.net.to(device)
-        scale = signal_scale(signals, acquisition)
-        sigma_in = noise_sigma_from_b0(signals, acquisition)
+        scale = signal_scale(signals, acquisition, self.model)
+        sigma_in = noise_sigma_from_repeats(signals, acquisition, self.model)
         if sigma_in is not None and self.trained["noise_sigma_source"] == "b0":
             self._set_sigma_working(sigma_in / scale
                                     * float(self.trained.get("noise_sigma_factor", 1.0)))

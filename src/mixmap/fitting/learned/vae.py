@@ -906,7 +906,7 @@ class VAEFitter(LearnedFitter):
             prior_means=prior.mu.detach().cpu().numpy().copy(),
             prior_stds=prior.log_std.detach().exp().cpu().numpy(),
             prior_weights=prior.log_pi().detach().exp().cpu().numpy(),
-            signal_scale=float(signal_scale(signals, acquisition)),
+            signal_scale=float(signal_scale(signals, acquisition, self.model)),
         )
 
 

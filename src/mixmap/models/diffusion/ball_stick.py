@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 from mixmap.acquisition import Acquisition
-from mixmap.models.base import Params, SignalModel, UnsupportedAcquisition
+from mixmap.models.base import Params, UnsupportedAcquisition
+from mixmap.models.diffusion.base import DiffusionModel
 from mixmap.parameters import Parameter
 
 #: Dpar and Diso values (µm²/ms) of the initial grid: every pair is tried for each candidate
@@ -20,8 +21,9 @@ GRID_DPAR = (1.0, 1.7, 2.4)
 GRID_DISO = (0.6, 1.2, 2.0, 3.0)
 
 
-class BallStick(SignalModel):
+class BallStick(DiffusionModel):
     name = "ball-stick"
+    required_fields = ("b", "direction")
     description = "Ball and stick: S0·[f·exp(−b·Dpar·(g·n)²) + (1−f)·exp(−b·Diso)]"
     parameters = (
         Parameter("S0", "a.u.", 0.0, 4.0, "signal at b=0 (bounds relative to the scan scale)",
@@ -119,7 +121,7 @@ class BallStick(SignalModel):
             cost = torch.where(bad, torch.full_like(cost, float("inf")), cost)
         return cost, A, grad
 
-    def check_acquisition(self, acquisition: Acquisition) -> None:
+    def check_scheme(self, acquisition: Acquisition) -> None:
         dw = ~acquisition.b0_mask
         dirs = acquisition.bvecs[dw]
         rank = int(np.linalg.matrix_rank(dirs)) if dirs.size else 0

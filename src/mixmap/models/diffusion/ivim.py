@@ -11,11 +11,12 @@ from __future__ import annotations
 import torch
 
 from mixmap.acquisition import Acquisition
-from mixmap.models.base import Params, SignalModel, UnsupportedAcquisition
+from mixmap.models.base import Params, UnsupportedAcquisition
+from mixmap.models.diffusion.base import DiffusionModel
 from mixmap.parameters import Parameter
 
 
-class IVIM(SignalModel):
+class IVIM(DiffusionModel):
     name = "ivim"
     description = "IVIM: S0·[f·exp(−b·D*) + (1−f)·exp(−b·D)]"
     direction_independent = True
@@ -35,7 +36,7 @@ class IVIM(SignalModel):
             + (1 - f) * torch.exp(-b * params["D"][..., None])
         )
 
-    def check_acquisition(self, acquisition: Acquisition) -> None:
+    def check_scheme(self, acquisition: Acquisition) -> None:
         n_b = len(acquisition.shells())
         if n_b < 4:
             raise UnsupportedAcquisition(

@@ -28,15 +28,14 @@ from mixmap.acquisition import Acquisition
 from mixmap.models.base import (
     SAFE_EXP_CAP,
     Params,
-    SignalModel,
     UnsupportedAcquisition,
-    log_linear_b0,
     safe_exp,
 )
+from mixmap.models.diffusion.base import DiffusionModel
 from mixmap.parameters import Parameter
 
 
-class MSDKI(SignalModel):
+class MSDKI(DiffusionModel):
     name = "msdki"
     description = "Mean signal DKI: S0·exp(−bD + b²D²K/6), powder-averaged kurtosis"
     direction_independent = True
@@ -65,7 +64,7 @@ class MSDKI(SignalModel):
         de = e * torch.sigmoid(SAFE_EXP_CAP - x) * params["S0"][..., None]
         return {"S0": e, "D": de * (-b + b * b * D * K / 3.0), "K": de * (b * D) ** 2 / 6.0}
 
-    def check_acquisition(self, acquisition: Acquisition) -> None:
+    def check_scheme(self, acquisition: Acquisition) -> None:
         n_dw = len(acquisition.dw_shells())
         if n_dw < 2:
             raise UnsupportedAcquisition(
@@ -82,7 +81,7 @@ class MSDKI(SignalModel):
         )
         weights = torch.tensor([float(s.n) for s in shells], device=dev, dtype=dt)
         bs = torch.tensor([s.bval for s in shells], device=dev, dtype=dt)
-        floor = 1e-3 * log_linear_b0(signals, acquisition).clamp_min(1e-6)[:, None]
+        floor = 1e-3 * self.reference_signal(signals, acquisition).clamp_min(1e-6)[:, None]
         y = torch.log(torch.maximum(means, floor))
         X = torch.stack([torch.ones_like(bs), -bs, bs * bs / 6.0], 1)  # (S, 3)
         # One weighted design shared by all voxels: solve its 3x3 normal equations once (in

@@ -1,0 +1,1 @@
+"""Relaxometry signal models: signals over echo times, inversion times or flip angles."""
