@@ -128,3 +128,39 @@ def test_fsl_round_trip_property(tmp_path_factory, vecs, b, transpose):
 def test_small_bvals_always_read_as_ms_um2(bvals):
     acq = Acquisition.from_arrays(np.array(bvals), None)
     np.testing.assert_allclose(acq.bvals, np.array(bvals))
+
+
+# ---------------------------------------------------------------- named fields
+def test_fields_other_than_diffusion_are_validated_and_grouped():
+    from mixmap.acquisition import Acquisition, AcquisitionError
+
+    acq = Acquisition.from_fields({"TE": [10.0, 10.0, 20.0, 40.0]}, source="te.txt")
+    assert acq.n == 4 and not acq.is_diffusion and acq.n_b0 == 0
+    assert [(g.value, g.indices) for g in acq.groups("TE")] == [
+        (10.0, (0, 1)), (20.0, (2,)), (40.0, (3,))]
+    red = acq.reduced(acq.groups("TE"), by="TE")
+    assert red.field("TE").tolist() == [10.0, 20.0, 40.0]
+    with pytest.raises(AcquisitionError, match=r"te.txt: .* no diffusion weighting \(b\)"):
+        acq.field("b")
+    with pytest.raises(AcquisitionError, match="te.txt: TE contains NaN"):
+        Acquisition.from_fields({"TE": [10.0, float("nan")]}, source="te.txt")
+    with pytest.raises(AcquisitionError, match="unknown acquisition field"):
+        Acquisition.from_fields({"echo": [10.0]})
+    with pytest.raises(AcquisitionError, match="different lengths"):
+        Acquisition.from_fields({"TE": [10.0, 20.0], "TR": [1000.0]})
+
+
+def test_record_round_trip_and_fingerprints():
+    import hashlib
+
+    from mixmap.acquisition import Acquisition, hcp_scheme, multi_echo_scheme
+
+    hcp = hcp_scheme()
+    # The diffusion fingerprint is the one model files have always stored.
+    data = np.concatenate([np.round(hcp.bvals * 1000), np.round(hcp.bvecs.ravel() * 1000)])
+    assert hcp.fingerprint() == hashlib.sha256(data.astype(np.int64).tobytes()).hexdigest()[:16]
+    for acq in (hcp, multi_echo_scheme()):
+        back = Acquisition.from_record(acq.to_record())
+        assert back.fingerprint() == acq.fingerprint() == acq.to_record()["fingerprint"]
+        assert set(back.fields) == set(acq.fields)
+    assert multi_echo_scheme().fingerprint() != hcp.fingerprint()

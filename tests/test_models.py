@@ -6,10 +6,21 @@ import numpy as np
 import pytest
 import torch
 
-from mixmap.acquisition import clinical_scheme, hcp_scheme
+from mixmap.acquisition import Acquisition, clinical_scheme, example_scheme, hcp_scheme
 from mixmap.models import MODELS, UnsupportedAcquisition, get_model
+from mixmap.models.diffusion import DiffusionModel
 
-ACQ = hcp_scheme()
+HCP = hcp_scheme()
+
+
+def acq_for(model):
+    """An acquisition with every field the model needs (HCP for diffusion)."""
+    return example_scheme(model.required_fields)
+
+
+def small_acq_for(model):
+    """A short acquisition for the float64 gradient checks."""
+    return clinical_scheme() if isinstance(model, DiffusionModel) else acq_for(model)
 
 
 def random_params(model, n, seed=0, dtype=torch.float32):
@@ -25,22 +36,39 @@ def model(request):
 
 
 def test_forward_shape_and_finite(model):
+    ACQ = acq_for(model)
     params = random_params(model, 50)
     s = model.forward(params, ACQ)
     assert s.shape == (50, ACQ.n)
     assert torch.isfinite(s).all()
 
 
+def test_declared_fields_and_reference_volumes(model):
+    ACQ = acq_for(model)
+    model.check_acquisition(ACQ)
+    for name in model.required_fields:
+        assert ACQ.has(name)
+    ref = model.reference_volumes(ACQ)
+    assert ref.shape == (ACQ.n,) and ref.dtype == bool
+    groups = model.volume_groups(ACQ, exact=True)
+    assert sorted(i for g in groups for i in g.indices) == list(range(ACQ.n))
+
+
 def test_signal_at_b0_is_S0(model):
+    if not isinstance(model, DiffusionModel):
+        pytest.skip(f"{model.name} is not a diffusion model")
+    ACQ = acq_for(model)
     params = random_params(model, 20)
     s = model.forward(params, ACQ)
     b0 = torch.as_tensor(ACQ.b0_mask)
     torch.testing.assert_close(s[:, b0], params["S0"][:, None].expand(-1, int(b0.sum())))
 
 
-def test_signal_proportional_to_S0(model):
+def test_signal_proportional_to_scale_parameter(model):
+    ACQ = acq_for(model)
     params = random_params(model, 10)
-    doubled = {**params, "S0": 2 * params["S0"]}
+    scale = model.scale_parameter
+    doubled = {**params, scale: 2 * params[scale]}
     torch.testing.assert_close(model.forward(doubled, ACQ), 2 * model.forward(params, ACQ))
 
 
@@ -58,7 +86,7 @@ def test_extreme_unbounded_values_stay_in_bounds_and_finite(model):
     for p in model.parameters:
         if not p.is_direction:
             assert ((params[p.name] >= p.lower) & (params[p.name] <= p.upper)).all()
-    s = model.forward(params, ACQ)
+    s = model.forward(params, acq_for(model))
     assert torch.isfinite(s).all()
 
 
@@ -66,7 +94,7 @@ def test_gradcheck_float64(model):
     params = random_params(model, 3, seed=1, dtype=torch.float64)
     u = model.join(params).detach().requires_grad_(True)
 
-    small = clinical_scheme()  # 32 measurements keep the float64 gradcheck fast
+    small = small_acq_for(model)  # a few measurements keep the float64 gradcheck fast
 
     def f(uu):
         return model.forward(model.split(uu), small)
@@ -76,13 +104,14 @@ def test_gradcheck_float64(model):
 
 def test_parameters_declared(model):
     names = model.parameter_names
-    assert names[0] == "S0" and model.parameter("S0").scaled
+    assert names[0] == model.scale_parameter and model.parameter(names[0]).scaled
     assert len(set(names)) == len(names)
     for p in model.parameters:
         assert p.unit and p.description
 
 
 def test_initial_estimates_inside_bounds(model):
+    ACQ = acq_for(model)
     params = random_params(model, 200, seed=2)
     y = model.forward(params, ACQ)
     init = model.initial_estimates(y, ACQ)
@@ -94,9 +123,9 @@ def test_initial_estimates_inside_bounds(model):
 def test_msdki_reference_value():
     m = get_model("msdki")
     p = {"S0": torch.tensor([2.0]), "D": torch.tensor([1.2]), "K": torch.tensor([0.8])}
-    b = ACQ.bvals
+    b = HCP.bvals
     expected = 2.0 * np.exp(-b * 1.2 + b**2 * 1.2**2 * 0.8 / 6)
-    np.testing.assert_allclose(m.forward(p, ACQ)[0].numpy(), expected, rtol=1e-5)
+    np.testing.assert_allclose(m.forward(p, HCP)[0].numpy(), expected, rtol=1e-5)
 
 
 def test_msdki_stays_finite_where_exponent_blows_up():
@@ -105,11 +134,11 @@ def test_msdki_stays_finite_where_exponent_blows_up():
     m = get_model("msdki")
     D = torch.tensor([4.0, 1.3], requires_grad=True)
     p = {"S0": torch.ones(2), "D": D, "K": torch.tensor([4.0, 2.0])}
-    s = m.forward(p, ACQ)
+    s = m.forward(p, HCP)
     assert torch.isfinite(s).all()
     s.sum().backward()
     assert torch.isfinite(D.grad).all() and D.grad.abs().sum() > 0
-    b = torch.as_tensor(ACQ.bvals, dtype=torch.float32)
+    b = torch.as_tensor(HCP.bvals, dtype=torch.float32)
     exact = torch.exp(-b * 1.3 + b**2 * 1.3**2 * 2.0 / 6)
     assert exact.max() > 1.0  # the white-matter-like case where S(b=3000) > S0
     torch.testing.assert_close(s[1].detach(), exact, rtol=1e-4, atol=1e-6)
@@ -120,23 +149,30 @@ def test_ball_stick_reference_value():
     n = np.array([0.0, 0.6, 0.8])
     p = {"S0": torch.tensor([1.5]), "f": torch.tensor([0.4]), "Dpar": torch.tensor([1.8]),
          "Diso": torch.tensor([0.9]), "n": torch.tensor(n[None], dtype=torch.float32)}
-    b, g = ACQ.bvals, ACQ.bvecs
+    b, g = HCP.bvals, HCP.bvecs
     expected = 1.5 * (0.4 * np.exp(-b * 1.8 * (g @ n) ** 2) + 0.6 * np.exp(-b * 0.9))
-    np.testing.assert_allclose(m.forward(p, ACQ)[0].numpy(), expected, rtol=1e-5)
+    np.testing.assert_allclose(m.forward(p, HCP)[0].numpy(), expected, rtol=1e-5)
 
 
 def test_ivim_reference_value():
     m = get_model("ivim")
     p = {"S0": torch.tensor([1.0]), "f": torch.tensor([0.1]), "D": torch.tensor([0.8]),
          "Dstar": torch.tensor([20.0])}
-    b = ACQ.bvals
+    b = HCP.bvals
     expected = 0.1 * np.exp(-b * 20) + 0.9 * np.exp(-b * 0.8)
-    np.testing.assert_allclose(m.forward(p, ACQ)[0].numpy(), expected, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(m.forward(p, HCP)[0].numpy(), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_t2_reference_value():
+    m = get_model("t2")
+    acq = Acquisition.from_fields({"TE": [10.0, 40.0, 80.0]})
+    p = {"S0": torch.tensor([3.0]), "T2": torch.tensor([60.0])}
+    expected = 3.0 * np.exp(-np.array([10.0, 40.0, 80.0]) / 60.0)
+    np.testing.assert_allclose(m.forward(p, acq)[0].numpy(), expected, rtol=1e-6)
+    assert m.reference_volumes(acq).tolist() == [True, False, False]
 
 
 def test_unsupported_acquisitions_are_named():
-    from mixmap.acquisition import Acquisition
-
     one_shell = Acquisition.from_arrays([0, 1000, 1000, 1000],
                                         np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]]))
     with pytest.raises(UnsupportedAcquisition, match="MSDKI needs at least 2"):
@@ -144,6 +180,12 @@ def test_unsupported_acquisitions_are_named():
     no_dirs = Acquisition.from_arrays([0, 1000, 2000])
     with pytest.raises(UnsupportedAcquisition, match="ball-stick needs at least 6"):
         get_model("ball-stick").check_acquisition(no_dirs)
+    with pytest.raises(UnsupportedAcquisition, match=r"model t2 needs echo time \(TE\)"):
+        get_model("t2").check_acquisition(HCP)
+    with pytest.raises(UnsupportedAcquisition, match=r"model msdki needs diffusion weighting"):
+        get_model("msdki").check_acquisition(Acquisition.from_fields({"TE": [10.0, 20.0]}))
+    with pytest.raises(UnsupportedAcquisition, match="T2 needs at least 2 distinct echo"):
+        get_model("t2").check_acquisition(Acquisition.from_fields({"TE": [10.0, 10.0]}))
 
 
 def test_unknown_model_lists_choices():
@@ -153,6 +195,7 @@ def test_unknown_model_lists_choices():
 
 def test_analytic_jacobian_matches_autodiff(model):
     """Where a model gives analytic derivatives, they equal forward-mode AD (float64)."""
+    ACQ = acq_for(model)
     params = random_params(model, 20, seed=3, dtype=torch.float64)
     u = model.join(params)
     got = model.unbounded_jacobian(u, ACQ)
@@ -168,6 +211,7 @@ def test_analytic_jacobian_matches_autodiff(model):
 def test_fused_normal_equations_match_autodiff(model):
     """Where a model forms JᵀJ and Jᵀr itself, they equal those of the forward-mode AD
     Jacobian (float64), with and without measurement weights, off the unit sphere too."""
+    ACQ = acq_for(model)
     g = torch.Generator().manual_seed(5)
     u = torch.randn(30, model.n_unbounded, generator=g, dtype=torch.float64)
     y = model.forward(model.split(u + 0.2 * torch.randn(u.shape, generator=g,

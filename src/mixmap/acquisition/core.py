@@ -47,7 +47,7 @@ class Field:
 
 #: The acquisition fields mixmap knows, by name.
 FIELDS: dict[str, Field] = {f.name: f for f in (
-    Field("b", "ms/µm²", "diffusion weighting (b-value)"),
+    Field("b", "ms/µm²", "diffusion weighting"),
     Field("direction", "", "unit gradient direction, zero where b = 0", width=3),
     Field("TE", "ms", "echo time"),
     Field("TI", "ms", "inversion time"),
