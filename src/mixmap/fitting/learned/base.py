@@ -270,11 +270,12 @@ class LearnedFitter(Fitter):
         signals = self._check_inputs(signals, acquisition)
         if acquisition.fingerprint() != self.trained["fingerprint"]:
             if not allow_other_acquisition:
+                trained_n = Acquisition.from_record(self.trained["acquisition"]).n
                 raise ValueError(
                     f"the acquisition (fingerprint {acquisition.fingerprint()}, "
                     f"{acquisition.n} measurements) differs from the one this model was trained "
                     f"on (fingerprint {self.trained['fingerprint']}, "
-                    f"{len(self.trained['bvals'])} measurements); retrain on this scan, or pass "
+                    f"{trained_n} measurements); retrain on this scan, or pass "
                     f"allow_other_acquisition=True (--allow-other-acquisition) to apply it anyway"
                 )
             self._adapt_features(acquisition)
