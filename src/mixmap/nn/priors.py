@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from mixmap.nn import rng
+import mixmap.nn.rng as rng
 
 
 class MixturePrior(nn.Module):
