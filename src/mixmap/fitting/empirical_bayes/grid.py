@@ -57,9 +57,8 @@ class GridLikelihood:
     ``dims``, ``step`` (k,) their spacing; ``lik`` (n, L) float32 the likelihood at the
     ``live`` (L,) points only (those where some voxel's likelihood is above
     :data:`TABLE_FLOOR` of its best: elsewhere it adds nothing to any voxel's evidence or EM
-    update; about half of MSDKI's grid, where the signal would grow with b), each row divided
-    by its maximum
-    (``log_scale`` (n,) float64, so that the evidence is Σ log(lik @ P[live]) + Σ log_scale).
+    update), each row divided by its maximum (``log_scale`` (n,) float64, so that the
+    evidence is Σ log(lik @ P[live]) + Σ log_scale).
     The prior's components are normalised over the whole grid."""
 
     lik: torch.Tensor
