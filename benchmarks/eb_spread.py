@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from learned_variants import parse_run_args, replace_entries  # noqa: E402
 from prior_gap import learned_preset  # noqa: E402
 
-from mixmap.evaluation.scores import bayes_reference  # noqa: E402
+from mixmap.evaluation import bayes_reference  # noqa: E402
 from mixmap.fitting.base import Scheme  # noqa: E402
 from mixmap.fitting.empirical_bayes import grid as eb_grid  # noqa: E402
 from mixmap.fitting.learned.vae import latent_bounds  # noqa: E402

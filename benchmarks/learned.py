@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mixmap.evaluation.scores import angular_error, bayes_reference
+from mixmap.evaluation import angular_error, bayes_reference
 from mixmap.fitting import get_fitter
 from mixmap.paper.demo import dipy_msdki
 from mixmap.paper.report import machine_description, markdown_table, update_section

@@ -181,7 +181,7 @@ def bench_msdki(snrs, n_voxels, repeats, seed) -> dict:
     from mixmap.simulation import simulate
 
     try:
-        from mixmap.evaluation.scores import bayes_reference
+        from mixmap.evaluation import bayes_reference
     except ImportError:
         bayes_reference = None
     torch.set_num_threads(2)

@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from learned_variants import parse_run_args, replace_entries  # noqa: E402
 
-from mixmap.evaluation.scores import bayes_reference, metrics  # noqa: E402
+from mixmap.evaluation import bayes_reference, metrics  # noqa: E402
 from mixmap.fitting import get_fitter  # noqa: E402
 from mixmap.paper.report import machine_description, markdown_table, update_section  # noqa: E402
 from mixmap.simulation import simulate  # noqa: E402

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from scipy.special import logsumexp
 
-from mixmap.evaluation.scores import _log_prior, bayes_reference
+from mixmap.evaluation.bayes import _log_prior, bayes_reference
 from mixmap.fitting import get_fitter
 from mixmap.fitting.base import Scheme
 from mixmap.models import get_model

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mixmap.evaluation.scores import bayes_reference
+from mixmap.evaluation import bayes_reference
 from mixmap.fitting import get_fitter
 from mixmap.paper.report import machine_description, markdown_table, update_section
 from mixmap.simulation import simulate

@@ -241,7 +241,7 @@ def whole_brain(brain_dir: Path, out_root: Path, threads: int, device: str = "cp
         res.update(method=method, n=n_vox, n_volumes=n_vol, device=device, threads=threads,
                    data_bytes=n_vox * n_vol * 4)
         if "error" not in res:
-            from mixmap.evaluation.scores import evaluate_dirs
+            from mixmap.evaluation import evaluate_dirs
 
             rep = evaluate_dirs(out, brain_dir, bayes=False)
             res["rmse"] = {p: rep["metrics"][p]["all"]["rmse"] for p in ("D", "K")

@@ -10,8 +10,8 @@ import pytest
 import torch
 from scipy.stats import rice, truncnorm
 
-import mixmap.evaluation.scores as evaluate_module
-from mixmap.evaluation.scores import (
+import mixmap.evaluation.bayes as bayes_module
+from mixmap.evaluation import (
     angular_error,
     bayes_reference,
     evaluate_dirs,
@@ -128,7 +128,7 @@ def _brute_force(sim, step):
 def test_bayes_reference_matches_direct_integration(noise, monkeypatch):
     # Same quadrature on both sides: the global grid only (no local refinement), so this checks
     # the grouped likelihood, the Rician table, the truncated prior and the float32 log-sum-exp.
-    monkeypatch.setattr(evaluate_module, "REFINE_ITERATIONS", 0)
+    monkeypatch.setattr(bayes_module, "REFINE_ITERATIONS", 0)
     sim = simulate("paper-msdki", "hcp", snr=10, noise=noise, n_voxels=8, seed=3)
     ref = bayes_reference(sim.signals, sim.acquisition, sim.preset, sim.sigma, noise, grid=0.05)
     brute = _brute_force(sim, 0.05)

@@ -642,7 +642,7 @@ def evaluate(
 
     Example: mixmap evaluate maps/ --truth sim/
     """
-    from mixmap.evaluation.scores import evaluate_dirs, metrics_markdown
+    from mixmap.evaluation import evaluate_dirs, metrics_markdown
     from mixmap.io import AtomicOutput
 
     report = evaluate_dirs(fit_dir, truth)

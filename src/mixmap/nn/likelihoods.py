@@ -161,7 +161,7 @@ class RiceTable:
     [``s_min``, min(``s_max``, ``cap``)] and interpolated, linearly (:meth:`positions`) or
     cubically with its slope (:meth:`lookup`); the Gaussian part is added exactly by the
     caller. Shared by the Bayes reference
-    (:func:`mixmap.evaluation.scores.bayes_reference`) and the grid refit of the prior
+    (:func:`mixmap.evaluation.bayes_reference`) and the grid refit of the prior
     (:mod:`mixmap.fitting.empirical_bayes.grid`).
     """
 

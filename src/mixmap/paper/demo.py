@@ -41,7 +41,7 @@ def run_demo(
     """Run the demo and return the accuracy table (Markdown). Writes into ``out``: the
     simulated scan (``sim/``), maps per method (``maps-<method>/``), ``scatter.png``,
     ``accuracy.md`` and ``accuracy.json``."""
-    from mixmap.evaluation.scores import bayes_reference, metrics
+    from mixmap.evaluation import bayes_reference, metrics
     from mixmap.plots import scatter_truth_vs_estimate
 
     out = Path(out)

@@ -242,7 +242,7 @@ def _fmt(x, spec=".3f") -> str:
 
 # ============================================================================ 1. simulation
 def _simulation(run: _Run) -> dict:
-    from mixmap.evaluation.scores import bayes_reference, metrics
+    from mixmap.evaluation import bayes_reference, metrics
     from mixmap.simulation import get_preset, simulate
 
     s = run.s

@@ -1,0 +1,215 @@
+"""Scoring a fit folder against a simulation folder (``mixmap evaluate``): :func:`evaluate_dirs`
+reads the maps inside the simulation's mask and scores them and the Bayes reference;
+:func:`metrics_markdown` turns the result into tables."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+
+from mixmap.evaluation.bayes import bayes_reference, check_preset
+from mixmap.evaluation.scores import metrics
+from mixmap.models import get_model
+from mixmap.simulation import Preset, preset_from_info, read_simulation_info
+
+log = logging.getLogger(__name__)
+
+_MAP_RE = r"(?:^|_)model-{model}_param-([A-Za-z0-9]+)_dwimap\.nii\.gz$"
+_STD_RE = r"(?:^|_)model-{model}_param-([A-Za-z0-9]+)_desc-std_dwimap\.nii\.gz$"
+
+
+def _label(s: str) -> str:
+    return "".join(ch for ch in s if ch.isalnum())
+
+
+def _read_masked(path: Path, mask: np.ndarray) -> np.ndarray:
+    """(n,) float32 values of the image at ``path`` inside ``mask`` (a 3-D bool array)."""
+    import nibabel as nib
+
+    data = np.asarray(nib.load(str(path)).dataobj, dtype=np.float32)
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.shape[:3] != mask.shape:
+        raise ValueError(
+            f"{path}: grid {data.shape[:3]} differs from the simulation's mask {mask.shape}; "
+            f"fit the simulated dwi.nii.gz of --truth"
+        )
+    return data[mask]
+
+
+def _read_maps(fit_dir: Path, model, mask: np.ndarray):
+    """name -> (n,) maps and name -> (n,) ``_desc-std`` maps of ``model`` in ``fit_dir``."""
+    by_label = {_label(p.name): p.name for p in model.parameters}
+    estimate: dict[str, np.ndarray] = {}
+    std: dict[str, np.ndarray] = {}
+    for regex, found, what in ((_MAP_RE, estimate, "map"), (_STD_RE, std, "std map")):
+        pattern = re.compile(regex.format(model=re.escape(_label(model.name))))
+        for path in sorted(fit_dir.iterdir()):
+            m = pattern.search(path.name)
+            if not m or m.group(1) not in by_label:
+                continue
+            name = by_label[m.group(1)]
+            if name in found:
+                raise ValueError(
+                    f"{fit_dir}: more than one {what} of {name} for model {model.name}; keep "
+                    f"one fit per folder"
+                )
+            found[name] = _read_masked(path, mask)
+    if not estimate:
+        raise FileNotFoundError(
+            f"{fit_dir}: no maps named *_model-{_label(model.name)}_param-<name>_dwimap.nii.gz; "
+            f"the simulation's model is {model.name}: fit it with `mixmap fit --model "
+            f"{model.name}`"
+        )
+    return estimate, std
+
+
+def _fit_method(fit_dir: Path, model) -> str | None:
+    """The ``Method`` of the fit's ``*_fit.json``, or None without one; ValueError when it
+    fitted another model."""
+    fit_json = sorted(fit_dir.glob(f"*model-{_label(model.name)}_fit.json"))
+    if not fit_json:
+        return None
+    summary = json.loads(fit_json[0].read_text())
+    if summary.get("Model", model.name) != model.name:
+        raise ValueError(
+            f"{fit_json[0]}: fitted model {summary.get('Model')!r}, but the simulation's "
+            f"model is {model.name!r}"
+        )
+    return summary.get("Method")
+
+
+def _bayes_metrics(sim_dir: Path, info: dict, preset: Preset, params, truth, labels,
+                   cluster_names) -> tuple[dict, float]:
+    """Metrics of the Bayes reference computed from the simulated scan, and its seconds."""
+    from mixmap.io import load_dwi
+
+    data = load_dwi(sim_dir / "dwi.nii.gz", sim_dir / "dwi.bval", sim_dir / "dwi.bvec",
+                    sim_dir / "mask.nii.gz")
+    if data.signals.shape[0] != labels.size:
+        raise ValueError(f"{sim_dir}: dwi.nii.gz and the mask disagree on voxel count")
+    t = time.perf_counter()
+    ref = bayes_reference(data.signals, data.acquisition, preset, float(info["sigma"]),
+                          info.get("noise", "gaussian"), return_std=True)
+    seconds = round(time.perf_counter() - t, 2)
+    scored = [p for p in params if p in ref]
+    ref_std = {p: ref[f"{p}:std"] for p in scored if f"{p}:std" in ref}
+    return metrics(ref, truth, labels, cluster_names, scored, ref_std or None), seconds
+
+
+def evaluate_dirs(fit_dir: str | Path, sim_dir: str | Path, *, bayes: bool = True) -> dict:
+    """Score the maps in ``fit_dir`` against the simulation in ``sim_dir``.
+
+    ``sim_dir`` is a folder written by :func:`mixmap.simulation.write_simulation`; ``fit_dir``
+    holds ``<entities>_model-<model>_param-<name>_dwimap.nii.gz`` maps (as ``mixmap fit``
+    writes them) of the simulation's model. Maps are read inside the simulation's mask; where
+    the fit wrote ``_desc-std`` maps, the calibration of its standard deviations is scored too
+    (``std`` of :func:`metrics`). For the MSDKI presets (``bayes`` true) the Bayes-optimal
+    reference (posterior mean and standard deviation) is computed from the simulated scan and
+    scored alike.
+
+    Returns a JSON-ready dict: ``model``, ``method``, ``preset``, ``snr``, ``noise``,
+    ``n_voxels``, ``params`` (the scored ones), ``metrics`` (see :func:`metrics`) and
+    ``bayes_reference`` (metrics of the reference, or None) with ``bayes_seconds``.
+    """
+    from mixmap.io import load_image
+
+    fit_dir, sim_dir = Path(fit_dir), Path(sim_dir)
+    if not fit_dir.is_dir():
+        raise FileNotFoundError(f"{fit_dir}: not a folder; give the --out folder of `mixmap fit`")
+    info = read_simulation_info(sim_dir)
+    preset = preset_from_info(info)
+    model = get_model(preset.model)
+    mask = np.asarray(load_image(sim_dir / "mask.nii.gz", "mask").dataobj) > 0
+    truth = {p.name: _read_masked(sim_dir / "truth" / f"param-{p.name}.nii.gz", mask)
+             for p in model.parameters if (sim_dir / "truth" / f"param-{p.name}.nii.gz").exists()}
+    labels = _read_masked(sim_dir / "truth" / "param-cluster.nii.gz", mask).astype(np.int64)
+    cluster_names = info.get("cluster_names") or [c.name for c in preset.clusters]
+    estimate, std = _read_maps(fit_dir, model, mask)
+    method = _fit_method(fit_dir, model)
+    params = [p for p in truth if p in estimate]
+    report: dict = {
+        "fit_dir": str(fit_dir), "truth_dir": str(sim_dir), "model": model.name,
+        "method": method, "preset": preset.name, "snr": info.get("snr"),
+        "noise": info.get("noise"), "n_voxels": int(mask.sum()), "params": params,
+        "metrics": metrics(estimate, truth, labels, cluster_names, params, std or None),
+        "bayes_reference": None,
+    }
+    if bayes:
+        try:
+            check_preset(preset, model)
+        except ValueError as exc:
+            log.info("%s", exc)
+        else:
+            report["bayes_reference"], report["bayes_seconds"] = _bayes_metrics(
+                sim_dir, info, preset, params, truth, labels, cluster_names)
+    return report
+
+
+def _table_rows(m: dict, ref: dict, any_nan: bool, has_sd: bool, ref_sd: bool):
+    """Rows of the scalar table and of the direction table of :func:`metrics_markdown`."""
+    scalar_rows, dir_rows = [], []
+    for name, entry in m.items():
+        parts = [("all", entry["all"])] + list(entry["clusters"].items())
+        for cname, st in parts:
+            nan = [st["n_nan"]] if any_nan else []
+            if "rmse" not in st:
+                dir_rows.append([name, cname, st["n"], *nan, st["angle_mean_deg"],
+                                 st["angle_median_deg"]])
+                continue
+            row = [name, cname, st["n"], *nan, st["rmse"], st["bias"], st["r"]]
+            if has_sd:
+                row += [st.get("sd_rms"), st.get("coverage_68"), st.get("coverage_95")]
+            if ref:
+                r_entry = ref.get(name)
+                r_st = None
+                if r_entry is not None:
+                    r_st = r_entry["all"] if cname == "all" else r_entry["clusters"].get(cname)
+                row.append(r_st["rmse"] if r_st else None)
+                if ref_sd:
+                    row.append(r_st.get("coverage_95") if r_st else None)
+            scalar_rows.append(row)
+    return scalar_rows, dir_rows
+
+
+def metrics_markdown(report: dict) -> str:
+    """Markdown tables of a report from :func:`evaluate_dirs` (or a bare :func:`metrics`
+    dict): one row per parameter × (all, each cluster) with n, RMSE, bias, r and, where
+    present, the reported sd's RMS and coverage, and the Bayes reference's RMSE and
+    coverage; directions get their own table of angular errors."""
+    from mixmap.paper.report import markdown_table
+
+    m = report["metrics"] if "metrics" in report else report
+    ref = report.get("bayes_reference") or {}
+    any_nan = any(e["all"]["n_nan"] for e in m.values())
+    has_sd = any("sd_rms" in e["all"] for e in m.values())
+    ref_sd = any("sd_rms" in e["all"] for e in ref.values())
+    scalar_rows, dir_rows = _table_rows(m, ref, any_nan, has_sd, ref_sd)
+    nan_col = ["NaN"] if any_nan else []
+    blocks = []
+    if "model" in report:
+        head = f"{report.get('method') or 'fit'} ({report['model']})"
+        if report.get("preset"):
+            head += f" on {report['preset']}, {report.get('noise')} noise, SNR {report.get('snr')}"
+        blocks.append(head)
+    if scalar_rows:
+        header = ["param", "cluster", "n", *nan_col, "RMSE", "bias", "r"]
+        if has_sd:
+            header += ["sd (RMS)", "within ±1 sd", "within ±1.96 sd"]
+        if ref:
+            header.append("Bayes RMSE")
+            if ref_sd:
+                header.append("Bayes within ±1.96 sd")
+        blocks.append(markdown_table(header, scalar_rows, floatfmt=".4f"))
+    if dir_rows:
+        header = ["param", "cluster", "n", *nan_col, "mean angle (°)", "median angle (°)"]
+        blocks.append(markdown_table(header, dir_rows, floatfmt=".2f"))
+    return "\n\n".join(blocks)
+
+
+__all__ = ["evaluate_dirs", "metrics_markdown"]

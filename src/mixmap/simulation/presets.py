@@ -1,0 +1,120 @@
+"""Simulation presets: tissue-like mixtures of parameter values (per cluster a weight and
+per-parameter Gaussian means and spreads), and the named acquisition schemes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from mixmap.acquisition import SCHEMES, Acquisition
+from mixmap.models import get_model
+
+NOISE_TYPES = ("gaussian", "rician")
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """One tissue class: mixture weight and per-parameter Gaussian mean and standard deviation.
+
+    Parameters not listed take S0 = 1 (no spread) or, for directions, a uniform random
+    direction. Draws outside a parameter's bounds are redrawn (a truncated Gaussian).
+    """
+
+    name: str
+    weight: float
+    mean: dict[str, float]
+    std: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named mixture of :class:`Cluster` for one model, and its default voxel count."""
+
+    name: str
+    model: str
+    clusters: tuple[Cluster, ...]
+    n_voxels: int = 10000
+    description: str = ""
+
+    @property
+    def weights(self) -> np.ndarray:
+        w = np.array([c.weight for c in self.clusters], dtype=np.float64)
+        return w / w.sum()
+
+    def varying(self) -> list[str]:
+        """Scalar parameters that the clusters set (the model's scale parameter excluded)."""
+        scale = get_model(self.model).scale_parameter
+        names: list[str] = []
+        for c in self.clusters:
+            for k in c.mean:
+                if k not in names and k != scale:
+                    names.append(k)
+        return names
+
+
+_SD = float(np.sqrt(0.1))  # the paper's variance 0.1 for white- and grey-matter-like clusters
+
+PRESETS: dict[str, Preset] = {
+    "paper-msdki": Preset(
+        "paper-msdki",
+        "msdki",
+        (
+            Cluster("WM", 0.5, {"D": 1.0, "K": 1.5}, {"D": _SD, "K": _SD}),
+            Cluster("GM", 0.4, {"D": 1.5, "K": 1.0}, {"D": _SD, "K": _SD}),
+            Cluster("CSF", 1.0, {"D": 3.0, "K": 0.0}, {"D": 0.1, "K": 0.1}),
+        ),
+        description="The paper's 3-cluster MSDKI simulation: (D, K) = (1, 1.5), (1.5, 1), (3, 0), "
+        "weights 0.5:0.4:1, variance 0.1, 0.1, 0.01; S0 = 1",
+    ),
+    "msdki-4": Preset(
+        "msdki-4",
+        "msdki",
+        (
+            Cluster("A", 0.3, {"D": 0.8, "K": 1.8}, {"D": 0.15, "K": 0.25}),
+            Cluster("B", 0.3, {"D": 1.2, "K": 1.2}, {"D": 0.2, "K": 0.2}),
+            Cluster("C", 0.15, {"D": 2.0, "K": 0.6}, {"D": 0.25, "K": 0.2}),
+            Cluster("D", 0.25, {"D": 2.9, "K": 0.1}, {"D": 0.1, "K": 0.1}),
+        ),
+        description="A 4-cluster MSDKI mixture unlike the paper's (other means, spreads and "
+        "weights), to check that nothing is tuned to the paper's preset",
+    ),
+    "ball-stick": Preset(
+        "ball-stick",
+        "ball-stick",
+        (
+            Cluster("WM", 0.45, {"f": 0.6, "Dpar": 1.7, "Diso": 0.9},
+                    {"f": 0.08, "Dpar": 0.2, "Diso": 0.15}),
+            Cluster("GM", 0.35, {"f": 0.25, "Dpar": 1.5, "Diso": 1.0},
+                    {"f": 0.08, "Dpar": 0.2, "Diso": 0.15}),
+            Cluster("CSF", 0.2, {"f": 0.03, "Dpar": 2.0, "Diso": 3.0},
+                    {"f": 0.02, "Dpar": 0.3, "Diso": 0.1}),
+        ),
+        description="Ball-stick with white-matter, grey-matter and CSF-like clusters, uniformly "
+        "random stick directions; S0 = 1",
+    ),
+}
+
+
+def get_preset(name: str) -> Preset:
+    """The preset of :data:`PRESETS` called ``name``; ValueError listing them otherwise."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}") from None
+
+
+def get_scheme(name_or_files: str | tuple[str, str]) -> Acquisition:
+    """A named scheme (``hcp``, ``clinical``) or an FSL (bval, bvec) pair of files."""
+    if isinstance(name_or_files, tuple):
+        return Acquisition.from_fsl(*name_or_files)
+    try:
+        return SCHEMES[name_or_files]()
+    except KeyError:
+        raise ValueError(
+            f"unknown scheme {name_or_files!r}; choose one of: {', '.join(SCHEMES)} "
+            f"or give --bvals and --bvecs files"
+        ) from None
+
+
+__all__ = ["NOISE_TYPES", "PRESETS", "Cluster", "Preset", "get_preset", "get_scheme"]
