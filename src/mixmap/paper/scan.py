@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from mixmap.acquisition import Acquisition
-from mixmap.fitting.base import FitResult, noise_sigma_from_b0
+from mixmap.fitting.base import FitResult, noise_sigma_from_repeats
 from mixmap.models import get_model
 from mixmap.paper.run import Run, pyplot
 
@@ -72,7 +72,7 @@ def load_scan(run: Run) -> Scan:
     mask = np.zeros(data.mask.shape, dtype=bool)
     mask[tuple(coords[keep].T)] = True
     signals = data.signals[keep]
-    sigma = noise_sigma_from_b0(signals, data.acquisition)
+    sigma = noise_sigma_from_repeats(signals, data.acquisition)
     return Scan(signals, data.acquisition, mask, coords[keep], z, float(sigma), note)
 
 
