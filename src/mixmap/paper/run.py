@@ -141,15 +141,12 @@ def hyper_names(method: str) -> set[str]:
     return set(cls.hyper_names) if issubclass(cls, LearnedFitter) else set()
 
 
-def fit(run: Run, method: str, model: str, signals: np.ndarray, acq: Acquisition,
-        epochs: int | None = None, extra: dict | None = None, **options):
-    """Fit ``signals`` (n_voxels, n_meas) with ``method`` and the run's seed.
-
-    Learned fitters get ``epochs`` (default the run's), ``options``, and ``extra`` (default
-    the run's ``learned_options``) only when they take every one of its options and none is
-    given in ``options``; least squares gets the run's ``lsq_options``.
-    Returns (FitResult, fitter, seconds of the fit).
-    """
+def fitter_options(run: Run, method: str, epochs: int | None = None,
+                   extra: dict | None = None, **options) -> dict:
+    """The keyword arguments :func:`fit` gives fitter ``method``: the run's seed and quiet;
+    for learned fitters ``epochs`` (default the run's), ``options``, and ``extra`` (default
+    the run's ``learned_options``) only when the fitter takes every one of its options and
+    none is given in ``options``; for least squares the run's ``lsq_options``."""
     opts: dict = {"seed": run.s.seed, "quiet": run.quiet}
     if issubclass(FITTERS[method], LearnedFitter):
         ep = run.s.epochs if epochs is None else epochs
@@ -161,7 +158,14 @@ def fit(run: Run, method: str, model: str, signals: np.ndarray, acq: Acquisition
             opts.update(more)
     else:
         opts.update(run.s.lsq_options)
-    fitter = get_fitter(method, model, **opts)
+    return opts
+
+
+def fit(run: Run, method: str, model: str, signals: np.ndarray, acq: Acquisition,
+        epochs: int | None = None, extra: dict | None = None, **options):
+    """Fit ``signals`` (n_voxels, n_meas) with ``method`` and :func:`fitter_options`.
+    Returns (FitResult, fitter, seconds of the fit)."""
+    fitter = get_fitter(method, model, **fitter_options(run, method, epochs, extra, **options))
     t = time.perf_counter()
     res = fitter.fit(signals, acq)
     return res, fitter, time.perf_counter() - t
@@ -172,4 +176,5 @@ def fmt(x, spec=".3f") -> str:
     return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
 
 
-__all__ = ["Run", "fit", "fmt", "hyper_names", "jsonable", "placeholder", "pyplot"]
+__all__ = ["Run", "fit", "fitter_options", "fmt", "hyper_names", "jsonable", "placeholder",
+           "pyplot"]
