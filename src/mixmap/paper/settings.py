@@ -1,5 +1,5 @@
 """What a ``mixmap reproduce`` run does: :class:`Settings`, the :data:`FULL` and :data:`QUICK`
-configurations, and the display constants every figure shares."""
+configurations, the methods and the display ranges every figure shares."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ REAL_PARAMS = {"ball-stick": ("f", "Dpar", "Diso"), "msdki": ("D", "K")}
 #: Fixed display range per parameter, so every method shares one colour scale.
 DISPLAY_RANGE = {"f": (0.0, 0.8), "Dpar": (0.0, 3.0), "Diso": (0.0, 3.0), "D": (0.0, 3.0),
                  "K": (0.0, 2.0)}
-CLUSTER_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")
 
 
 @dataclass
@@ -71,5 +70,4 @@ QUICK = Settings(
                 "conclusions",),
 )
 
-__all__ = ["ALL_METHODS", "CLUSTER_COLOURS", "DISPLAY_RANGE", "FULL", "QUICK", "REAL_PARAMS",
-           "Settings"]
+__all__ = ["ALL_METHODS", "DISPLAY_RANGE", "FULL", "QUICK", "REAL_PARAMS", "Settings"]

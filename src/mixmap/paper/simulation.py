@@ -11,7 +11,7 @@ import numpy as np
 from mixmap.paper.ranking import not_best
 from mixmap.paper.report import markdown_table
 from mixmap.paper.run import Run, fit, fmt, pyplot
-from mixmap.paper.settings import CLUSTER_COLOURS
+from mixmap.plots import CLUSTER_COLOURS
 
 PARAMS = ("D", "K")
 #: Axis range of the scatter per parameter (µm²/ms for D).
