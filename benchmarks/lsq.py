@@ -175,7 +175,7 @@ def rmse_row(m: dict, params: list[str], clusters: list[str]) -> list:
 def bench_msdki(snrs, n_voxels, repeats, seed) -> dict:
     import torch
 
-    from mixmap.evaluation.scores import metrics
+    from mixmap.evaluation import metrics
     from mixmap.fitting.lsq import LeastSquaresFitter
     from mixmap.paper.demo import dipy_msdki
     from mixmap.simulation import simulate
@@ -237,7 +237,7 @@ def bench_msdki(snrs, n_voxels, repeats, seed) -> dict:
 def bench_ball_stick(snrs, n_voxels, repeats, seed, dmipy_python, dmipy_voxels, processors):
     import torch
 
-    from mixmap.evaluation.scores import metrics
+    from mixmap.evaluation import metrics
     from mixmap.fitting.lsq import LeastSquaresFitter
     from mixmap.simulation import simulate
 

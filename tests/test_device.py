@@ -14,7 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 from mixmap.cli import app
-from mixmap.evaluation.scores import metrics
+from mixmap.evaluation import metrics
 from mixmap.fitting import get_fitter
 from mixmap.simulation import simulate
 

@@ -13,7 +13,10 @@ import pytest
 
 from mixmap.acquisition import Acquisition
 from mixmap.fitting import FITTERS
-from mixmap.paper.reproduce import icc31, run_reproduce, split_halves
+from mixmap.paper.repeatability import icc31, split_halves
+from mixmap.paper.reproduce import run_reproduce
+from mixmap.paper.run import Run, fitter_options
+from mixmap.paper.settings import QUICK
 
 FIGURES = [
     "repro_sim_scatter_D.png",
@@ -96,3 +99,15 @@ def test_icc_and_split():
     assert set(b0) <= set(a) and set(b0) <= set(b)
     assert not (set(a) - set(b0)) & (set(b) - set(b0))
     assert len(a) + len(b) - 2 * len(b0) == acq.n - len(b0)
+
+
+def test_fitter_options_pass_only_what_a_fitter_takes(tmp_path):
+    run = Run(tmp_path, QUICK, quiet=True, methods=["lsq", "ssl", "vae-gmm"])
+    base = {"seed": QUICK.seed, "quiet": True}
+    assert fitter_options(run, "lsq") == {**base, "max_iter": 10}
+    # vae-gmm takes every quick option; ssl lacks refine_steps, so it gets none of them
+    assert fitter_options(run, "vae-gmm") == {**base, "epochs": 2, **QUICK.learned_options}
+    assert fitter_options(run, "ssl") == {**base, "epochs": 2}
+    # an option given explicitly is never overridden by the extra ones
+    opts = fitter_options(run, "vae-gmm", epochs=1, extra={"n_samples": 4}, n_samples=8)
+    assert opts == {**base, "epochs": 1, "n_samples": 8}

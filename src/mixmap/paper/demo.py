@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from mixmap.fitting import FITTERS, get_fitter
+from mixmap.fitting.learned import LearnedFitter
 from mixmap.io import AtomicOutput, DWIData, save_maps
 from mixmap.paper.report import machine_description, markdown_table
 from mixmap.simulation import grid_shape, simulate, write_simulation
@@ -27,6 +28,51 @@ def dipy_msdki(signals: np.ndarray, acquisition) -> dict[str, np.ndarray] | None
     return {"D": np.asarray(fit.msd) * 1000.0, "K": np.asarray(fit.msk)}
 
 
+def _as_scan(sim, path: Path):
+    """The simulation as a DWIData on a small grid (2 mm voxels), so save_maps can write it."""
+    import nibabel as nib
+
+    mask = np.zeros(grid_shape(sim.signals.shape[0]), dtype=bool)
+    mask.reshape(-1)[: sim.signals.shape[0]] = True
+    return DWIData(sim.signals, mask, np.diag([2.0, 2.0, 2.0, 1.0]), nib.Nifti1Header(),
+                   sim.acquisition, path)
+
+
+def _references(sim, estimates: dict, timings: dict) -> None:
+    """Add the Bayes-optimal posterior mean (and dipy's MSDKI when installed)."""
+    from mixmap.evaluation import bayes_reference
+
+    t = time.perf_counter()
+    estimates["Bayes-optimal"] = bayes_reference(sim.signals, sim.acquisition, sim.preset,
+                                                 sim.sigma, sim.noise)
+    timings["Bayes-optimal"] = time.perf_counter() - t
+    t = time.perf_counter()
+    dipy_est = dipy_msdki(sim.signals, sim.acquisition)
+    if dipy_est is not None:
+        estimates["dipy"] = dipy_est
+        timings["dipy"] = time.perf_counter() - t
+
+
+def _table(report: dict, timings: dict, names: list[str], n_voxels: int, snr: float) -> str:
+    """The accuracy table (Markdown) with its caption."""
+    header = ["method", "time (s)"] + [
+        f"RMSE {p} {c}" for p in ("D", "K") for c in ["all", *names]
+    ]
+    rows = []
+    for m, rep in report.items():
+        row: list = [m, f"{timings[m]:.1f}"]
+        for p in ("D", "K"):
+            row.append(rep[p]["all"]["rmse"])
+            row += [rep[p]["clusters"][c]["rmse"] for c in names]
+        rows.append(row)
+    return (
+        f"paper-msdki, HCP scheme, {n_voxels} voxels, Gaussian noise, SNR {snr:g} "
+        f"(D in µm²/ms; Bayes-optimal = posterior mean under the true prior, the limit no "
+        f"method beats on average; times on {machine_description()})\n\n"
+        + markdown_table(header, rows)
+    )
+
+
 def run_demo(
     out: str | Path = "demo_output",
     *,
@@ -41,7 +87,7 @@ def run_demo(
     """Run the demo and return the accuracy table (Markdown). Writes into ``out``: the
     simulated scan (``sim/``), maps per method (``maps-<method>/``), ``scatter.png``,
     ``accuracy.md`` and ``accuracy.json``."""
-    from mixmap.evaluation import bayes_reference, metrics
+    from mixmap.evaluation import metrics
     from mixmap.plots import scatter_truth_vs_estimate
 
     out = Path(out)
@@ -52,27 +98,14 @@ def run_demo(
     sim = simulate("paper-msdki", "hcp", snr=snr, n_voxels=n_voxels, seed=seed)
     write_simulation(sim, out / "sim", force=force)
     names = [c.name for c in sim.preset.clusters]
-    mask = np.zeros(grid_shape(sim.signals.shape[0]), dtype=bool)
-    mask.reshape(-1)[: sim.signals.shape[0]] = True
-    import nibabel as nib
-
-    scan = DWIData(sim.signals, mask, np.diag([2.0, 2.0, 2.0, 1.0]), nib.Nifti1Header(),
-                   sim.acquisition, out / "sim" / "dwi.nii.gz")
+    scan = _as_scan(sim, out / "sim" / "dwi.nii.gz")
 
     estimates: dict[str, dict[str, np.ndarray]] = {}
     timings: dict[str, float] = {}
-    t = time.perf_counter()
-    estimates["Bayes-optimal"] = bayes_reference(sim.signals, sim.acquisition, sim.preset,
-                                                 sim.sigma, sim.noise)
-    timings["Bayes-optimal"] = time.perf_counter() - t
-    t = time.perf_counter()
-    dipy_est = dipy_msdki(sim.signals, sim.acquisition)
-    if dipy_est is not None:
-        estimates["dipy"] = dipy_est
-        timings["dipy"] = time.perf_counter() - t
+    _references(sim, estimates, timings)
     for method in methods:
         options: dict = {"seed": seed, "quiet": quiet}
-        if epochs is not None and method != "lsq":
+        if epochs is not None and issubclass(FITTERS[method], LearnedFitter):
             options["epochs"] = epochs
         fitter = get_fitter(method, "msdki", **options)
         t = time.perf_counter()
@@ -83,22 +116,7 @@ def run_demo(
 
     report = {m: metrics(est, sim.truth, sim.labels, names, params=["D", "K"])
               for m, est in estimates.items()}
-    header = ["method", "time (s)"] + [
-        f"RMSE {p} {c}" for p in ("D", "K") for c in ["all", *names]
-    ]
-    rows = []
-    for m, rep in report.items():
-        row: list = [m, f"{timings[m]:.1f}"]
-        for p in ("D", "K"):
-            row.append(rep[p]["all"]["rmse"])
-            row += [rep[p]["clusters"][c]["rmse"] for c in names]
-        rows.append(row)
-    table = (
-        f"paper-msdki, HCP scheme, {sim.signals.shape[0]} voxels, Gaussian noise, SNR {snr:g} "
-        f"(D in µm²/ms; Bayes-optimal = posterior mean under the true prior, the limit no "
-        f"method beats on average; times on {machine_description()})\n\n"
-        + markdown_table(header, rows)
-    )
+    table = _table(report, timings, names, sim.signals.shape[0], snr)
     fig = scatter_truth_vs_estimate(
         sim.truth, {m: e for m, e in estimates.items()}, sim.labels, names, ["D", "K"]
     )

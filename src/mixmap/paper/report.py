@@ -1,4 +1,5 @@
-"""Markdown reporting: tables and the named sections of docs/RESULTS.md that commands rewrite."""
+"""Markdown reporting: tables, machine descriptions, and :func:`update_section`, the one writer of
+the named sections of docs/RESULTS.md (commands and benchmarks each own theirs)."""
 
 from __future__ import annotations
 
