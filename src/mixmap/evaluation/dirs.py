@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from mixmap.evaluation.bayes import bayes_reference, check_preset
-from mixmap.evaluation import metrics
+from mixmap.evaluation.scores import metrics
 from mixmap.models import get_model
 from mixmap.simulation import Preset, preset_from_info, read_simulation_info
 
