@@ -12,11 +12,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+import mixmap.fitting.learned.distributed as distributed
 from mixmap.acquisition import Acquisition
 from mixmap.fitting.base import (
     Scheme,
 )
-from mixmap.fitting.learned import distributed
 from mixmap.fitting.learned.base import ROBUST_NATS, Data, LearnedFitter, robust_mean
 from mixmap.models import SignalModel
 from mixmap.nn.encoders import mlp
