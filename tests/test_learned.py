@@ -669,3 +669,27 @@ def test_other_draws_move_the_maps_by_monte_carlo_error_only(sim, gmm_fit, monke
         moved = np.abs(again.params[name] - base.params[name]) / np.maximum(
             base.std[name], 1e-6)
         assert np.median(moved) < 0.3, (name, np.median(moved))
+
+
+def test_hyper_parameters_come_from_the_config_presets_plus_overrides():
+    """A preset plus overrides; None keeps the preset's value; an unknown name or preset is a
+    ValueError naming the valid ones; the signatures show each method's user-facing options."""
+    import inspect
+
+    from mixmap.fitting.learned import configs
+
+    f = get_fitter("vae-gmm", "msdki", config="paper", hidden=None, lr=0.5)
+    assert f.hidden == 256 and f.lr == 0.5 and f.n_components == 4
+    assert tuple(f.hyper()) == f.hyper_names
+    assert f.hyper_names[2:] == configs.field_names(configs.VAEConfig)
+    with pytest.raises(ValueError, match="unknown option.*hiden.*valid options: config, "):
+        get_fitter("vae", "msdki", hiden=3)
+    with pytest.raises(ValueError, match="unknown config 'fast'; choose one of: "):
+        get_fitter("ssl", "msdki", config="fast")
+    for method in ("ssl", "vae", "vae-gmm"):
+        names = [o.name for o in configs.user_options(method)]
+        params = list(inspect.signature(FITTERS[method].__init__).parameters)
+        assert params[2:-4] == names, method
+    assert "n_components" not in [o.name for o in configs.user_options("vae")]
+    opt = {o.name: o for o in configs.user_options("vae-gmm")}
+    assert opt["eb_grid"].type is bool and opt["lr"].type is float and opt["lr"].default is None

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+import mixmap.fitting.learned.configs as configs
 import mixmap.fitting.learned.posterior as posterior
 from mixmap.acquisition import Acquisition
 from mixmap.fitting.empirical_bayes import refit
@@ -38,25 +39,6 @@ from mixmap.models import SignalModel
 from mixmap.nn.encoders import Decoder, FeatureMap, MixtureEncoder
 from mixmap.nn.likelihoods import LIKELIHOODS, NoiseModel
 from mixmap.nn.priors import MixturePrior, standard_normal_prior
-
-CONFIGS: dict[str, dict] = {
-    "default": dict(latent_dim=None, n_components=3, hidden=128, n_layers=3, epochs=300,
-                    batch_size=512, lr=2e-3, kl_weight=1.0, warmup_epochs=10,
-                    likelihood="gaussian", n_samples=384, full_cov=True, lsq_features=True,
-                    shell_features=True, decoder=None, y_inference="exact", refine_steps=100,
-                    refine_lr=0.04, posterior="is", patience=30, tol=1e-4, min_epochs=100,
-                    prior_update="em", prior_space="bounded", eb_rounds=6, eb_steps=10,
-                    eb_voxels=20_000, eb_samples=192, eb_split_merge=True, eb_grid=True,
-                    precision="float32"),
-    "paper": dict(latent_dim=4, n_components=4, hidden=256, n_layers=2, epochs=300,
-                  batch_size=256, lr=1e-3, kl_weight=1.0, warmup_epochs=0,
-                  likelihood="gaussian", n_samples=128, full_cov=False, lsq_features=False,
-                  shell_features=False, decoder="linear", y_inference="gumbel", refine_steps=0,
-                  refine_lr=0.02, posterior="q", patience=20, tol=1e-4, min_epochs=40,
-                  prior_update="grad", prior_space="latent", eb_rounds=0, eb_steps=10,
-                  eb_voxels=20_000, eb_samples=192, eb_split_merge=False, eb_grid=False,
-                  precision="float32"),
-}
 
 #: Gumbel-softmax temperature (straight-through, so the forward pass uses one component).
 GUMBEL_TAU = 1.0
@@ -83,129 +65,27 @@ class MixtureVAE(nn.Module):
 class VAEFitter(PosteriorMixin, LearnedFitter):
     """VAE fitter with a Gaussian (``prior="gaussian"``) or learned mixture (``"gmm"``) prior.
 
-    Parameters (None means "the configuration's value")
-    ----------
-    config
-        ``default`` (best in our benchmark) or ``paper`` (the paper's architecture).
-    latent_dim
-        Latent dimension; with the identity decoder it must equal ``model.n_unbounded``.
-    n_components
-        Mixture components K (``gmm`` only; may exceed the number of tissue classes).
-    hidden, n_layers
-        Encoder width and number of hidden layers.
-    epochs, batch_size, lr
-        At most ``epochs`` passes of Adam over all voxels in mini-batches; training stops
-        earlier when the loss has not improved by ``tol`` (relative) for ``patience`` epochs.
-    kl_weight, warmup_epochs
-        Weight of both KL terms (1 = the true ELBO), reached linearly over ``warmup_epochs``.
-    likelihood
-        ``gaussian`` or ``rician``; σ from repeated b=0 volumes, learned when there are < 2.
-    n_samples
-        Posterior draws of z per voxel for the maps. With ``posterior="is"`` they come in
-        equal parts from q, from q widened ×2, from the Laplace approximation at the
-        least-squares estimate and from the prior (a defensive mixture proposal: no voxel's
-        weights rest on one draw when q is too narrow or misplaced);
-        with ``"q"``, ⌈n_samples / K⌉ per mixture component.
-    refine_steps, refine_lr
-        Per-voxel Adam steps on q after training (0 = purely amortised), each on a one-draw
-        estimate of the voxel's ELBO (:data:`REFINE_DRAWS`).
-    posterior
-        ``is``: importance-weighted posterior moments (proposal: q, q widened and the prior,
-        see :meth:`_propose`); ``q``: moments of q.
-    y_inference
-        ``exact`` (sum over components) or ``gumbel`` (straight-through Gumbel-softmax).
-    eb_rounds, eb_steps, eb_voxels, eb_samples
-        Empirical Bayes after training (``vae-gmm`` with ``posterior="is"``): the mixture
-        prior is refitted to maximise the marginal likelihood of the scan, by Monte-Carlo EM
-        on up to ``eb_voxels`` voxels: ``eb_rounds`` rounds of ``eb_samples`` importance
-        draws per voxel, each followed by ``eb_steps`` EM updates that reweight the same
-        draws. 0 rounds = the prior as the ELBO left it.
-    eb_split_merge
-        Between empirical-Bayes rounds, try one split-and-merge move of the mixture (merge two
-        components, split a third) and keep it when the marginal likelihood rises: the
-        components go to the clusters that the data support, whichever way training left
-        them (three or more components).
-    eb_grid
-        After the importance-sampled rounds, refit the prior on a grid
-        (:mod:`mixmap.fitting.empirical_bayes.grid`): the marginal likelihood by quadrature, EM to
-        convergence and each component moved to its best place on a coarse lattice when that
-        pays. Applies where the model has at most two parameters besides S0 and no
-        direction (MSDKI), with the Gaussian or the Rician likelihood; elsewhere it is
-        skipped.
-    precision
-        The encoder network's arithmetic: ``float32`` (default), or ``bfloat16`` /
-        ``float16`` mixed precision (:data:`PRECISIONS`).
+    Settings: the preset ``config`` (``default`` or ``paper``) with keyword overrides, every
+    name a field of :class:`~mixmap.fitting.learned.configs.VAEConfig` (where each is
+    explained); None keeps the preset's value, an unknown name is a ValueError. The resolved
+    values are attributes of the fitter; ``latent_dim`` None becomes ``model.n_unbounded``,
+    ``decoder`` None the identity (``gmm``) or an affine map (``gaussian``).
     """
 
     name = "vae-any"
-    hyper_names = ("config", "prior", "latent_dim", "n_components", "hidden", "n_layers",
-                   "epochs", "batch_size", "lr", "kl_weight", "warmup_epochs", "likelihood",
-                   "n_samples", "full_cov", "lsq_features", "shell_features", "decoder",
-                   "y_inference", "refine_steps", "refine_lr", "posterior", "patience", "tol",
-                   "min_epochs", "prior_update", "prior_space", "eb_rounds", "eb_steps",
-                   "eb_voxels", "eb_samples", "eb_split_merge", "eb_grid", "precision")
+    hyper_names = ("config", "prior", *configs.field_names(configs.VAEConfig))
 
-    def __init__(
-        self,
-        model: SignalModel | str,
-        *,
-        prior: str = "gmm",
-        config: str = "default",
-        latent_dim: int | None = None,
-        n_components: int | None = None,
-        hidden: int | None = None,
-        n_layers: int | None = None,
-        epochs: int | None = None,
-        batch_size: int | None = None,
-        lr: float | None = None,
-        kl_weight: float | None = None,
-        warmup_epochs: int | None = None,
-        likelihood: str | None = None,
-        n_samples: int | None = None,
-        full_cov: bool | None = None,
-        lsq_features: bool | None = None,
-        shell_features: bool | None = None,
-        decoder: str | None = None,
-        y_inference: str | None = None,
-        refine_steps: int | None = None,
-        refine_lr: float | None = None,
-        posterior: str | None = None,
-        patience: int | None = None,
-        tol: float | None = None,
-        min_epochs: int | None = None,
-        prior_update: str | None = None,
-        prior_space: str | None = None,
-        eb_rounds: int | None = None,
-        eb_steps: int | None = None,
-        eb_voxels: int | None = None,
-        eb_samples: int | None = None,
-        eb_split_merge: bool | None = None,
-        eb_grid: bool | None = None,
-        precision: str | None = None,
-        device: str = "cpu",
-        seed: int = 0,
-        quiet: bool = True,
-    ) -> None:
+    def __init__(self, model: SignalModel | str, *, prior: str = "gmm",
+                 config: str = "default", device: str = "cpu", seed: int = 0,
+                 quiet: bool = True, **options) -> None:
         super().__init__(model, device=device, seed=seed, quiet=quiet)
-        config = config or "default"
-        if config not in CONFIGS:
-            raise ValueError(f"unknown config {config!r}; choose one of: {', '.join(CONFIGS)}")
+        values = configs.resolve(configs.VAE_PRESETS, config, options)
         if prior not in ("gaussian", "gmm"):
             raise ValueError(f"unknown prior {prior!r}; choose 'gaussian' or 'gmm'")
-        given = dict(latent_dim=latent_dim, n_components=n_components, hidden=hidden,
-                     n_layers=n_layers, epochs=epochs, batch_size=batch_size, lr=lr,
-                     kl_weight=kl_weight, warmup_epochs=warmup_epochs, likelihood=likelihood,
-                     n_samples=n_samples, full_cov=full_cov, lsq_features=lsq_features,
-                     shell_features=shell_features, decoder=decoder, y_inference=y_inference,
-                     refine_steps=refine_steps, refine_lr=refine_lr, posterior=posterior,
-                     patience=patience, tol=tol, min_epochs=min_epochs,
-                     prior_update=prior_update, prior_space=prior_space, eb_rounds=eb_rounds,
-                     eb_steps=eb_steps, eb_voxels=eb_voxels, eb_samples=eb_samples,
-                     eb_split_merge=eb_split_merge, eb_grid=eb_grid, precision=precision)
-        self.config = config
+        self.config = config or "default"
         self.prior = prior
-        for k, v in given.items():
-            setattr(self, k, CONFIGS[config][k] if v is None else v)
+        for k, v in values.items():
+            setattr(self, k, v)
         P = self.model.n_unbounded
         if self.decoder is None:
             # The mixture prior lives on the parameters; a single N(0, I) needs a learned
@@ -216,6 +96,7 @@ class VAEFitter(PosteriorMixin, LearnedFitter):
         if prior == "gaussian":
             self.n_components = 1
         self._validate()
+
 
     def _validate(self) -> None:
         if self.likelihood not in LIKELIHOODS:
@@ -460,70 +341,30 @@ class VAEFitter(PosteriorMixin, LearnedFitter):
 
 
 class GaussianVAEFitter(VAEFitter):
-    """VAE-UniG: prior N(0, I) on the latent space (``vae``)."""
+    """VAE-UniG: prior N(0, I) on the latent space (``vae``). Keywords: those of
+    :func:`~mixmap.fitting.learned.configs.init_signature` for ``vae``."""
 
     name = "vae"
 
-    def __init__(
-        self,
-        model: SignalModel | str,
-        *,
-        config: str = "default",
-        latent_dim: int | None = None,
-        hidden: int | None = None,
-        epochs: int | None = None,
-        batch_size: int | None = None,
-        lr: float | None = None,
-        kl_weight: float | None = None,
-        likelihood: str | None = None,
-        n_samples: int | None = None,
-        refine_steps: int | None = None,
-        precision: str | None = None,
-        device: str = "cpu",
-        seed: int = 0,
-        quiet: bool = True,
-        **advanced,
-    ) -> None:
-        super().__init__(model, prior="gaussian", config=config, latent_dim=latent_dim,
-                         hidden=hidden, epochs=epochs, batch_size=batch_size, lr=lr,
-                         kl_weight=kl_weight, likelihood=likelihood, n_samples=n_samples,
-                         refine_steps=refine_steps, precision=precision, device=device,
-                         seed=seed, quiet=quiet, **advanced)
+    def __init__(self, model: SignalModel | str, *, config: str = "default", **options) -> None:
+        super().__init__(model, prior="gaussian", config=config, **options)
 
 
 class MixtureVAEFitter(VAEFitter):
-    """VAE-GMM: categorical y and learned p(z|y) = N(μ_y, diag σ_y²), learned p(y)."""
+    """VAE-GMM: categorical y and learned p(z|y) = N(μ_y, diag σ_y²), learned p(y)
+    (``vae-gmm``). Keywords: those of :func:`~mixmap.fitting.learned.configs.init_signature`
+    for ``vae-gmm``."""
 
     name = "vae-gmm"
 
-    def __init__(
-        self,
-        model: SignalModel | str,
-        *,
-        config: str = "default",
-        latent_dim: int | None = None,
-        n_components: int | None = None,
-        hidden: int | None = None,
-        epochs: int | None = None,
-        batch_size: int | None = None,
-        lr: float | None = None,
-        kl_weight: float | None = None,
-        likelihood: str | None = None,
-        n_samples: int | None = None,
-        refine_steps: int | None = None,
-        eb_rounds: int | None = None,
-        eb_grid: bool | None = None,
-        precision: str | None = None,
-        device: str = "cpu",
-        seed: int = 0,
-        quiet: bool = True,
-        **advanced,
-    ) -> None:
-        super().__init__(model, prior="gmm", config=config, latent_dim=latent_dim,
-                         n_components=n_components, hidden=hidden, epochs=epochs,
-                         batch_size=batch_size, lr=lr, kl_weight=kl_weight,
-                         likelihood=likelihood, n_samples=n_samples, refine_steps=refine_steps,
-                         eb_rounds=eb_rounds, eb_grid=eb_grid, precision=precision,
-                         device=device, seed=seed, quiet=quiet, **advanced)
+    def __init__(self, model: SignalModel | str, *, config: str = "default", **options) -> None:
+        super().__init__(model, prior="gmm", config=config, **options)
+
+
+# The signatures show the user-facing options, derived from the config's fields (the command
+# line checks a method's options against them).
+GaussianVAEFitter.__init__.__signature__ = configs.init_signature("vae")
+MixtureVAEFitter.__init__.__signature__ = configs.init_signature("vae-gmm")
+
 
 __all__ = ["GaussianVAEFitter", "LatentSamples", "MixtureVAEFitter", "VAEFitter"]
