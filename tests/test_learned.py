@@ -12,10 +12,9 @@ import pytest
 import torch
 
 from mixmap.acquisition import clinical_scheme
-from mixmap.fitting import FITTERS, get_fitter
+from mixmap.fitting import FITTERS, get_fitter, load_fitter
 from mixmap.fitting.base import Scheme
 from mixmap.fitting.learned.training import TrainingDiverged, epoch_exploded
-from mixmap.io.model_store import load_fitter
 from mixmap.models import get_model
 from mixmap.nn.likelihoods import gaussian_loglik, rician_loglik, rician_sigma
 from mixmap.simulation import Cluster, Preset, simulate

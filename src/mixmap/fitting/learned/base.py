@@ -38,6 +38,7 @@ from mixmap.fitting.learned.training import (
     Trainer,
     TrainingCheckpoint,
 )
+from mixmap.io import model_store
 from mixmap.models import SignalModel
 from mixmap.nn import rng
 
@@ -347,14 +348,85 @@ class LearnedFitter(Fitter):
         return data.rows(distributed.shard(data.n)) if distributed.active() else data
 
 
-    # ---------------------------------------------------------------- save
+    # ---------------------------------------------------------------- save / load
     def save(self, path: str | Path) -> Path:
         """Write the trained fitter to folder ``path``: ``weights.safetensors`` and
-        ``config.json`` (no pickle). Load it with :func:`mixmap.io.model_store.load_fitter`."""
-        from mixmap.io.model_store import save_fitter
+        ``config.json`` (no pickle). Load it with :func:`mixmap.fitting.load_fitter`."""
+        return model_store.write_model(path, self.to_config(), self.state_dict())
 
-        return save_fitter(self, path)
+    def _check_trained(self) -> None:
+        if self.net is None or self.trained is None:
+            raise RuntimeError(f"{self.name}: nothing to save; fit() first")
 
+    def to_config(self) -> dict:
+        """What a trained fitter's config.json holds (JSON-ready): method, model,
+        hyper-parameters, seed, declared parameters and what the network was trained on."""
+        self._check_trained()
+        trained = self.trained
+        return {
+            "method": self.name,
+            "model": self.model.name,
+            "hyper": self.hyper(),
+            "seed": self.seed,
+            "parameters": [p.describe() for p in self.model.parameters],
+            "acquisition": trained["acquisition"],
+            "signal_scale": trained["signal_scale"],
+            "noise_sigma": trained["noise_sigma"],
+            "noise_sigma_source": trained["noise_sigma_source"],
+            "noise_sigma_factor": trained.get("noise_sigma_factor", 1.0),
+        }
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The trained network's tensors, as contiguous CPU copies."""
+        self._check_trained()
+        return {k: v.detach().cpu().clone().contiguous() for k, v in self.net.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load :meth:`state_dict`'s tensors into the network built by :meth:`from_config`
+        (strict: a RuntimeError when they do not fit it)."""
+        if self.net is None:
+            raise RuntimeError(f"{self.name}: no network; build it with from_config() first")
+        self.net.load_state_dict(state, strict=True)
+
+    @classmethod
+    def from_config(cls, config: dict, *, device: str = "cpu") -> LearnedFitter:
+        """A fitter of this class with the network of :meth:`to_config`'s ``config`` (weights
+        still to load with :meth:`load_state_dict`); a ValueError when the configuration is
+        inconsistent, its acquisition does not match its fingerprint, or its parameters are
+        not this version's."""
+        hyper = dict(config["hyper"])
+        hyper.pop("prior", None)  # fixed by the class
+        try:
+            fitter = cls(config["model"], device=device, seed=int(config.get("seed", 0)),
+                         quiet=True, **hyper)
+            acq_cfg = config["acquisition"]
+            acq = Acquisition.from_record(acq_cfg)
+            sigma_in = config.get("noise_sigma")
+            scale = float(config["signal_scale"])
+            sigma_w = (None if config.get("noise_sigma_source") == "learned" or sigma_in is None
+                       else float(sigma_in) / scale)
+            with torch.random.fork_rng(devices=[]):
+                net = fitter._build(acq, sigma_w)
+        except (TypeError, ValueError, KeyError) as exc:
+            raise ValueError(f"inconsistent model configuration ({exc})") from None
+        if acq.fingerprint() != acq_cfg.get("fingerprint"):
+            raise ValueError("the stored acquisition does not match its fingerprint; the model "
+                             "file is damaged")
+        if config.get("parameters") != [p.describe() for p in fitter.model.parameters]:
+            raise ValueError(
+                f"trained with other parameters or bounds than this version's "
+                f"{config['model']} model declares; retrain with this version"
+            )
+        fitter.net = net.to(device)
+        fitter.trained = {
+            "fingerprint": acq_cfg["fingerprint"],
+            "acquisition": acq_cfg,
+            "signal_scale": scale,
+            "noise_sigma": sigma_in,
+            "noise_sigma_source": config.get("noise_sigma_source", "b0"),
+            "noise_sigma_factor": float(config.get("noise_sigma_factor", 1.0)),
+        }
+        return fitter
 
 
 #: Per-voxel loss (nats) above which training compresses it logarithmically (see robust_mean).
