@@ -65,7 +65,7 @@ def em_rounds(self, qs, scheme: Scheme, gen: torch.Generator, n_local: int) -> d
     """``eb_rounds`` rounds: draw, then ``eb_steps`` EM updates on those draws, sped up by
     SQUAREM (:func:`~.monte_carlo.squarem`). With ``eb_split_merge`` and three or more
     components, after each round but the last one split-and-merge move is tried
-    (:func:`~.monte_carlo.split_merge`; a few seconds a round): EM alone cannot move
+    (:func:`~.monte_carlo.split_merge`): EM alone cannot move
     a component from a cluster that two of them share to two clusters that one of them
     spans, and which clusters end up sharing depends on the path of training. The next
     round's fresh draws then measure the moved prior. Each round's entry records the move
@@ -122,14 +122,12 @@ def sigma_em(self, qs, draws, zs, scheme: Scheme, gen: torch.Generator) -> dict:
     Voxels whose own update is off the median voxel's by more than :data:`SIGMA_OUTLIER`
     standard errors (√(2/m) relative, m measurements) are left out: where the signal
     grows many times S0 by b = 3000 s/mm² (large D·K) a draw's signal errs by far more
-    than σ at any finite number of draws (posterior sd down to 1e-5); with them the update
-    was +4 % on the seed-0 ``paper-msdki`` scan (Rician, SNR 20).
+    than σ at any finite number of draws.
 
-    Why: under Rician noise the b ≥ 2000 s/mm² shells of CSF-like voxels lie at the noise
-    floor, whose level fixes where along MSDKI's D–K ridge their evidence peaks; σ from
-    the b = 0 volumes alone is off by its sampling error (−0.12 % on that scan), enough to
-    move the maximum-evidence CSF-like component by 0.1 µm²/ms in D. Returns σ before and
-    after (working units) and the voxels left out."""
+    Why: under Rician noise the noise floor fixes where CSF-like voxels' evidence peaks
+    along MSDKI's D–K ridge, and σ from the b = 0 volumes alone is off by its sampling error
+    (docs/design/learned-fitters.md). Returns σ before and after (working units) and the
+    voxels left out."""
     prior = self.net.prior
     noise = self.net.noise
     before = float(noise.sigma)

@@ -101,9 +101,8 @@ class PosteriorMixin:
     def _weighted_draws(self, log_qy, mu, L, batch: Data, scheme: Scheme, gen):
         """:meth:`_posterior_draws` over a chunk's voxels in slices of at most
         :func:`maps_sizes`'s draws in all, yielding (rows, z, w, cluster probabilities): the
-        densities of the proposal's parts hold a few (draws × voxels × K × d) temporaries,
-        about 170 bytes a draw at the peak (2.06 GB for 32,768 voxels × 384 draws). The maps
-        and :meth:`encode` both go through here, so they see the same draws."""
+        densities of the proposal's parts hold a few (draws × voxels × K × d) temporaries. The
+        maps and :meth:`encode` both go through here, so they see the same draws."""
         step = max(1, self._maps_sizes(mu.device)[1] // int(self.n_samples))
         for start in range(0, batch.n, step):
             rows = slice(start, start + step)

@@ -84,10 +84,8 @@ class SelfSupervisedFitter(LearnedFitter):
     def _prepare(self, ys, acq, scheme, device, calibrate):
         """A data-driven start, as the VAEs have: the output layer's bias is the median of
         the model's quick per-voxel estimates and its weights are scaled down, so training
-        starts at typical tissue values. From the default start (every output near the middle
-        of its bounds: MSDKI D = 2, K = 1.75) the predicted signals at high b are dozens of
-        times S0 and the network never left that region (D RMSE 0.73 on the paper's
-        simulation at SNR 20, worse than least squares everywhere)."""
+        starts at typical tissue values (from the middle of the bounds it did not train; see
+        docs/design/learned-fitters.md)."""
         data = super()._prepare(ys, acq, scheme, device, calibrate)
         if calibrate:
             with torch.no_grad():

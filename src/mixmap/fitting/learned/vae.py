@@ -259,7 +259,7 @@ class VAEFitter(PosteriorMixin, LearnedFitter):
         with torch.no_grad():
             # The same loss at the KL weight after warm-up: while beta rises the loss above
             # rises with it by design (KL is hundreds of nats at first), this one does not, and
-            # the training loop's explosion guard watches it (selfsup.GUARD_TERM).
+            # the training loop's explosion guard watches it (training.GUARD_TERM).
             final = robust_mean(-(recon - self.kl_weight * (kl_z + kl_y)))
         return loss, {"loss": loss.detach(), "loss_final": final, "recon": recon.mean().detach(),
                       "kl_z": kl_z.mean().detach(), "kl_y": kl_y.mean().detach(),
