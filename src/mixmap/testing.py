@@ -105,10 +105,10 @@ def interrupt_training(fitter, signals: np.ndarray, acquisition, after_epoch: in
     Fails if training finished before that epoch."""
     before = fitter.on_epoch
 
-    def stop(epoch, row):
+    def stop(row):
         if before is not None:
-            before(epoch, row)
-        if epoch == after_epoch:
+            before(row)
+        if row["epoch"] == after_epoch:
             raise KeyboardInterrupt
 
     fitter.on_epoch = stop

@@ -98,8 +98,8 @@ class LearnedFitter(Fitter):
     the gradients are averaged, every process returns the same maps, and only the main
     process writes checkpoints.
 
-    ``on_epoch``, when set, is called as ``on_epoch(epoch, row)`` after each accepted epoch
-    (``row``: that epoch's named loss terms, as in the result's ``history``), before the
+    ``on_epoch``, when set, is called as ``on_epoch(row)`` after each accepted epoch (``row``:
+    that epoch's ``epoch`` and named loss terms, as in the result's ``history``), before the
     epoch's checkpoint is written; an exception it raises stops the fit.
     """
 
@@ -112,8 +112,9 @@ class LearnedFitter(Fitter):
         super().__init__(model, device=device, seed=seed, quiet=quiet)
         self.net: nn.Module | None = None
         self.trained: dict | None = None  # what the trained network depends on
-        self.checkpoint: TrainingCheckpoint | None = None
-        self.on_epoch: Callable[[int, dict], None] | None = None
+        self.checkpoint_path: Path | None = None
+        self.resume = False
+        self.on_epoch: Callable[[dict], None] | None = None
         self._data_key = ""
 
     def use_checkpoint(self, path: str | Path, resume: bool = False) -> None:
@@ -121,12 +122,15 @@ class LearnedFitter(Fitter):
         :meth:`finish_checkpoint`). With ``resume``, a checkpoint left there by an interrupted
         run of the same data and settings is continued from its last epoch: the result is the
         same as an uninterrupted run."""
-        self.checkpoint = TrainingCheckpoint(path, resume)
+        self.checkpoint_path = Path(path)
+        self.resume = bool(resume)
 
     def finish_checkpoint(self) -> None:
         """Delete the checkpoint once the maps are safely written (by the main process)."""
-        if self.checkpoint is not None:
-            self.checkpoint.finish()
+        if not distributed.is_main():
+            return
+        if self.checkpoint_path is not None and self.checkpoint_path.exists():
+            self.checkpoint_path.unlink()
 
     # ---------------------------------------------------------------- hooks
     def _build(self, acq: Acquisition, sigma: float | None) -> nn.Module:
@@ -189,7 +193,7 @@ class LearnedFitter(Fitter):
             if distributed.active():  # each process its own draws for its own voxels
                 torch.manual_seed(distributed.rank_seed(self.seed))
             with timer("train"):
-                history = Trainer(self, data, scheme).run()
+                history = self._trainer(data, scheme).run()
             with timer("empirical_bayes"):
                 extra = self._after_training(data, scheme)
         with timer("maps"):
@@ -341,6 +345,14 @@ class LearnedFitter(Fitter):
             feats = self.net.features(y, extra)
             yw, extra_ss = scheme.working_signals(y)
         return Data(y, yw, extra_ss, feats, extra)
+
+    def _trainer(self, data: Data, scheme: Scheme) -> Trainer:
+        """The training of this fit: its checkpoint (when :meth:`use_checkpoint` was called)
+        keyed by the data and settings, and ``on_epoch``."""
+        checkpoint = (None if self.checkpoint_path is None else
+                      TrainingCheckpoint(self.checkpoint_path, self.resume, self._data_key))
+        callbacks = [] if self.on_epoch is None else [self.on_epoch]
+        return Trainer(self, data, scheme, checkpoint, on_epoch=callbacks)
 
     def _local(self, data: Data) -> Data:
         """This process's share of the voxels (all of them in a single process), for the work
