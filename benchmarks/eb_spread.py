@@ -36,7 +36,7 @@ from prior_gap import learned_preset  # noqa: E402
 from mixmap.evaluation import bayes_reference  # noqa: E402
 from mixmap.fitting.base import Scheme  # noqa: E402
 from mixmap.fitting.empirical_bayes import grid as eb_grid  # noqa: E402
-from mixmap.fitting.learned.vae import latent_bounds  # noqa: E402
+from mixmap.fitting.learned.latent import latent_bounds  # noqa: E402
 from mixmap.models import get_model  # noqa: E402
 from mixmap.nn.priors import MixturePrior  # noqa: E402
 from mixmap.paper.report import machine_description, markdown_table, update_section  # noqa: E402

@@ -74,7 +74,7 @@ def machine(device: str) -> dict:
         info.update(gpu=p.name, gpu_memory_gib=round(p.total_memory / 2**30, 1),
                     cuda=torch.version.cuda, multiprocessors=p.multi_processor_count)
     if device == "cpu" or torch.cuda.is_available():
-        from mixmap.fitting.learned.vae import maps_sizes
+        from mixmap.fitting.learned.posterior import maps_sizes
 
         # voxels per chunk and draws per slice of vae-gmm's maps on this device
         info["maps_sizes"] = list(maps_sizes(device))
@@ -207,7 +207,7 @@ def section(res: dict) -> str:
              + f", {m['cpu_count']} CPU cores, torch {m['torch']}; rendered into this file by "
              f"`{COMMAND} --render <its gpu_check.json>`. One run, so indicative."
              + (" vae-gmm's maps ran in chunks of {:,} voxels and slices of {:,} draws "
-                "(`mixmap.fitting.learned.vae.maps_sizes`).".format(*m["maps_sizes"])
+                "(`mixmap.fitting.learned.posterior.maps_sizes`).".format(*m["maps_sizes"])
                 if m.get("maps_sizes") else ""), ""]
     t = res.get("tests")
     if t:

@@ -286,6 +286,7 @@ def test_scan_without_b0_fits_S0_freely_and_says_so(scan, tmp_path):
 
 def test_cli_resume_continues_an_interrupted_training(scan, tmp_path, monkeypatch):
     from mixmap.fitting import get_fitter
+    from mixmap.fitting.learned.training import TrainingCheckpoint
     from mixmap.io import load_dwi
 
     out, full = tmp_path / "resumed", tmp_path / "full"
@@ -300,14 +301,14 @@ def test_cli_resume_continues_an_interrupted_training(scan, tmp_path, monkeypatc
     interrupt_training(f, data.signals, data.acquisition, after_epoch=3)
     assert ckpt.exists()
     loaded = []
-    load = type(f)._load_checkpoint
+    load = TrainingCheckpoint.load
 
     def spy(self):
         state = load(self)
         loaded.append(None if state is None else int(state["epoch"]))
         return state
 
-    monkeypatch.setattr(type(f), "_load_checkpoint", spy)
+    monkeypatch.setattr(TrainingCheckpoint, "load", spy)
     r = run(*fit_args(scan, out, *opts, "--resume", method="vae-gmm"))
     assert r.exit_code == 0, r.output
     # interrupted in epoch 3, after the checkpoint of epoch 2 was written

@@ -9,9 +9,8 @@ import pytest
 import torch
 
 from mixmap.acquisition import example_scheme
-from mixmap.fitting import FITTERS, get_fitter
+from mixmap.fitting import FITTERS, get_fitter, load_fitter
 from mixmap.fitting.learned import LearnedFitter
-from mixmap.io.model_store import load_fitter
 from mixmap.models import MODELS, get_model
 
 N_VOXELS = 240

@@ -144,7 +144,7 @@ def test_cli_fit_and_apply_on_the_accelerator(tiny_msdki_dir, tmp_path, device):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
 def test_maps_on_cuda_use_large_chunks_and_draw_on_the_device():
-    from mixmap.fitting.learned.vae import DRAWS_PER_SLICE, PREDICT_CHUNK, maps_sizes
+    from mixmap.fitting.learned.posterior import DRAWS_PER_SLICE, PREDICT_CHUNK, maps_sizes
     from mixmap.nn import rng
 
     chunk, draws = maps_sizes("cuda")

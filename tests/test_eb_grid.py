@@ -12,7 +12,7 @@ import torch
 
 from mixmap.fitting.base import Scheme
 from mixmap.fitting.empirical_bayes import grid as eb_grid
-from mixmap.fitting.learned.vae import latent_bounds
+from mixmap.fitting.learned.latent import latent_bounds
 from mixmap.models import get_model
 from mixmap.nn.likelihoods import rician_loglik
 from mixmap.nn.priors import MixturePrior

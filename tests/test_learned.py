@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from mixmap.acquisition import clinical_scheme
-from mixmap.fitting import FITTERS, get_fitter
-from mixmap.fitting.learned.base import Scheme, TrainingDiverged, epoch_exploded
-from mixmap.io.model_store import load_fitter
+from mixmap.fitting import FITTERS, get_fitter, load_fitter
+from mixmap.fitting.base import Scheme
+from mixmap.fitting.learned.training import TrainingDiverged, epoch_exploded
 from mixmap.models import get_model
 from mixmap.nn.likelihoods import gaussian_loglik, rician_loglik, rician_sigma
 from mixmap.simulation import Cluster, Preset, simulate
@@ -541,7 +541,7 @@ def test_importance_proposal_density_is_that_of_its_draws(sim, gmm_fit):
     g, E_r[g(z) / r(z)] = 1. Checked for the prior, for q's mixture and for the extra part
     around the least-squares estimate, which are parts of r (so the ratios are bounded and
     the check is tight), with and without that part."""
-    from mixmap.fitting.learned.vae import mixture_log_prob
+    from mixmap.fitting.learned.latent import mixture_log_prob
 
     f, _ = gmm_fit
     data, scheme, _ = f._apply_data(sim.signals[:5], sim.acquisition, False)
@@ -603,10 +603,10 @@ def test_maps_and_encode_share_draws_when_sliced_for_memory(sim, gmm_fit, monkey
     """With the posterior draws evaluated in slices of voxels (a whole-brain chunk at the
     default 384 draws would otherwise hold 0.4 GB of temporaries), encode's samples are still
     the maps' own draws: their mean is the map within Monte-Carlo error."""
-    import mixmap.fitting.learned.vae as vae
+    import mixmap.fitting.learned.posterior as posterior
 
     fitter, _ = gmm_fit
-    monkeypatch.setattr(vae, "DRAWS_PER_SLICE", fitter.n_samples * 70)  # 70 voxels a slice
+    monkeypatch.setattr(posterior, "DRAWS_PER_SLICE", fitter.n_samples * 70)  # 70 voxels a slice
     res = fitter.apply(sim.signals, sim.acquisition)
     S = 400
     lat = fitter.encode(sim.signals, sim.acquisition, n_samples=S)
@@ -648,23 +648,47 @@ def test_other_draws_move_the_maps_by_monte_carlo_error_only(sim, gmm_fit, monke
                                                              other):
     """The maps with other random draws: another seed for them (what another device's random
     streams do), or every voxel in one chunk and one slice of draws (a GPU's sizes,
-    vae.maps_sizes) instead of small ones. Each voxel's posterior mean moves by a small
+    posterior.maps_sizes) instead of small ones. Each voxel's posterior mean moves by a small
     fraction of its posterior sd: a median of 0.09-0.10 here at the default 384 draws, and
     0.10-0.11 for another seed on the 400-voxel HCP scan of the accelerator tests."""
-    import mixmap.fitting.learned.vae as vae
+    import mixmap.fitting.learned.posterior as posterior
 
     f, _ = gmm_fit
     monkeypatch.setattr(f, "n_samples", 384)  # the default's draws (the fixture has 16)
-    monkeypatch.setattr(vae, "PREDICT_CHUNK", 100)
-    monkeypatch.setattr(vae, "DRAWS_PER_SLICE", 384 * 30)
+    monkeypatch.setattr(posterior, "PREDICT_CHUNK", 100)
+    monkeypatch.setattr(posterior, "DRAWS_PER_SLICE", 384 * 30)
     base = f.apply(sim.signals, sim.acquisition)
     if other == "seed":
         monkeypatch.setattr(f, "seed", f.seed + 10)
     else:
-        monkeypatch.setattr(vae, "maps_sizes", lambda device: (10**6, 10**9))
+        monkeypatch.setattr(posterior, "maps_sizes", lambda device: (10**6, 10**9))
     again = f.apply(sim.signals, sim.acquisition)
     for name in ("D", "K"):
         assert not np.array_equal(again.params[name], base.params[name])
         moved = np.abs(again.params[name] - base.params[name]) / np.maximum(
             base.std[name], 1e-6)
         assert np.median(moved) < 0.3, (name, np.median(moved))
+
+
+def test_hyper_parameters_come_from_the_config_presets_plus_overrides():
+    """A preset plus overrides; None keeps the preset's value; an unknown name or preset is a
+    ValueError naming the valid ones; the signatures show each method's user-facing options."""
+    import inspect
+
+    from mixmap.fitting.learned import configs
+
+    f = get_fitter("vae-gmm", "msdki", config="paper", hidden=None, lr=0.5)
+    assert f.hidden == 256 and f.lr == 0.5 and f.n_components == 4
+    assert tuple(f.hyper()) == f.hyper_names
+    assert f.hyper_names[2:] == configs.field_names(configs.VAEConfig)
+    with pytest.raises(ValueError, match="unknown option.*hiden.*valid options: config, "):
+        get_fitter("vae", "msdki", hiden=3)
+    with pytest.raises(ValueError, match="unknown config 'fast'; choose one of: "):
+        get_fitter("ssl", "msdki", config="fast")
+    for method in ("ssl", "vae", "vae-gmm"):
+        names = [o.name for o in configs.user_options(method)]
+        params = list(inspect.signature(FITTERS[method].__init__).parameters)
+        assert params[2:-4] == names, method
+    assert "n_components" not in [o.name for o in configs.user_options("vae")]
+    opt = {o.name: o for o in configs.user_options("vae-gmm")}
+    assert opt["eb_grid"].type is bool and opt["lr"].type is float and opt["lr"].default is None

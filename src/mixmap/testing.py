@@ -103,18 +103,19 @@ def interrupt_training(fitter, signals: np.ndarray, acquisition, after_epoch: in
     """Run ``fitter.fit`` and stop it with KeyboardInterrupt (what Ctrl-C raises) right after
     epoch ``after_epoch`` has ended, leaving what an interrupted run leaves (its checkpoint).
     Fails if training finished before that epoch."""
-    end_epoch = fitter._end_epoch
+    before = fitter.on_epoch
 
-    def stop(data, scheme, epoch):
-        end_epoch(data, scheme, epoch)
-        if epoch == after_epoch:
+    def stop(row):
+        if before is not None:
+            before(row)
+        if row["epoch"] == after_epoch:
             raise KeyboardInterrupt
 
-    fitter._end_epoch = stop
+    fitter.on_epoch = stop
     try:
         fitter.fit(signals, acquisition)
     except KeyboardInterrupt:
         return
     finally:
-        del fitter._end_epoch
+        fitter.on_epoch = before
     raise AssertionError(f"training finished before epoch {after_epoch} ended")

@@ -535,9 +535,9 @@ def apply(
 
       mixmap apply maps/model-msdki_method-vae-gmm new_bids/ --out maps2/
     """
+    from mixmap.fitting import load_fitter
     from mixmap.fitting.learned import distributed
     from mixmap.io import load_dwi
-    from mixmap.io.model_store import load_fitter
 
     _setup_logging(quiet)
     if _is_cohort(dwi):
@@ -570,9 +570,9 @@ def _apply_cohort(model_file: Path, inputs: list[Path], bvals: Path | None,
                   force: bool, allow_other_acquisition: bool) -> tuple[list[str], int]:
     from mixmap import cohort as co
     from mixmap.acquisition import Acquisition
+    from mixmap.fitting import load_fitter
     from mixmap.fitting.learned import distributed
     from mixmap.io import AtomicOutput
-    from mixmap.io.model_store import load_fitter
     from mixmap.io.output import stage_maps
 
     fitter = load_fitter(model_file, device=device)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from mixmap.fitting.base import FitResult, Fitter, resolve_device
+from mixmap.fitting.learned.base import LearnedFitter
 from mixmap.fitting.learned.ssl import SelfSupervisedFitter
 from mixmap.fitting.learned.vae import GaussianVAEFitter, MixtureVAEFitter
 from mixmap.fitting.lsq import LeastSquaresFitter
+from mixmap.io import model_store
 
 FITTERS: dict[str, type[Fitter]] = {LeastSquaresFitter.name: LeastSquaresFitter}
 FITTERS[SelfSupervisedFitter.name] = SelfSupervisedFitter
@@ -23,4 +27,28 @@ def get_fitter(method: str, model, **options) -> Fitter:
     return cls(model, **options)
 
 
-__all__ = ["FITTERS", "FitResult", "Fitter", "LeastSquaresFitter", "get_fitter", "resolve_device"]
+def load_fitter(path: str | Path, *, device: str = "cpu") -> LearnedFitter:
+    """A trained learned fitter from a folder written by ``fitter.save(path)`` (or the path of
+    its ``config.json`` / ``weights.safetensors``), ready for ``apply``; a ValueError naming the
+    file for anything else (:mod:`mixmap.io.model_store`)."""
+    folder, config = model_store.read_config(path)
+    cfg_path = folder / model_store.CONFIG
+    method = config["method"]
+    cls = FITTERS.get(method)
+    if cls is None or not issubclass(cls, LearnedFitter):
+        raise ValueError(f"{cfg_path}: unknown learned method {method!r}")
+    try:
+        fitter = cls.from_config(config, device=device)
+    except ValueError as exc:
+        raise ValueError(f"{cfg_path}: {exc}") from None
+    weights = model_store.read_weights(folder)
+    try:
+        fitter.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise ValueError(f"{folder / model_store.WEIGHTS}: weights do not fit the configured "
+                         f"network ({str(exc).splitlines()[0]})") from None
+    return fitter
+
+
+__all__ = ["FITTERS", "FitResult", "Fitter", "LeastSquaresFitter", "get_fitter", "load_fitter",
+           "resolve_device"]

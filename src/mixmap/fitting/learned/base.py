@@ -1,29 +1,27 @@
 """What every learned fitter shares (:class:`LearnedFitter`): data preparation in working
-units, a mini-batch Adam loop with a NaN/explosion guard (:func:`epoch_exploded`) and an
-ELBO-plateau stopping rule, training checkpoints, save / apply.
+units (:class:`Data`), fit / apply / maps, the training checkpoint switch and save; the training
+loop itself is :mod:`mixmap.fitting.learned.training`.
 
 Working units: signals are divided by the scan's :func:`~mixmap.fitting.base.signal_scale`, so
 S0 is about 1 and the bounds of scaled parameters apply; scaled parameters are multiplied back
 on output, exactly as least squares does. For a direction-independent model with a Gaussian
-likelihood the physics is evaluated on the shell means, with weights and the within-shell
-scatter kept, which gives the same likelihood as all measurements at a fraction of the cost.
+likelihood the physics is evaluated on the shell means (:class:`~mixmap.fitting.base.Scheme`),
+which gives the same likelihood as all measurements.
 """
 
 from __future__ import annotations
 
-import copy
 import json
-import logging
 import math
-import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+import mixmap.fitting.learned.distributed as distributed
 from mixmap.acquisition import Acquisition
 from mixmap.fitting.base import (
     FitResult,
@@ -35,52 +33,14 @@ from mixmap.fitting.base import (
     resolve_device,
     signal_scale,
 )
-from mixmap.fitting.learned import distributed
+from mixmap.fitting.learned.training import (
+    EPOCH_VOXELS,
+    Trainer,
+    TrainingCheckpoint,
+)
+from mixmap.io import model_store
 from mixmap.models import SignalModel
 from mixmap.nn import rng
-
-log = logging.getLogger(__name__)
-
-#: Voxels in one training epoch. A larger scan trains on a fresh random subset of this size
-#: each epoch: the plateau rule and the EM prior update then see the same amount of data per
-#: epoch whatever the scan's size, and training time stops growing with the number of voxels
-#: (the maps of every voxel still cost time linear in voxels).
-EPOCH_VOXELS = 50_000
-
-#: Bad steps (non-finite loss or gradient, or a diverged epoch) tolerated before giving up.
-MAX_BAD_STEPS = 12
-
-#: An epoch whose loss is this many scales above the best epoch's has exploded (see
-#: :func:`epoch_exploded`).
-EXPLOSION_FACTOR = 10.0
-
-#: Epoch term the explosion guard watches when a fitter logs it: the loss under the weights
-#: that training ends with (a VAE's KL weight after its warm-up). The loss itself may rise on
-#: purpose while the KL weight is raised; this one stays comparable from epoch to epoch.
-GUARD_TERM = "loss_final"
-
-
-def epoch_exploded(loss: float, best: float, first: float) -> bool:
-    """Whether an epoch's loss is a divergence rather than training noise.
-
-    ``loss``, ``best`` and ``first`` are the epoch means of one fixed objective (see
-    :data:`GUARD_TERM`) for this epoch, the best accepted epoch and the first accepted epoch.
-    The loss has exploded when it lies more than :data:`EXPLOSION_FACTOR` scales above the
-    best, the scale being the larger of ``1 + |best|`` and the training's own progress
-    ``first − best``. A negative ELBO in nats per voxel has an arbitrary zero (it moves with
-    the units of the signal through log σ), so ``|best|`` alone is no scale: it can be near
-    zero while an epoch's loss legitimately moves by hundreds of nats.
-    """
-    if not math.isfinite(loss):
-        return True
-    if not math.isfinite(best):
-        return False
-    scale = max(1.0 + abs(best), first - best if math.isfinite(first) else 0.0)
-    return loss > best + EXPLOSION_FACTOR * scale
-
-
-class TrainingDiverged(FloatingPointError):
-    """The loss kept becoming NaN/Inf although steps were undone and the learning rate lowered."""
 
 
 @dataclass
@@ -134,14 +94,18 @@ class LearnedFitter(Fitter):
     loss of a mini-batch (:meth:`_loss`) and the maps (:meth:`_predict`).
 
     Launched by ``torchrun`` on several processes, :meth:`fit` trains on all of them
-    (:mod:`mixmap.fitting.learned.distributed`): ``batch_size`` stays the global mini-batch (each
-    process takes ``batch_size / world`` voxels of it), the gradients are averaged, every
-    process returns the same maps, and only the main process writes checkpoints.
+    (:mod:`mixmap.fitting.learned.distributed`): ``batch_size`` stays the global mini-batch,
+    the gradients are averaged, every process returns the same maps, and only the main
+    process writes checkpoints.
+
+    ``on_epoch``, when set, is called as ``on_epoch(row)`` after each accepted epoch (``row``:
+    that epoch's ``epoch`` and named loss terms, as in the result's ``history``), before the
+    epoch's checkpoint is written; an exception it raises stops the fit.
     """
 
     #: Hyper-parameter names saved with the weights and passed back to ``__init__`` on load.
     hyper_names: tuple[str, ...] = ()
-    #: Voxels per epoch (see :data:`EPOCH_VOXELS`).
+    #: Voxels per epoch (see :data:`~mixmap.fitting.learned.training.EPOCH_VOXELS`).
     epoch_voxels: int = EPOCH_VOXELS
 
     def __init__(self, model, *, device: str = "cpu", seed: int = 0, quiet: bool = True) -> None:
@@ -150,15 +114,23 @@ class LearnedFitter(Fitter):
         self.trained: dict | None = None  # what the trained network depends on
         self.checkpoint_path: Path | None = None
         self.resume = False
+        self.on_epoch: Callable[[dict], None] | None = None
         self._data_key = ""
 
     def use_checkpoint(self, path: str | Path, resume: bool = False) -> None:
-        """Save the training state to ``path`` after every epoch (atomically; deleted when the
-        fit completes). With ``resume``, a checkpoint left there by an interrupted run of the
-        same data and settings is continued from its last epoch: the result is the same as an
-        uninterrupted run."""
+        """Save the training state to ``path`` after every epoch (atomically; deleted by
+        :meth:`finish_checkpoint`). With ``resume``, a checkpoint left there by an interrupted
+        run of the same data and settings is continued from its last epoch: the result is the
+        same as an uninterrupted run."""
         self.checkpoint_path = Path(path)
         self.resume = bool(resume)
+
+    def finish_checkpoint(self) -> None:
+        """Delete the checkpoint once the maps are safely written (by the main process)."""
+        if not distributed.is_main():
+            return
+        if self.checkpoint_path is not None and self.checkpoint_path.exists():
+            self.checkpoint_path.unlink()
 
     # ---------------------------------------------------------------- hooks
     def _build(self, acq: Acquisition, sigma: float | None) -> nn.Module:
@@ -204,8 +176,7 @@ class LearnedFitter(Fitter):
         sigma_w = None if sigma_in is None else sigma_in / scale
         import hashlib
 
-        # Hashed in place (the same digest as of the concatenated bytes): ``tobytes() + ...``
-        # made two transient copies of the signals, 2.2 GB on a whole brain.
+        # Hashed in place (the same digest as of the concatenated bytes): no copy of the scan.
         key = hashlib.sha256(memoryview(np.ascontiguousarray(signals)).cast("B"))
         key.update(json_dumps(self.settings()).encode())
         self._data_key = key.hexdigest()
@@ -222,7 +193,7 @@ class LearnedFitter(Fitter):
             if distributed.active():  # each process its own draws for its own voxels
                 torch.manual_seed(distributed.rank_seed(self.seed))
             with timer("train"):
-                history = self._train(data, scheme)
+                history = self._trainer(data, scheme).run()
             with timer("empirical_bayes"):
                 extra = self._after_training(data, scheme)
         with timer("maps"):
@@ -375,257 +346,99 @@ class LearnedFitter(Fitter):
             yw, extra_ss = scheme.working_signals(y)
         return Data(y, yw, extra_ss, feats, extra)
 
-    # ---------------------------------------------------------------- training loop
-    def _train(self, data: Data, scheme: Scheme) -> list[dict]:
-        """Mini-batch Adam over all voxels until the loss plateaus; returns one row of named
-        loss terms per accepted epoch.
-
-        ``batch_size`` is the global mini-batch: on ``world`` processes every mini-batch of
-        the epoch's permutation (the same on every process) is cut into ``world`` parts and
-        each process takes its own, so the updates are those of one process with that batch
-        (up to the random draws of the loss and the order of floating-point sums)."""
-        net = self.net
-        net.train()
-        lr = float(self.lr)
-        opt = torch.optim.Adam(net.parameters(), lr=lr)
-        gen = torch.Generator().manual_seed(self.seed)
-        n_all = data.n
-        n = min(n_all, max(1, int(self.epoch_voxels)))  # voxels per epoch
-        bs = max(1, min(int(self.batch_size), n))
-        world = distributed.world_size() if distributed.active() else 1
-        me = distributed.rank()
-        history: list[dict] = []
-        best, since_best, bad = math.inf, 0, 0
-        snapshot = None
-        first = 0
-        state = self._resume_state()
-        if state is not None:
-            net.load_state_dict(state["net"])
-            opt.load_state_dict(state["opt"])
-            gen.set_state(state["gen"])
-            # (a clone: torch.set_rng_state crashes on a view with a storage offset)
-            torch.set_rng_state(state["rng"] if world == 1 else state["rng_ranks"][me].clone())
-            first = int(state["epoch"]) + 1
-            best, since_best = float(state["best"]), int(state["since_best"])
-            bad = int(state["bad"])
-            history = [dict(zip(state["history_keys"], row, strict=True))
-                       for row in state["history"].tolist()]
-            for row in history:
-                row["epoch"] = int(row["epoch"])
-            lr = float(opt.param_groups[0]["lr"])
-            log.info("%s: resumed from %s after epoch %d", self.name, self.checkpoint_path,
-                     first - 1)
-            if since_best >= self.patience and first >= self.min_epochs:
-                first = int(self.epochs)  # it had already stopped
-        # Batch boundaries; on several processes every batch must give each one a voxel.
-        bounds = list(range(0, n, bs)) + [n]
-        step = self._loss
-        if world > 1:
-            if len(bounds) > 2 and bounds[-1] - bounds[-2] < world:
-                del bounds[-2]
-            step = distributed.wrap(_LossStep(self))
-        bar = tqdm(range(first, int(self.epochs)), desc=self.name,
-                   disable=self.quiet or not distributed.is_main(), leave=False)
-        for epoch in bar:
-            snapshot = (copy.deepcopy(net.state_dict()), copy.deepcopy(opt.state_dict()))
-            perm = torch.randperm(n_all, generator=gen)
-            epoch_data = data
-            if n < n_all:  # a large scan: this epoch's random subset
-                perm = perm[:n].sort().values
-                epoch_data = data.rows(perm.to(data.y.device))
-                perm = torch.randperm(n, generator=gen)
-            perm = perm.to(data.y.device)
-            sums: dict[str, float] = {}
-            seen = 0
-            for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
-                idx = perm[start:stop]
-                if world > 1:
-                    idx = idx.tensor_split(world)[me]
-                loss, terms = step(epoch_data.rows(idx), scheme, epoch)
-                if world > 1:
-                    # DDP averages the gradients over processes: weigh each by its voxels. A
-                    # non-finite loss in any process must undo the step in all: its weight NaN
-                    # makes its gradients NaN, and the average carries them to every process.
-                    w = torch.tensor(idx.numel() * world / (stop - start), device=loss.device)
-                    loss = loss * torch.where(torch.isfinite(loss), w, torch.nan)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                # One wait for the device per step, not one per parameter and logged term
-                # (each wait idles a GPU between mini-batches): the loss and every gradient
-                # are checked together. (After DDP's all-reduce the gradients are the same in
-                # every process, and a process's NaN weight above has made them all NaN.)
-                ok = bool(torch.stack([torch.isfinite(loss)] + [
-                    torch.isfinite(p.grad).all() for p in net.parameters()
-                    if p.grad is not None]).all())
-                if not ok:  # undo: no step is taken; lower the learning rate
-                    bad += 1
-                    lr = self._lower_lr(opt, bad, "a non-finite loss or gradient")
-                    continue
-                opt.step()
-                k = int(idx.numel())
-                seen += k
-                for name, v in terms.items():  # on the device, in float64: read once an epoch
-                    sums[name] = sums.get(name, 0.0) + torch.as_tensor(v).double() * k
-            sums = {name: float(v) for name, v in sums.items()}
-            if world > 1:  # the epoch's means over every voxel, the same in every process
-                names = sorted(sums)
-                tot = torch.tensor([seen] + [sums[k] for k in names], dtype=torch.float64)
-                tot = distributed.all_reduce_sum(tot.to(data.y.device)).tolist()
-                seen, sums = tot[0], dict(zip(names, tot[1:], strict=True))
-            row = {"epoch": epoch, **{k: v / max(seen, 1) for k, v in sums.items()}}
-            # The guard compares one fixed objective across epochs (GUARD_TERM when logged):
-            # a loss that rises because the KL weight is being raised has not diverged.
-            watched = [h.get(GUARD_TERM, h["loss"]) for h in history]
-            diverged = (not all(torch.isfinite(p).all() for p in net.parameters())
-                        or not math.isfinite(row.get("loss", math.nan))
-                        or epoch_exploded(row.get(GUARD_TERM, row["loss"]),
-                                          min(watched, default=math.inf),
-                                          watched[0] if watched else math.inf))
-            if diverged:
-                net.load_state_dict(snapshot[0])
-                opt.load_state_dict(snapshot[1])
-                bad += 1
-                lr = self._lower_lr(opt, bad, "an exploding epoch loss")
-                continue
-            row["lr"] = lr
-            history.append(row)
-            self._end_epoch(epoch_data, scheme, epoch)
-            bar.set_postfix(loss=f"{row['loss']:.4g}")
-            # The plateau rule, like the guard, follows the fixed objective: a best loss set
-            # during a KL warm-up (small KL weight) could never be beaten after it.
-            watched_now = row.get(GUARD_TERM, row["loss"])
-            if watched_now < best - self.tol * (abs(best) if math.isfinite(best) else 1.0):
-                best, since_best = watched_now, 0
-            else:
-                since_best += 1
-            self._save_checkpoint(epoch, opt, gen, best, since_best, bad, history)
-            if epoch + 1 >= self.min_epochs and since_best >= self.patience:
-                break
-        bar.close()
-        del step  # a DDP wrapper lets go of the parameters' gradient hooks
-        return history
+    def _trainer(self, data: Data, scheme: Scheme) -> Trainer:
+        """The training of this fit: its checkpoint (when :meth:`use_checkpoint` was called)
+        keyed by the data and settings, and ``on_epoch``."""
+        checkpoint = (None if self.checkpoint_path is None else
+                      TrainingCheckpoint(self.checkpoint_path, self.resume, self._data_key))
+        callbacks = [] if self.on_epoch is None else [self.on_epoch]
+        return Trainer(self, data, scheme, checkpoint, on_epoch=callbacks)
 
     def _local(self, data: Data) -> Data:
         """This process's share of the voxels (all of them in a single process), for the work
         whose per-voxel results are then reduced or gathered (e.g. an EM update)."""
         return data.rows(distributed.shard(data.n)) if distributed.active() else data
 
-    # ---------------------------------------------------------------- checkpoints
-    def _save_checkpoint(self, epoch, opt, gen, best, since_best, bad, history) -> None:
-        if self.checkpoint_path is None:
-            return
-        rng = torch.get_rng_state()
-        ranks = distributed.all_gather_object(rng) if distributed.active() else None
-        if not distributed.is_main():
-            return
-        keys = sorted({k for row in history for k in row})
-        table = torch.tensor([[float(row.get(k, math.nan)) for k in keys] for row in history],
-                             dtype=torch.float64)
-        state = {"format": "mixmap-training-checkpoint-1", "key": self._data_key,
-                 "epoch": epoch, "best": best, "since_best": since_best, "bad": bad,
-                 "net": self.net.state_dict(), "opt": opt.state_dict(),
-                 "gen": gen.get_state(), "rng": rng,
-                 "history": table, "history_keys": keys}
-        if ranks is not None:  # every process's own random stream, to resume each exactly
-            state["world_size"] = len(ranks)
-            state["rng_ranks"] = torch.stack(ranks)
-        path = self.checkpoint_path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
 
-    def _resume_state(self) -> dict | None:
-        """The checkpoint to continue from, or None: read by the main process and sent to the
-        others (which need not see its file system); a refusal is raised in every process."""
-        if not distributed.active():
-            return self._load_checkpoint()
-        if self.checkpoint_path is None or not self.resume:
-            return None
-        state, refusal = None, None
-        if distributed.is_main():
-            try:
-                state = self._load_checkpoint()
-            except ValueError as exc:
-                refusal = str(exc)
-        state, refusal = distributed.broadcast_object((state, refusal))
-        if refusal is not None:
-            raise ValueError(refusal)
-        return state
-
-    def _load_checkpoint(self) -> dict | None:
-        path = self.checkpoint_path
-        if path is None or not self.resume or not path.exists():
-            return None
-        try:
-            # weights_only: tensors and plain containers only, never code from the file.
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ValueError(
-                f"{path}: not a readable mixmap checkpoint ({type(exc).__name__}); delete it "
-                f"and run without --resume"
-            ) from None
-        if not isinstance(state, dict) or state.get("format") != "mixmap-training-checkpoint-1":
-            raise ValueError(f"{path}: not a mixmap training checkpoint; delete it or run "
-                             f"without --resume")
-        if state.get("key") != self._data_key:
-            raise ValueError(
-                f"{path}: this checkpoint was written for other data or settings; run without "
-                f"--resume (or with the same inputs and options) to continue"
-            )
-        written_by = int(state.get("world_size", 1))
-        world = distributed.world_size() if distributed.active() else 1
-        if written_by != world:
-            raise ValueError(
-                f"{path}: this checkpoint was written by a training on {written_by} "
-                f"process(es), this run has {world}; resume it with the same number of "
-                f"processes (torchrun --nproc_per_node {written_by}), or run without --resume"
-            )
-        return state
-
-    def finish_checkpoint(self) -> None:
-        """Delete the checkpoint once the maps are safely written (by the main process)."""
-        if not distributed.is_main():
-            return
-        if self.checkpoint_path is not None and self.checkpoint_path.exists():
-            self.checkpoint_path.unlink()
-
-    def _lower_lr(self, opt, bad: int, what: str) -> float:
-        lr = opt.param_groups[0]["lr"] / 2
-        if bad > MAX_BAD_STEPS:
-            raise TrainingDiverged(
-                f"{self.name}: training diverged ({what}, {bad} times) although each bad step "
-                f"was undone and the learning rate lowered to {lr:.2g}; try a smaller --lr, a "
-                f"smaller --batch-size, or check the input signals for outliers"
-            )
-        for g in opt.param_groups:
-            g["lr"] = lr
-        if distributed.is_main():
-            log.warning("%s: %s; step undone, learning rate lowered to %.3g", self.name, what,
-                        lr)
-        return lr
-
-    # ---------------------------------------------------------------- save
+    # ---------------------------------------------------------------- save / load
     def save(self, path: str | Path) -> Path:
         """Write the trained fitter to folder ``path``: ``weights.safetensors`` and
-        ``config.json`` (no pickle). Load it with :func:`mixmap.io.model_store.load_fitter`."""
-        from mixmap.io.model_store import save_fitter
+        ``config.json`` (no pickle). Load it with :func:`mixmap.fitting.load_fitter`."""
+        return model_store.write_model(path, self.to_config(), self.state_dict())
 
-        return save_fitter(self, path)
+    def _check_trained(self) -> None:
+        if self.net is None or self.trained is None:
+            raise RuntimeError(f"{self.name}: nothing to save; fit() first")
 
+    def to_config(self) -> dict:
+        """What a trained fitter's config.json holds (JSON-ready): method, model,
+        hyper-parameters, seed, declared parameters and what the network was trained on."""
+        self._check_trained()
+        trained = self.trained
+        return {
+            "method": self.name,
+            "model": self.model.name,
+            "hyper": self.hyper(),
+            "seed": self.seed,
+            "parameters": [p.describe() for p in self.model.parameters],
+            "acquisition": trained["acquisition"],
+            "signal_scale": trained["signal_scale"],
+            "noise_sigma": trained["noise_sigma"],
+            "noise_sigma_source": trained["noise_sigma_source"],
+            "noise_sigma_factor": trained.get("noise_sigma_factor", 1.0),
+        }
 
-class _LossStep(nn.Module):
-    """A fitter's mini-batch loss as a module's forward: DistributedDataParallel averages the
-    gradients of what runs through its wrapped module's forward, and the fitters call their
-    networks' parts directly."""
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The trained network's tensors, as contiguous CPU copies."""
+        self._check_trained()
+        return {k: v.detach().cpu().clone().contiguous() for k, v in self.net.state_dict().items()}
 
-    def __init__(self, fitter: LearnedFitter) -> None:
-        super().__init__()
-        self.net = fitter.net
-        self.fitter = fitter  # a plain attribute, not a registered module
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load :meth:`state_dict`'s tensors into the network built by :meth:`from_config`
+        (strict: a RuntimeError when they do not fit it)."""
+        if self.net is None:
+            raise RuntimeError(f"{self.name}: no network; build it with from_config() first")
+        self.net.load_state_dict(state, strict=True)
 
-    def forward(self, batch: Data, scheme: Scheme, epoch: int):
-        return self.fitter._loss(batch, scheme, epoch)
+    @classmethod
+    def from_config(cls, config: dict, *, device: str = "cpu") -> LearnedFitter:
+        """A fitter of this class with the network of :meth:`to_config`'s ``config`` (weights
+        still to load with :meth:`load_state_dict`); a ValueError when the configuration is
+        inconsistent, its acquisition does not match its fingerprint, or its parameters are
+        not this version's."""
+        hyper = dict(config["hyper"])
+        hyper.pop("prior", None)  # fixed by the class
+        try:
+            fitter = cls(config["model"], device=device, seed=int(config.get("seed", 0)),
+                         quiet=True, **hyper)
+            acq_cfg = config["acquisition"]
+            acq = Acquisition.from_record(acq_cfg)
+            sigma_in = config.get("noise_sigma")
+            scale = float(config["signal_scale"])
+            sigma_w = (None if config.get("noise_sigma_source") == "learned" or sigma_in is None
+                       else float(sigma_in) / scale)
+            with torch.random.fork_rng(devices=[]):
+                net = fitter._build(acq, sigma_w)
+        except (TypeError, ValueError, KeyError) as exc:
+            raise ValueError(f"inconsistent model configuration ({exc})") from None
+        if acq.fingerprint() != acq_cfg.get("fingerprint"):
+            raise ValueError("the stored acquisition does not match its fingerprint; the model "
+                             "file is damaged")
+        if config.get("parameters") != [p.describe() for p in fitter.model.parameters]:
+            raise ValueError(
+                f"trained with other parameters or bounds than this version's "
+                f"{config['model']} model declares; retrain with this version"
+            )
+        fitter.net = net.to(device)
+        fitter.trained = {
+            "fingerprint": acq_cfg["fingerprint"],
+            "acquisition": acq_cfg,
+            "signal_scale": scale,
+            "noise_sigma": sigma_in,
+            "noise_sigma_source": config.get("noise_sigma_source", "b0"),
+            "noise_sigma_factor": float(config.get("noise_sigma_factor", 1.0)),
+        }
+        return fitter
 
 
 #: Per-voxel loss (nats) above which training compresses it logarithmically (see robust_mean).
@@ -634,8 +447,7 @@ ROBUST_NATS = 1e4
 
 def robust_mean(per_voxel: torch.Tensor, c: float = ROBUST_NATS) -> torch.Tensor:
     """Mean of c·asinh(loss/c): the loss itself wherever |loss| << c (every voxel that the
-    model fits sanely: a few hundred nats), logarithmic beyond. Some simulated voxels have
-    signals thousands of times S0 (MSDKI's exponent at high b), whose ELBO reaches -1e11 early in
-    training and would otherwise steer the whole shared network; per-voxel refinement later
-    optimises the exact ELBO of every voxel."""
+    model fits sanely: a few hundred nats), logarithmic beyond, so that a few voxels whose
+    signal the model cannot reach do not steer the shared network (see
+    docs/design/learned-fitters.md)."""
     return (c * torch.asinh(per_voxel / c)).mean()

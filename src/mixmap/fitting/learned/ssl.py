@@ -12,24 +12,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+import mixmap.fitting.learned.configs as configs
+import mixmap.fitting.learned.distributed as distributed
 from mixmap.acquisition import Acquisition
 from mixmap.fitting.base import (
     Scheme,
 )
-from mixmap.fitting.learned import distributed
 from mixmap.fitting.learned.base import ROBUST_NATS, Data, LearnedFitter, robust_mean
 from mixmap.models import SignalModel
 from mixmap.nn.encoders import mlp
 
-CONFIGS: dict[str, dict] = {
-    "paper": dict(hidden=None, n_layers=3, epochs=100, batch_size=256, lr=1e-3, patience=15,
-                  tol=1e-3, min_epochs=30),
-}
-# The VAEs' stopping rule: with the paper's (at least 30 epochs, 15 without a 0.1 % gain) the
-# network stopped while still far from the data at SNR 10 (D RMSE 0.79, against 0.40 after the
-# 222 epochs this rule ran, least squares 0.42).
-CONFIGS["default"] = {**CONFIGS["paper"], "epochs": 300, "patience": 30, "tol": 1e-4,
-                      "min_epochs": 100}
 #: The output layer's weights are scaled by this at the start (see SelfSupervisedFitter._prepare).
 START_WEIGHT_SCALE = 0.1
 
@@ -64,49 +56,23 @@ class SelfSupervisedFitter(LearnedFitter):
     """Voxelwise self-supervised fitting: signals -> network -> bounded parameters -> physics,
     trained on the MSE of the signal over all voxels (mini-batches, Adam).
 
-    Parameters (None means "the configuration's value")
-    ----------
-    config
-        ``paper``: 3 hidden layers of width n_meas, at most 100 epochs, stopping after 15
-        without a 0.1 % gain (from epoch 30 on). ``default``: the same network with the VAEs'
-        stopping rule (at most 300 epochs, 30 without a 0.01 % gain, from epoch 100 on).
-    hidden
-        Hidden width (default: the number of measurements).
-    epochs, batch_size, lr
-        At most ``epochs`` passes of Adam; stops when the loss has not improved by ``tol``
-        (relative) for ``patience`` epochs.
+    Settings: the preset ``config`` (``paper``: the paper's network and stopping rule;
+    ``default``: the same network with the VAEs' stopping rule) with keyword overrides, every
+    name a field of :class:`~mixmap.fitting.learned.configs.SSLConfig`; None keeps the
+    preset's value, an unknown name is a ValueError. ``hidden`` None is the number of
+    measurements.
     """
 
     name = "ssl"
-    hyper_names = ("config", "hidden", "n_layers", "epochs", "batch_size", "lr", "patience",
-                   "tol", "min_epochs")
+    hyper_names = ("config", *configs.field_names(configs.SSLConfig))
 
-    def __init__(
-        self,
-        model: SignalModel | str,
-        *,
-        config: str = "default",
-        hidden: int | None = None,
-        n_layers: int | None = None,
-        epochs: int | None = None,
-        batch_size: int | None = None,
-        lr: float | None = None,
-        patience: int | None = None,
-        tol: float | None = None,
-        min_epochs: int | None = None,
-        device: str = "cpu",
-        seed: int = 0,
-        quiet: bool = True,
-    ) -> None:
+    def __init__(self, model: SignalModel | str, *, config: str = "default",
+                 device: str = "cpu", seed: int = 0, quiet: bool = True, **options) -> None:
         super().__init__(model, device=device, seed=seed, quiet=quiet)
-        config = config or "default"
-        if config not in CONFIGS:
-            raise ValueError(f"unknown config {config!r}; choose one of: {', '.join(CONFIGS)}")
-        given = dict(hidden=hidden, n_layers=n_layers, epochs=epochs, batch_size=batch_size,
-                     lr=lr, patience=patience, tol=tol, min_epochs=min_epochs)
-        self.config = config
-        for k, v in given.items():
-            setattr(self, k, CONFIGS[config][k] if v is None else v)
+        values = configs.resolve(configs.SSL_PRESETS, config, options)
+        self.config = config or "default"
+        for k, v in values.items():
+            setattr(self, k, v)
         if not self.lr > 0 or int(self.epochs) < 1 or int(self.batch_size) < 1:
             raise ValueError("lr must be > 0, epochs and batch_size >= 1")
 
@@ -118,10 +84,8 @@ class SelfSupervisedFitter(LearnedFitter):
     def _prepare(self, ys, acq, scheme, device, calibrate):
         """A data-driven start, as the VAEs have: the output layer's bias is the median of
         the model's quick per-voxel estimates and its weights are scaled down, so training
-        starts at typical tissue values. From the default start (every output near the middle
-        of its bounds: MSDKI D = 2, K = 1.75) the predicted signals at high b are dozens of
-        times S0 and the network never left that region (D RMSE 0.73 on the paper's
-        simulation at SNR 20, worse than least squares everywhere)."""
+        starts at typical tissue values (from the middle of the bounds it did not train; see
+        docs/design/learned-fitters.md)."""
         data = super()._prepare(ys, acq, scheme, device, calibrate)
         if calibrate:
             with torch.no_grad():
@@ -177,5 +141,8 @@ class SelfSupervisedFitter(LearnedFitter):
         self._rms = float(distributed.global_mean(mse).sqrt())
         return {k: v.cpu().numpy() for k, v in params.items()}, {}, None
 
+
+# The signature shows the user-facing options, derived from the config's fields.
+SelfSupervisedFitter.__init__.__signature__ = configs.init_signature("ssl")
 
 __all__ = ["SelfSupervisedFitter"]
