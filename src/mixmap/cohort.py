@@ -337,7 +337,7 @@ def _warn_noise_spread(infos: Sequence[ScanInfo]) -> None:
                     min(known), max(known))
 
 
-def fit_cohort(fitter, cohort: Cohort) -> tuple[FitResult, list[FitResult]]:
+def fit_pooled(fitter, cohort: Cohort) -> tuple[FitResult, list[FitResult]]:
     """Fit one model on the pooled, per-scan normalised voxels. Returns the pooled result
     (normalised units, with the loss curve) and one result per scan (its own units)."""
     _warn_noise_spread(cohort.infos)
@@ -474,7 +474,7 @@ __all__ = [
     "discover_bids",
     "find_mask",
     "find_scans",
-    "fit_cohort",
+    "fit_pooled",
     "gradient_siblings",
     "load_cohort",
     "map_scans",

@@ -209,7 +209,7 @@ def _fit_pooled(run: _CohortRun, out: Path, force: bool) -> list[str] | None:
     cohort = co.load_cohort(run.scans)
     log.info("cohort: %d scans, %d voxels × %d measurements", len(run.scans),
              sum(cohort.sizes), run.acquisition.n)
-    pooled, results = co.fit_cohort(run.fitter, cohort)
+    pooled, results = co.fit_pooled(run.fitter, cohort)
     if not distributed.is_main():
         return None
     written: list[str] = []
