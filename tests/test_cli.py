@@ -357,3 +357,16 @@ def test_lsq_bounds_option_reaches_fit_and_sidecar(scan, tmp_path):
     assert np.nanmin(k) >= 0 and np.nanmax(d) <= 3.5
     r = run(*fit_args(scan, tmp_path / "x", "--bounds", "K=0,4", method="vae"))
     assert r.exit_code == 2 and "--bounds does not apply to --method vae" in r.output
+
+
+def test_map_names_are_built_and_parsed_in_one_place():
+    from mixmap.io.naming import fit_json_name, map_name, parse_map_name
+
+    name = map_name("sub-01_ses-2", "ball-stick", "D", "std")
+    assert name == "sub-01_ses-2_model-ballstick_param-D_desc-std_dwimap.nii.gz"
+    parts = parse_map_name(name)
+    assert (parts.entities, parts.model, parts.param, parts.desc, parts.suffix) == (
+        "sub-01_ses-2", "ballstick", "D", "std", "dwimap")
+    assert parse_map_name(map_name("", "msdki", "K")).entities == ""
+    assert map_name("sub-01", "t2", "T2") == "sub-01_model-t2_param-T2_T2map.nii.gz"
+    assert parse_map_name(fit_json_name("sub-01", "msdki")) is None

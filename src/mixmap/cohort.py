@@ -52,7 +52,8 @@ from mixmap import __version__
 from mixmap.acquisition import Acquisition
 from mixmap.fitting.base import FitResult, noise_sigma_from_repeats, signal_scale
 from mixmap.io import AtomicOutput, DWIData, InputError, bids_entities, existing_maps, load_dwi
-from mixmap.io.output import _label, command_line, loss_csv
+from mixmap.io.naming import COHORT_JSON, cohort_loss_csv_name, model_folder
+from mixmap.io.output import command_line, loss_csv
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,6 @@ TRAIN_VOXELS = 2_000_000
 
 DWI_SUFFIXES = ("_dwi.nii.gz", "_dwi.nii")
 MASK_NAMES = ("desc-brain_mask.nii.gz", "mask.nii.gz")
-COHORT_JSON = "cohort.json"
 
 
 @dataclass(frozen=True)
@@ -337,7 +337,7 @@ def _warn_noise_spread(infos: Sequence[ScanInfo]) -> None:
                     min(known), max(known))
 
 
-def fit_cohort(fitter, cohort: Cohort) -> tuple[FitResult, list[FitResult]]:
+def fit_pooled(fitter, cohort: Cohort) -> tuple[FitResult, list[FitResult]]:
     """Fit one model on the pooled, per-scan normalised voxels. Returns the pooled result
     (normalised units, with the loss curve) and one result per scan (its own units)."""
     _warn_noise_spread(cohort.infos)
@@ -405,10 +405,6 @@ def map_scans(fitter, scans: Sequence[Scan], *, trained: bool,
 
 
 # ------------------------------------------------------------------------------- output
-def model_folder(model: str, method: str) -> str:
-    return f"model-{model}_method-{method}"
-
-
 def check_outputs(out: Path, scans: Sequence[Scan], model: str, *, force: bool,
                   also: Sequence[str] = ()) -> None:
     """Refuse, before any fitting, an OUT that holds maps of these scans (or ``also`` entries
@@ -466,7 +462,7 @@ def write_cohort_extras(w: AtomicOutput, summary: dict, pooled: FitResult) -> No
     """Stage ``cohort.json`` and the shared loss curve (learned fitters)."""
     w.json(COHORT_JSON, summary)
     if pooled.history:
-        w.text(f"cohort_model-{_label(pooled.model)}_loss.csv", loss_csv(pooled.history))
+        w.text(cohort_loss_csv_name(pooled.model), loss_csv(pooled.history))
 
 
 __all__ = [
@@ -478,7 +474,7 @@ __all__ = [
     "discover_bids",
     "find_mask",
     "find_scans",
-    "fit_cohort",
+    "fit_pooled",
     "gradient_siblings",
     "load_cohort",
     "map_scans",

@@ -1,5 +1,7 @@
-"""Input and output: NIfTI scans and gradient files, maps with BIDS-derivative names."""
+"""Input and output: NIfTI scans and gradient files (nifti), output names (naming), maps and
+sidecars written atomically (output), trained models (model_store)."""
 
+from mixmap.io.naming import MapName, map_name, parse_map_name
 from mixmap.io.nifti import (
     DWIData,
     InputError,
@@ -12,7 +14,6 @@ from mixmap.io.output import (
     AtomicOutput,
     OutputExistsError,
     existing_maps,
-    map_name,
     save_maps,
     stage_maps,
 )
@@ -21,12 +22,14 @@ __all__ = [
     "AtomicOutput",
     "DWIData",
     "InputError",
+    "MapName",
     "OutputExistsError",
     "bids_entities",
     "existing_maps",
     "load_dwi",
     "load_image",
     "map_name",
+    "parse_map_name",
     "save_maps",
     "stage_maps",
     "vectors_to_volume",

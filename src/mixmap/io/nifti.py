@@ -102,52 +102,10 @@ def load_dwi(
             f"bvec per volume"
         )
     grid = tuple(int(s) for s in img.shape[:3])
-    given_mask = None
-    if mask is not None:
-        mimg = load_image(mask, "mask")
-        mshape = tuple(int(s) for s in mimg.shape)
-        if len(mshape) == 4 and mshape[3] == 1:
-            mshape = mshape[:3]
-        if mshape != grid:
-            raise InputError(
-                f"{mask}: mask grid {mshape} does not match the DWI grid {grid} of {dwi}; "
-                f"resample the mask onto the DWI"
-            )
-        if not np.allclose(mimg.affine, img.affine, atol=1e-3):
-            log.warning("%s: mask affine differs from the DWI's; using it voxel by voxel", mask)
-        given_mask = np.asarray(mimg.dataobj).reshape(grid) > 0
-        if not given_mask.any():
-            raise InputError(f"{mask}: the mask selects no voxels; give a mask of the brain")
-
+    given_mask = None if mask is None else _load_mask(mask, img, dwi, grid)
     b0 = acq.b0_mask
-    proxy = img.dataobj
-    # Read blocks of whole volumes: the volume axis is the slowest on disk, so each block is
-    # one contiguous run of the file and a .nii.gz is decompressed once, front to back. (Slabs
-    # along z touch every volume: each slab re-decompressed the file from the start, 20x slower
-    # on a 72x87x40x288 scan.) Rows are in C order of the mask, the order that
-    # vectors_to_volume scatters them back in.
-    if given_mask is not None:
-        sel_mask = given_mask
-    else:
-        # No mask: voxels whose mean b=0 signal (mean signal without b=0) is positive.
-        ref_vols = np.flatnonzero(b0) if b0.any() else np.arange(n_vol)
-        ref = np.zeros(grid, dtype=np.float64)
-        for t0, t1 in _runs(ref_vols, volumes_per_block(grid)):
-            ref += np.asarray(proxy[..., t0:t1], dtype=np.float32).sum(-1)
-        with np.errstate(invalid="ignore"):
-            sel_mask = ref > 0
-    n_sel = int(sel_mask.sum())
-    signals = np.empty((n_sel, n_vol), dtype=np.float32)
-    finite_rows = np.ones(n_sel, dtype=bool)
-    # Each selected voxel's place in a block flattened in the file's (Fortran) order: taking
-    # rows by these indices from that flat view is 9x faster than a boolean mask on the 4-D
-    # block (0.07 vs 0.63 s per 4 HCP-grid volumes), and gives the same rows in the same order.
-    flat_index = np.ravel_multi_index(np.nonzero(sel_mask), grid, order="F")
-    for t0, t1 in _runs(np.arange(n_vol), volumes_per_block(grid)):
-        block = np.asarray(proxy[..., t0:t1], dtype=np.float32)
-        rows = block.reshape(-1, t1 - t0, order="F")[flat_index]
-        signals[:, t0:t1] = rows
-        finite_rows &= np.isfinite(rows).all(1)
+    sel_mask = given_mask if given_mask is not None else _positive_voxels(img.dataobj, b0, grid)
+    signals, finite_rows = _read_rows(img.dataobj, sel_mask, grid)
     final_mask = sel_mask.copy()
     n_bad = int((~finite_rows).sum())
     if n_bad:
@@ -158,6 +116,66 @@ def load_dwi(
     if n_dropped:
         log.warning("%s: %d masked voxels hold NaN or Inf and were left out (NaN in the maps)",
                     dwi, n_dropped)
+    _check_signals(signals, b0, dwi, mask)
+    return DWIData(signals, final_mask, img.affine, img.header, acq, dwi, n_dropped,
+                   time.perf_counter() - t_start)
+
+
+def _load_mask(mask: str | Path, img, dwi: Path, grid: tuple[int, ...]) -> np.ndarray:
+    """The mask file as a bool array on the DWI's ``grid``, refused if off-grid or empty."""
+    mimg = load_image(mask, "mask")
+    mshape = tuple(int(s) for s in mimg.shape)
+    if len(mshape) == 4 and mshape[3] == 1:
+        mshape = mshape[:3]
+    if mshape != grid:
+        raise InputError(
+            f"{mask}: mask grid {mshape} does not match the DWI grid {grid} of {dwi}; "
+            f"resample the mask onto the DWI"
+        )
+    if not np.allclose(mimg.affine, img.affine, atol=1e-3):
+        log.warning("%s: mask affine differs from the DWI's; using it voxel by voxel", mask)
+    given_mask = np.asarray(mimg.dataobj).reshape(grid) > 0
+    if not given_mask.any():
+        raise InputError(f"{mask}: the mask selects no voxels; give a mask of the brain")
+    return given_mask
+
+
+def _positive_voxels(proxy, b0: np.ndarray, grid: tuple[int, ...]) -> np.ndarray:
+    """Voxels whose mean b=0 signal (mean signal without b=0) is positive: bool ``grid``."""
+    n_vol = proxy.shape[3]
+    ref_vols = np.flatnonzero(b0) if b0.any() else np.arange(n_vol)
+    ref = np.zeros(grid, dtype=np.float64)
+    for t0, t1 in _runs(ref_vols, volumes_per_block(grid)):
+        ref += np.asarray(proxy[..., t0:t1], dtype=np.float32).sum(-1)
+    with np.errstate(invalid="ignore"):
+        return ref > 0
+
+
+def _read_rows(proxy, sel_mask: np.ndarray, grid: tuple[int, ...]
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """(signals (n_sel, n_vol) float32 in C order of ``sel_mask``, which rows are finite).
+
+    Blocks of whole volumes are read: the volume axis is the slowest on disk, so each block is
+    one contiguous run of the file and a .nii.gz is decompressed once, front to back.
+    """
+    n_vol = proxy.shape[3]
+    n_sel = int(sel_mask.sum())
+    signals = np.empty((n_sel, n_vol), dtype=np.float32)
+    finite_rows = np.ones(n_sel, dtype=bool)
+    # Each selected voxel's place in a block flattened in the file's (Fortran) order: the
+    # same rows in the same order as a boolean mask on the 4-D block, and much faster.
+    flat_index = np.ravel_multi_index(np.nonzero(sel_mask), grid, order="F")
+    for t0, t1 in _runs(np.arange(n_vol), volumes_per_block(grid)):
+        block = np.asarray(proxy[..., t0:t1], dtype=np.float32)
+        rows = block.reshape(-1, t1 - t0, order="F")[flat_index]
+        signals[:, t0:t1] = rows
+        finite_rows &= np.isfinite(rows).all(1)
+    return signals, finite_rows
+
+
+def _check_signals(signals: np.ndarray, b0: np.ndarray, dwi: Path,
+                   mask: str | Path | None) -> None:
+    """Refuse a scan with no voxel left to fit, or no positive signal in any of them."""
     if signals.shape[0] == 0:
         raise InputError(
             f"{dwi}: no voxel to fit (no finite voxel with positive signal"
@@ -169,8 +187,6 @@ def load_dwi(
             f"{dwi}: the signal is zero or negative in every fitted voxel; give magnitude "
             f"DWI data"
         )
-    return DWIData(signals, final_mask, img.affine, img.header, acq, dwi, n_dropped,
-                   time.perf_counter() - t_start)
 
 
 #: Bytes of float32 volumes read (by :func:`load_dwi`) or written at once.

@@ -1,4 +1,5 @@
-"""Writing results: BIDS-derivative map names, JSON sidecars, atomic writes, no overwriting."""
+"""Writing results: maps with JSON sidecars (names from :mod:`mixmap.io.naming`), atomic
+writes, no overwriting."""
 
 from __future__ import annotations
 
@@ -14,6 +15,13 @@ import nibabel as nib
 import numpy as np
 
 from mixmap import __version__
+from mixmap.io.naming import (
+    fit_json_name,
+    loss_csv_name,
+    map_name,
+    model_prefix,
+    sidecar_name,
+)
 from mixmap.io.nifti import bids_entities, vectors_to_volume
 
 
@@ -134,26 +142,12 @@ class AtomicOutput:
             shutil.rmtree(self._tmp, ignore_errors=True)
 
 
-def map_name(entities: str, model: str, param: str, desc: str | None = None) -> str:
-    """``<entities>_model-<model>_param-<param>[_desc-<desc>]_dwimap.nii.gz``."""
-    parts = [entities] if entities else []
-    parts += [f"model-{_label(model)}", f"param-{_label(param)}"]
-    if desc:
-        parts.append(f"desc-{_label(desc)}")
-    return "_".join(parts) + "_dwimap.nii.gz"
-
-
-def _label(s: str) -> str:
-    """BIDS labels are alphanumeric: ``ball-stick`` -> ``ballstick``."""
-    return "".join(ch for ch in s if ch.isalnum())
-
-
 def existing_maps(out_dir: str | Path, entities: str, model: str) -> list[Path]:
     """Maps of this model already in ``out_dir`` (checked before a long fit starts)."""
     out = Path(out_dir)
     if not out.is_dir():
         return []
-    prefix = (entities + "_" if entities else "") + f"model-{_label(model)}_"
+    prefix = model_prefix(entities, model)
     return sorted(p for p in out.iterdir() if p.name.startswith(prefix))
 
 
@@ -242,18 +236,16 @@ def stage_maps(
         name = map_name(entities, result.model, param, desc or None)
         vol = vectors_to_volume(np.asarray(values, dtype=np.float32), dwi.mask)
         w.nifti(pre + name, vol, dwi.affine, header)
-        w.json(pre + name.replace(".nii.gz", ".json"),
+        w.json(pre + sidecar_name(name),
                {"Parameter": param, "Units": unit, "Description": text, **common})
         written.append(pre + name)
     summary = {**common, "NoiseSigma": result.noise_sigma,
                "NumberOfVoxels": result.n_voxels, "Acquisition": dwi.acquisition.describe(),
                "Device": result.device,
                "Seconds": {k: round(v, 3) for k, v in phase_seconds(result, dwi).items()}}
-    w.json(pre + (entities + "_" if entities else "") + f"model-{_label(result.model)}_fit.json",
-           summary)
+    w.json(pre + fit_json_name(entities, result.model), summary)
     if result.history:
-        w.text(pre + (entities + "_" if entities else "")
-               + f"model-{_label(result.model)}_loss.csv", loss_csv(result.history))
+        w.text(pre + loss_csv_name(entities, result.model), loss_csv(result.history))
     return written
 
 

@@ -1,0 +1,30 @@
+"""``mixmap models``: the signal models, their parameters, units and bounds."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+
+
+def models(
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """List the signal models, their parameters, units and bounds."""
+    from mixmap.models import MODELS
+
+    if as_json:
+        typer.echo(json.dumps({name: {"description": cls.description,
+                                      "parameters": [p.describe() for p in cls.parameters],
+                                      "lsq_bounds": dict(cls.lsq_bounds)}
+                               for name, cls in MODELS.items()}, indent=2, ensure_ascii=False))
+        return
+    for name, cls in MODELS.items():
+        typer.echo(f"{name}: {cls.description}")
+        for p in cls.parameters:
+            bounds = "unit vector" if p.is_direction else f"[{p.lower:g}, {p.upper:g}]"
+            if p.scaled:
+                bounds += " × signal scale"
+            typer.echo(f"  {p.name:<6} {p.unit:<8} {bounds:<24} {p.description}")
+        for pname, (lo, hi) in cls.lsq_bounds.items():
+            typer.echo(f"  lsq fits {pname} in [{lo:g}, {hi:g}] by default (--bounds to change)")
