@@ -114,76 +114,10 @@ class Acquisition:
             (n, 3) or (3, n) gradient directions; normalised here and set to zero at b=0.
             ``None`` for schemes without directions (isotropic models only).
         """
-        bvals = np.asarray(bvals, dtype=np.float64).ravel()
         where = f"{source}: " if source != "arrays" else ""
-        if bvals.size == 0:
-            raise AcquisitionError(f"{where}no b-values found; give one b-value per volume")
-        if not np.all(np.isfinite(bvals)):
-            raise AcquisitionError(f"{where}b-values contain NaN or Inf; fix the bval file")
-        if np.any(bvals < -1e-6):
-            raise AcquisitionError(
-                f"{where}negative b-value {bvals.min():g}; b-values must be >= 0 s/mm²"
-            )
-        bvals = np.clip(bvals, 0, None)
         notes: list[str] = []
-        if units == "auto":
-            if bvals.max() < MS_UM2_THRESHOLD:
-                log.info(
-                    "%slargest b-value %.3g < %g: reading b-values as ms/µm² (not s/mm²)",
-                    where,
-                    bvals.max(),
-                    MS_UM2_THRESHOLD,
-                )
-                units = "ms/um2"
-                notes.append(f"b-values read as ms/µm² (largest {bvals.max():g} < "
-                             f"{MS_UM2_THRESHOLD:g})")
-            else:
-                units = "s/mm2"
-                notes.append("b-values in s/mm²")
-        if units == "s/mm2":
-            bvals = bvals / 1000.0
-        elif units != "ms/um2":
-            raise AcquisitionError(f"unknown b-value units {units!r}; use 's/mm2' or 'ms/um2'")
-
-        n = bvals.size
-        vwhere = f"{bvec_source}: " if bvec_source else where
-        if bvecs is None:
-            vecs = np.zeros((n, 3))
-        else:
-            vecs = np.asarray(bvecs, dtype=np.float64)
-            if vecs.ndim != 2 or 3 not in vecs.shape:
-                raise AcquisitionError(
-                    f"{vwhere}gradient directions have shape {vecs.shape}; expected 3 rows "
-                    f"(FSL bvec) or 3 columns, one direction per volume"
-                )
-            if vecs.shape[0] == 3:
-                # FSL writes 3 rows (x, y, z); a 3x3 table is read that way too.
-                vecs = vecs.T
-                notes.append("bvecs as 3 rows (FSL)")
-            else:
-                notes.append("bvecs as 3 columns")
-            if vecs.shape[0] != n:
-                raise AcquisitionError(
-                    f"{vwhere}{vecs.shape[0]} gradient directions but {n} b-values; "
-                    f"give one bvec column per b-value"
-                )
-            if not np.all(np.isfinite(vecs)):
-                raise AcquisitionError(f"{vwhere}bvecs contain NaN or Inf; fix the bvec file")
-            vecs = vecs.copy()
-            dw = bvals > B0_THRESHOLD
-            norms = np.linalg.norm(vecs, axis=1)
-            bad = dw & (np.abs(norms - 1) > BVEC_NORM_TOLERANCE)
-            if np.any(bad):
-                i = int(np.flatnonzero(bad)[0])
-                raise AcquisitionError(
-                    f"{vwhere}gradient direction {i} has norm {norms[i]:.3g}, not 1; "
-                    f"give unit vectors (or b-value-scaled bvecs normalised to 1)"
-                )
-            if np.any(dw):
-                dev = float(np.abs(norms[dw] - 1).max())
-                notes.append(f"bvec norms within {dev:.2g} of 1, normalised")
-            vecs[dw] /= norms[dw, None]
-            vecs[~dw] = 0.0
+        bvals = _read_bvals(bvals, units, where, notes)
+        vecs = _read_bvecs(bvecs, bvals, f"{bvec_source}: " if bvec_source else where, notes)
         return cls({"b": bvals, "direction": vecs}, source=source, notes=tuple(notes))
 
     @classmethod
@@ -414,6 +348,84 @@ def _read_table(path: Path) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------- standard schemes
+
+
+def _read_bvals(bvals, units: str, where: str, notes: list[str]) -> np.ndarray:
+    """(n,) b-values in ms/µm², validated, from s/mm², ms/µm² or detected ``units``; what
+    was detected is appended to ``notes``."""
+    bvals = np.asarray(bvals, dtype=np.float64).ravel()
+    if bvals.size == 0:
+        raise AcquisitionError(f"{where}no b-values found; give one b-value per volume")
+    if not np.all(np.isfinite(bvals)):
+        raise AcquisitionError(f"{where}b-values contain NaN or Inf; fix the bval file")
+    if np.any(bvals < -1e-6):
+        raise AcquisitionError(
+            f"{where}negative b-value {bvals.min():g}; b-values must be >= 0 s/mm²"
+        )
+    bvals = np.clip(bvals, 0, None)
+    if units == "auto":
+        if bvals.max() < MS_UM2_THRESHOLD:
+            log.info(
+                "%slargest b-value %.3g < %g: reading b-values as ms/µm² (not s/mm²)",
+                where,
+                bvals.max(),
+                MS_UM2_THRESHOLD,
+            )
+            units = "ms/um2"
+            notes.append(f"b-values read as ms/µm² (largest {bvals.max():g} < "
+                         f"{MS_UM2_THRESHOLD:g})")
+        else:
+            units = "s/mm2"
+            notes.append("b-values in s/mm²")
+    if units == "s/mm2":
+        bvals = bvals / 1000.0
+    elif units != "ms/um2":
+        raise AcquisitionError(f"unknown b-value units {units!r}; use 's/mm2' or 'ms/um2'")
+
+    return bvals
+
+
+def _read_bvecs(bvecs, bvals: np.ndarray, vwhere: str, notes: list[str]) -> np.ndarray:
+    """(n, 3) unit directions (zero at b=0) from a (3, n) or (n, 3) table, or zeros."""
+    n = bvals.size
+    if bvecs is None:
+        vecs = np.zeros((n, 3))
+    else:
+        vecs = np.asarray(bvecs, dtype=np.float64)
+        if vecs.ndim != 2 or 3 not in vecs.shape:
+            raise AcquisitionError(
+                f"{vwhere}gradient directions have shape {vecs.shape}; expected 3 rows "
+                f"(FSL bvec) or 3 columns, one direction per volume"
+            )
+        if vecs.shape[0] == 3:
+            # FSL writes 3 rows (x, y, z); a 3x3 table is read that way too.
+            vecs = vecs.T
+            notes.append("bvecs as 3 rows (FSL)")
+        else:
+            notes.append("bvecs as 3 columns")
+        if vecs.shape[0] != n:
+            raise AcquisitionError(
+                f"{vwhere}{vecs.shape[0]} gradient directions but {n} b-values; "
+                f"give one bvec column per b-value"
+            )
+        if not np.all(np.isfinite(vecs)):
+            raise AcquisitionError(f"{vwhere}bvecs contain NaN or Inf; fix the bvec file")
+        vecs = vecs.copy()
+        dw = bvals > B0_THRESHOLD
+        norms = np.linalg.norm(vecs, axis=1)
+        bad = dw & (np.abs(norms - 1) > BVEC_NORM_TOLERANCE)
+        if np.any(bad):
+            i = int(np.flatnonzero(bad)[0])
+            raise AcquisitionError(
+                f"{vwhere}gradient direction {i} has norm {norms[i]:.3g}, not 1; "
+                f"give unit vectors (or b-value-scaled bvecs normalised to 1)"
+            )
+        if np.any(dw):
+            dev = float(np.abs(norms[dw] - 1).max())
+            notes.append(f"bvec norms within {dev:.2g} of 1, normalised")
+        vecs[dw] /= norms[dw, None]
+        vecs[~dw] = 0.0
+    return vecs
 
 
 def _to_tensor(a: np.ndarray, device, dtype) -> torch.Tensor:
