@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import typer
@@ -17,11 +18,24 @@ from mixmap.cli.common import (
     setup_logging,
 )
 
-#: The learned fitters' hyper-parameter options of ``fit``, in the order of their block in its
-#: signature; each goes to the fitter only when given, and only if the method takes it.
-LEARNED_OPTIONS = ("config", "latent_dim", "n_components", "hidden", "epochs", "batch_size",
-                   "lr", "kl_weight", "likelihood", "n_samples", "refine_steps", "eb_rounds",
-                   "eb_grid", "precision")
+
+def learned_options() -> list[inspect.Parameter]:
+    """The learned fitters' options of ``fit``, generated from their hyper-parameter dataclasses
+    (:func:`mixmap.fitting.learned.configs.user_options`); a flag pair for a boolean."""
+    from mixmap.fitting.learned.configs import CONFIG_CLASSES, user_options
+
+    seen: dict = {}
+    for method in reversed(tuple(CONFIG_CLASSES)):  # vae-gmm's wording and order first
+        for o in user_options(method):
+            seen.setdefault(o.name, o)
+    out = []
+    for o in seen.values():
+        flag = o.name.replace("_", "-")
+        decls = (f"--{flag}/--no-{flag}",) if o.type is bool else ()
+        out.append(inspect.Parameter(o.name, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                     default=typer.Option(None, *decls, help=o.help),
+                                     annotation=o.type | None))
+    return out
 
 
 @handle_errors
@@ -48,35 +62,12 @@ def fit(
         "and then maps the scans one at a time."),
     resume: bool = typer.Option(
         False, help="Learned: continue an interrupted training from its checkpoint in --out."),
-    # ---- learned fitters' hyper-parameters: one block, the names in LEARNED_OPTIONS --------
-    config: str | None = typer.Option(None, help="Learned: 'default' or 'paper'."),
-    latent_dim: int | None = typer.Option(None, help="Learned: latent dimension."),
-    n_components: int | None = typer.Option(None, help="vae-gmm: mixture components."),
-    hidden: int | None = typer.Option(None, help="Learned: hidden width."),
-    epochs: int | None = typer.Option(None, help="Learned: maximum epochs."),
-    batch_size: int | None = typer.Option(None, help="Learned: mini-batch size."),
-    lr: float | None = typer.Option(None, help="Learned: Adam learning rate."),
-    kl_weight: float | None = typer.Option(None, help="Learned: KL weight (1 = true ELBO)."),
-    likelihood: str | None = typer.Option(None, help="Learned: gaussian | rician."),
-    n_samples: int | None = typer.Option(None, help="Learned: posterior samples per voxel."),
-    refine_steps: int | None = typer.Option(
-        None, help="vae, vae-gmm: per-voxel refinement steps of q before the maps (default "
-        "100; fewer is faster, 0 = the encoder's q alone)."),
-    eb_rounds: int | None = typer.Option(
-        None, help="vae-gmm: empirical-Bayes rounds that refit the mixture prior to the scan "
-        "after training (default 6; 0 = the prior the ELBO learned)."),
-    eb_grid: bool | None = typer.Option(
-        None, "--eb-grid/--no-eb-grid", help="vae-gmm: end the empirical-Bayes refit on a grid "
-        "(marginal likelihood by quadrature; MSDKI and other models with at most two "
-        "parameters besides S0, Gaussian or Rician likelihood; default on)."),
-    precision: str | None = typer.Option(
-        None, help="vae, vae-gmm: the encoder network's arithmetic, float32 (default) or "
-        "bfloat16 / float16 mixed precision (physics and posterior stay float32)."),
     # ---- least squares ---------------------------------------------------------------------
     bounds: list[str] | None = typer.Option(
         None, help="lsq: NAME=LOWER,UPPER fits NAME within that range (repeatable; inside the "
         "declared range, see `mixmap models`). MSDKI's default is K=0,4 (non-negative "
         "kurtosis); --bounds K=-0.5,4 fits the declared range."),
+    **learned,
 ) -> None:
     """Fit a model to a DWI scan, or one shared model to a cohort of scans, and write parameter
     maps (+ std maps, sidecars).
@@ -98,13 +89,12 @@ def fit(
 
       mixmap fit sub-01_dwi.nii.gz sub-02_dwi.nii.gz --method vae --out maps/
     """
-    given = locals()
     from mixmap import pipeline
     from mixmap.models import get_model
 
     setup_logging(quiet)
     get_model(model)
-    options = {name: given[name] for name in LEARNED_OPTIONS}
+    options = dict(learned)
     options.update(bounds=parse_bounds(bounds), device=device.value, seed=seed, quiet=quiet)
     fitter = build_fitter(method, model, options)
     written = pipeline.fit_inputs(fitter, dwi, bvals=bvals, bvecs=bvecs, mask=mask,
@@ -113,3 +103,16 @@ def fit(
                                   train_voxels=train_voxels)
     if not quiet and written.maps:
         typer.echo(written.summary(out))
+
+
+def _with_learned_options(command):
+    """``command``'s signature with :func:`learned_options` in place of ``**learned``, before
+    the least-squares options, so the CLI declares them from the dataclasses."""
+    sig = inspect.signature(command, eval_str=True)
+    params = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    at = [p.name for p in params].index("bounds")
+    command.__signature__ = sig.replace(parameters=params[:at] + learned_options() + params[at:])
+    return command
+
+
+fit = _with_learned_options(fit)
