@@ -14,17 +14,14 @@ import numpy as np
 
 from mixmap.evaluation.bayes import bayes_reference, check_preset
 from mixmap.evaluation.scores import metrics
+from mixmap.io.naming import label as _label
 from mixmap.models import get_model
 from mixmap.simulation import Preset, preset_from_info, read_simulation_info
 
 log = logging.getLogger(__name__)
 
-_MAP_RE = r"(?:^|_)model-{model}_param-([A-Za-z0-9]+)_dwimap\.nii\.gz$"
-_STD_RE = r"(?:^|_)model-{model}_param-([A-Za-z0-9]+)_desc-std_dwimap\.nii\.gz$"
-
-
-def _label(s: str) -> str:
-    return "".join(ch for ch in s if ch.isalnum())
+_MAP_RE = r"(?:^|_)model-{model}_param-([A-Za-z0-9]+)_{suffix}\.nii\.gz$"
+_STD_RE = r"(?:^|_)model-{model}_param-([A-Za-z0-9]+)_desc-std_{suffix}\.nii\.gz$"
 
 
 def _read_masked(path: Path, mask: np.ndarray) -> np.ndarray:
@@ -48,7 +45,8 @@ def _read_maps(fit_dir: Path, model, mask: np.ndarray):
     estimate: dict[str, np.ndarray] = {}
     std: dict[str, np.ndarray] = {}
     for regex, found, what in ((_MAP_RE, estimate, "map"), (_STD_RE, std, "std map")):
-        pattern = re.compile(regex.format(model=re.escape(_label(model.name))))
+        pattern = re.compile(regex.format(model=re.escape(_label(model.name)),
+                                          suffix=re.escape(model.output_suffix)))
         for path in sorted(fit_dir.iterdir()):
             m = pattern.search(path.name)
             if not m or m.group(1) not in by_label:
@@ -62,7 +60,8 @@ def _read_maps(fit_dir: Path, model, mask: np.ndarray):
             found[name] = _read_masked(path, mask)
     if not estimate:
         raise FileNotFoundError(
-            f"{fit_dir}: no maps named *_model-{_label(model.name)}_param-<name>_dwimap.nii.gz; "
+            f"{fit_dir}: no maps named *_model-{_label(model.name)}_param-<name>_"
+            f"{model.output_suffix}.nii.gz; "
             f"the simulation's model is {model.name}: fit it with `mixmap fit --model "
             f"{model.name}`"
         )
