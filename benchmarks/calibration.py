@@ -11,7 +11,7 @@ scores them against the truth with :func:`mixmap.evaluation.scores` (``std``): t
 reported sd next to the RMSE (equal where the sd is right on average), and the share of voxels
 whose true value lies within ±1 sd and ±1.96 sd of the estimate (68.3 % and 95 % for a
 calibrated Gaussian posterior). The Bayes-optimal reference's posterior sd (the true prior,
-:func:`mixmap.evaluation.scores.bayes_reference`) is scored alike: its coverage is the mark where
+:func:`mixmap.evaluation.bayes_reference`) is scored alike: its coverage is the mark where
 posteriors are not Gaussian (bounds, the CSF-like voxels' D–K ridge). Default configurations,
 seed 0; results go to ``docs/calibration.json`` (entries replaced per case) and the
 ``calibration`` section of RESULTS.md.

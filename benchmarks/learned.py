@@ -62,7 +62,7 @@ def angle_table(est: dict, sim, name: str = "n") -> dict:
 
 def bayes_entry(sim, names: tuple[str, ...] = NAMES) -> dict:
     """The Bayes reference's RMSE table and time, or ``{"error": why}`` where
-    :func:`mixmap.evaluation.scores.bayes_reference` cannot integrate the preset."""
+    :func:`mixmap.evaluation.bayes_reference` cannot integrate the preset."""
     try:
         t = time.perf_counter()
         ref = bayes_reference(sim.signals, sim.acquisition, sim.preset, sim.sigma, sim.noise)

@@ -140,7 +140,7 @@ def section(results: list[dict], n_voxels: int,
         f"{PRESET}, HCP scheme, Gaussian noise, {n_voxels:,} voxels, default vae-gmm (seed 0). "
         "RMSE of three estimates of the same voxels: vae-gmm's maps (after its empirical-Bayes "
         "refit of the prior); the exact posterior mean "
-        "(grid integration, `mixmap.evaluation.scores.bayes_reference`) under the prior vae-gmm "
+        "(grid integration, `mixmap.evaluation.bayes_reference`) under the prior vae-gmm "
         "*learned*; the exact posterior mean under the *true* prior (Bayes-optimal). The "
         "first gap is the inference's (amortised, refined Gaussian q and importance "
         "sampling), the second the prior learning's.\n",

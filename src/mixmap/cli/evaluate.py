@@ -1,5 +1,5 @@
 """``mixmap evaluate``: score maps against a simulation's truth
-(:func:`mixmap.evaluation.scores.evaluate_dirs`)."""
+(:func:`mixmap.evaluation.evaluate_dirs`)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def evaluate(
 
     Example: mixmap evaluate maps/ --truth sim/
     """
-    from mixmap.evaluation.scores import evaluate_dirs, metrics_markdown
+    from mixmap.evaluation import evaluate_dirs, metrics_markdown
     from mixmap.io import AtomicOutput
 
     report = evaluate_dirs(fit_dir, truth)
