@@ -192,7 +192,7 @@ class Acquisition:
                                   units="ms/um2", source=source)
             if not fields:
                 return dwi
-            fields = {**{k: v for k, v in dwi.fields.items()}, **fields}
+            fields = {**dwi.fields, **fields}
             return cls({k: np.asarray(v, dtype=np.float64) for k, v in fields.items()},
                        source=source, notes=dwi.notes)
         return cls.from_fields(fields, source=source)
