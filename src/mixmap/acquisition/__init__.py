@@ -3,12 +3,14 @@
 from mixmap.acquisition.core import (
     B0_THRESHOLD,
     FIELDS,
+    SHELL_RELATIVE_TOLERANCE,
     SHELL_TOLERANCE,
     Acquisition,
     AcquisitionError,
     Field,
     Shell,
     VolumeGroup,
+    group_values,
 )
 from mixmap.acquisition.schemes import (
     SCHEMES,
@@ -22,6 +24,7 @@ from mixmap.acquisition.schemes import (
 __all__ = [
     "B0_THRESHOLD",
     "SCHEMES",
+    "SHELL_RELATIVE_TOLERANCE",
     "SHELL_TOLERANCE",
     "Acquisition",
     "AcquisitionError",
@@ -32,6 +35,7 @@ __all__ = [
     "clinical_scheme",
     "example_scheme",
     "fibonacci_sphere",
+    "group_values",
     "hcp_scheme",
     "multi_echo_scheme",
 ]

@@ -25,8 +25,12 @@ log = logging.getLogger(__name__)
 MS_UM2_THRESHOLD = 50.0
 #: b-values at or below this (ms/µm², i.e. 50 s/mm²) count as b=0 volumes.
 B0_THRESHOLD = 0.05
-#: Default tolerance for grouping b-values into shells (ms/µm², i.e. ±100 s/mm²).
-SHELL_TOLERANCE = 0.1
+#: Shells hold the b-values within max(SHELL_TOLERANCE, SHELL_RELATIVE_TOLERANCE · b) of their
+#: lowest: 5 s/mm² keeps IVIM's b = 0, 10, 20, 30 ... s/mm² apart, 5 % of b takes in the few
+#: s/mm² (HCP: 990-1010 at b = 1000) by which scanners jitter a shell (:func:`group_values`).
+SHELL_TOLERANCE = 0.005
+#: The relative part of the shell tolerance (a fraction of b).
+SHELL_RELATIVE_TOLERANCE = 0.05
 #: Gradient vectors whose norm differs from 1 by more than this are refused as not directions.
 BVEC_NORM_TOLERANCE = 0.1
 
@@ -75,6 +79,33 @@ class VolumeGroup:
 
 #: A group of diffusion volumes with (nearly) the same b-value.
 Shell = VolumeGroup
+
+
+def group_values(values: np.ndarray, tolerance: float = 0.0, relative: float = 0.0,
+                 split_at: float | None = None) -> list[VolumeGroup]:
+    """Volumes grouped by (n,) ``values``, ascending: the one grouping rule of mixmap (shells,
+    echo times, the reductions of the fitters and of the Bayes reference).
+
+    A group holds the sorted values within ``max(tolerance, relative · value)`` of its lowest
+    one. Measured from the lowest rather than the previous value, so that a dense ramp of
+    values (b every 20 s/mm²) is not chained into one group; relative, so that a scanner's
+    jitter (a few s/mm² at b = 1000 and more at 3000) stays inside a shell while low b-values
+    a few s/mm² apart stay apart. No group straddles ``split_at`` (the b=0 threshold): the
+    volumes at or below it stay reference volumes of their own. Each group's value is the
+    mean of its members.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    order = np.argsort(values, kind="stable")
+    groups: list[list[int]] = []
+    first = 0.0
+    for i in order:
+        v = float(values[i])
+        if (not groups or v - first > max(tolerance, relative * v)
+                or (split_at is not None and v > split_at >= first)):
+            groups.append([])
+            first = v
+        groups[-1].append(int(i))
+    return [VolumeGroup(float(values[g].mean()), tuple(sorted(g))) for g in groups]
 
 
 @dataclass(frozen=True, eq=False)
@@ -218,14 +249,13 @@ class Acquisition:
             self._cache[key] = _to_tensor(self.field(name), device, dtype)
         return self._cache[key]
 
-    def groups(self, name: str, tolerance: float = 0.0) -> list[VolumeGroup]:
-        """Volumes grouped by the value of field ``name``, ascending; a group starts wherever
-        the sorted values jump by more than ``tolerance`` (in the field's unit)."""
-        values = self.field(name)
-        order = np.argsort(values, kind="stable")
-        cuts = np.flatnonzero(np.diff(values[order]) > tolerance) + 1
-        return [VolumeGroup(float(values[g].mean()), tuple(sorted(int(i) for i in g)))
-                for g in np.split(order, cuts)]
+    def groups(self, name: str, tolerance: float = 0.0, relative: float = 0.0
+               ) -> list[VolumeGroup]:
+        """Volumes grouped by the value of field ``name``, ascending (:func:`group_values`):
+        each group holds the values within ``max(tolerance, relative · value)`` (in the
+        field's unit) of its lowest; b-values never group across :data:`B0_THRESHOLD`."""
+        return group_values(self.field(name), tolerance, relative,
+                            split_at=B0_THRESHOLD if name == "b" else None)
 
     def reduced(self, groups: list[VolumeGroup], by: str) -> Acquisition:
         """One volume per group of field ``by``: that field is the group's value, every other
@@ -271,21 +301,13 @@ class Acquisition:
     def n_b0(self) -> int:
         return int(self.b0_mask.sum())
 
-    def shells(self, tolerance: float = SHELL_TOLERANCE) -> list[Shell]:
-        """Group b-values into shells, b=0 first; a shell starts wherever the sorted b-values
-        jump by more than ``tolerance`` (ms/µm²)."""
-        order = np.argsort(self.bvals, kind="stable")
-        groups: list[list[int]] = []
-        last = None
-        for i in order:
-            b = self.bvals[i]
-            if last is None or b - last > tolerance or (b > B0_THRESHOLD >= last):
-                groups.append([])
-            groups[-1].append(int(i))
-            last = b
-        return [
-            Shell(float(self.bvals[g].mean()), tuple(sorted(g))) for g in groups
-        ]
+    def shells(self, tolerance: float = SHELL_TOLERANCE,
+               relative: float = SHELL_RELATIVE_TOLERANCE) -> list[Shell]:
+        """b-values grouped into shells, b=0 first: each shell holds the b-values within
+        ``max(tolerance, relative · b)`` (ms/µm²) of its lowest (:data:`SHELL_TOLERANCE`:
+        jittered shells stay one, IVIM's low b-values stay apart); the b=0 volumes
+        (:data:`B0_THRESHOLD`) never share a shell with diffusion-weighted ones."""
+        return self.groups("b", tolerance, relative)
 
     def dw_shells(self) -> list[Shell]:
         """Shells with b > 0."""

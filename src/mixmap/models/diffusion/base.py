@@ -8,8 +8,9 @@ import numpy as np
 from mixmap.acquisition import Acquisition, Shell
 from mixmap.models.base import SignalModel
 
-#: Shell tolerance for an exact reduction (ms/µm², i.e. 1 s/mm²: the same b only).
-EXACT_SHELL_TOLERANCE = 1e-3
+#: Shell tolerance for an exact reduction (ms/µm², i.e. 0.001 s/mm²: the same b up to the
+#: rounding of a unit conversion, so that each volume keeps its own b in the physics).
+EXACT_SHELL_TOLERANCE = 1e-6
 
 
 class DiffusionModel(SignalModel):
@@ -23,6 +24,8 @@ class DiffusionModel(SignalModel):
         return acquisition.b0_mask
 
     def volume_groups(self, acquisition: Acquisition, exact: bool = False) -> list[Shell]:
+        """Shells within :data:`~mixmap.acquisition.core.SHELL_TOLERANCE`; ``exact``: equal
+        b-values only."""
         if exact:
-            return acquisition.shells(tolerance=EXACT_SHELL_TOLERANCE)
+            return acquisition.shells(tolerance=EXACT_SHELL_TOLERANCE, relative=0.0)
         return acquisition.shells()
