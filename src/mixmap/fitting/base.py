@@ -219,22 +219,44 @@ class Scheme:
     model) one mean per b-value with its count as weight. Σ_j (y_j − s_b)² = n_b (ȳ_b − s_b)² +
     Σ_j (y_j − ȳ_b)²: the minimiser and the likelihood are unchanged, and the last term (the
     within-shell scatter returned by :meth:`working_signals`) keeps residual-based σ̂ exact.
-    Shared by least squares and the learned fitters."""
+    Shared by least squares and the learned fitters.
+
+    The reduction is over equal values only (``volume_groups(exact=True)``), so each volume
+    keeps its own b in the likelihood even where a scanner jitters b within a shell. What
+    needs one column per shell instead (least-squares starts, the empirical-Bayes grid) uses
+    :attr:`by_shell`: the same reduction over the shells within the model's tolerance, at
+    each shell's mean b; it is this scheme itself where the two groupings agree (exact
+    b-values), so clean schemes fit exactly as before."""
 
     full: Acquisition
     work: Acquisition
     weights: torch.Tensor | None  # (m',) measurements per column, None for all measurements
     groups: list[torch.Tensor] | None
+    shells: Scheme | None = None  # the reduction over shells within tolerance, where it differs
 
     @property
     def n_meas(self) -> int:
         return self.full.n
 
+    @property
+    def by_shell(self) -> Scheme:
+        """One column per shell (within the model's tolerance) at the shell's mean b."""
+        return self if self.shells is None else self.shells
+
     @classmethod
     def build(cls, model: SignalModel, acq: Acquisition, reduce: bool, device) -> Scheme:
         if not (reduce and model.direction_independent):
             return cls(acq, acq, None, None)
-        shells = model.volume_groups(acq, exact=True)  # equal values only: exact reduction
+        equal = model.volume_groups(acq, exact=True)  # equal values only: exact reduction
+        scheme = cls._over(model, acq, equal, device)
+        shells = model.volume_groups(acq)
+        if [s.indices for s in shells] != [s.indices for s in equal]:
+            scheme.shells = cls._over(model, acq, shells, device)
+        return scheme
+
+    @classmethod
+    def _over(cls, model: SignalModel, acq: Acquisition, shells, device) -> Scheme:
+        """The scheme of the means over ``shells`` (volume groups of ``acq``)."""
         work = acq.reduced(shells, by=model.group_field)
         weights = torch.tensor([float(s.n) for s in shells], device=device)
         groups = [torch.as_tensor(s.indices, device=device) for s in shells]

@@ -111,12 +111,17 @@ class LeastSquaresFitter(Fitter):
         sigmas = []
         starts = range(0, n, self.chunk_size)
         scheme = Scheme.build(self.model, acquisition, reduce=True, device=device)
+        shells = scheme.by_shell
         for start in tqdm(starts, desc="lsq", disable=self.quiet or len(starts) == 1):
-            y = torch.as_tensor(signals[start : start + self.chunk_size] / scale, device=device)
-            y, within = scheme.working_signals(y)
+            raw = torch.as_tensor(signals[start : start + self.chunk_size] / scale,
+                                  device=device)
+            y, within = scheme.working_signals(raw)
             extra_ss = torch.zeros_like(y[:, 0]) if within is None else within
+            # the start from one mean per shell (jittered b-values: per shell, not per value)
+            first = (y, scheme.work) if shells is scheme else (
+                shells.working_signals(raw)[0], shells.work)
             est, std, sigma = self._fit_chunk(y, scheme.work, scheme.weights, extra_ss,
-                                                acquisition.n)
+                                                acquisition.n, first)
             for k in params:
                 params[k].append(est[k])
             for k in stds:
@@ -140,18 +145,20 @@ class LeastSquaresFitter(Fitter):
         )
 
     # ------------------------------------------------------------------------------
-    def _fit_chunk(self, y, acq, weights, extra_ss, n_meas):
+    def _fit_chunk(self, y, acq, weights, extra_ss, n_meas, first):
         """Fit one chunk: ``y`` (k, m) scaled signals on scheme ``acq`` with per-measurement
         ``weights`` (m,) (None: all 1); ``extra_ss`` (k,) is residual that no parameter can
         explain (the within-shell scatter when shells were averaged), ``n_meas`` the original
-        count."""
+        count; ``first`` (signals (k, s), acquisition) is what the start is estimated from
+        (the shell means)."""
         model = self.model
         sw = None if weights is None else weights.sqrt()
-        block = max(64, EVAL_BLOCK_ELEMENTS // max(acq.n, 1))
+        y0, acq0 = first
+        block = max(64, EVAL_BLOCK_ELEMENTS // max(acq0.n, 1))
         with torch.no_grad():
-            u = torch.cat([model.join(_inside(model, model.initial_estimates(y[i : i + block],
-                                                                              acq)))
-                           for i in range(0, y.shape[0], block)])
+            u = torch.cat([model.join(_inside(model, model.initial_estimates(y0[i : i + block],
+                                                                              acq0)))
+                           for i in range(0, y0.shape[0], block)])
         n = y.shape[0]
         dir_slices = _direction_slices(model)
 
