@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from scipy.special import ndtr
 
-from mixmap.acquisition import Acquisition
+from mixmap.acquisition import Acquisition, VolumeGroup
 from mixmap.models import get_model
 from mixmap.nn.likelihoods import RiceTable
 from mixmap.quadrature import (
@@ -94,26 +94,29 @@ def _fixed_values(preset: Preset, model, names: list[str]) -> dict[str, float]:
             for p in model.parameters if p.name not in names}
 
 
-def _measurement_groups(signal: np.ndarray) -> list[np.ndarray]:
-    """Indices of measurements whose signal is identical at every point of ``signal`` (k, m)
-    (e.g. the shells of a direction-independent model, found on a few random grid points)."""
-    keys = np.round(signal / np.abs(signal).max(0).clip(1e-300), 9).T  # one row per measurement
-    _, inverse = np.unique(keys, axis=0, return_inverse=True)
-    inverse = np.asarray(inverse).ravel()
-    return [np.flatnonzero(inverse == g) for g in range(inverse.max() + 1)]
+def _measurement_groups(model, acquisition: Acquisition) -> list[VolumeGroup]:
+    """The groups of measurements whose means the reference's likelihood uses: a
+    direction-independent model's :meth:`~mixmap.models.base.SignalModel.volume_groups`
+    (shells within tolerance, as the fitters pool them, so jittered b-values do not split a
+    shell), one group a measurement otherwise."""
+    if model.direction_independent:
+        return model.volume_groups(acquisition)
+    return [VolumeGroup(float(i), (i,)) for i in range(acquisition.n)]
 
 
 class _Posterior:
     """Log-posterior of a preset's parameters for given voxels, at any parameter values.
 
-    Holds what does not depend on the voxel: the model restricted to one measurement per
-    group of identical measurements, the fixed parameters, the prior and the noise model.
+    Holds what does not depend on the voxel: the model on one measurement per group of
+    measurements (``acquisition``, at the group's mean value), the members of each group
+    (``groups``: index arrays into the scan's measurements), the fixed parameters, the prior
+    and the noise model.
     """
 
     def __init__(self, model, preset, names, acquisition, groups, sigma, noise):
         self.model, self.preset, self.names = model, preset, names
         self.fixed = _fixed_values(preset, model, names)
-        self.acq = acquisition.subset(np.array([g[0] for g in groups]))
+        self.acq = acquisition
         self.groups = groups
         self.counts = np.array([g.size for g in groups], dtype=np.float64)
         self.sigma, self.noise = float(sigma), noise
@@ -172,19 +175,18 @@ def _global_grid(preset: Preset, model, names: list[str], step: float):
 
 
 def _posterior(model, preset: Preset, names, acquisition: Acquisition, mesh, sigma, noise):
-    """The :class:`_Posterior` over the groups of identical measurements whose signal varies
-    on the grid (a group constant everywhere, b=0 with S0 known, adds a constant), and the
-    groups' signal (P, G) float64 on the grid."""
-    n_grid = mesh[0].size
-    probe = np.random.default_rng(0).choice(n_grid, size=min(64, n_grid), replace=False)
-    probe_params = {n: torch.as_tensor(mesh[i][probe]) for i, n in enumerate(names)}
-    probe_signal = tabulate_signal(model, acquisition, probe_params,
-                                   _fixed_values(preset, model, names))
-    groups = _measurement_groups(probe_signal.numpy())
-    S = _Posterior(model, preset, names, acquisition, groups, sigma, noise).signal(mesh)
-    varies = S.max(0) - S.min(0) > 0
-    groups = [g for g, v in zip(groups, varies, strict=True) if v]
-    return _Posterior(model, preset, names, acquisition, groups, sigma, noise), S[:, varies]
+    """The :class:`_Posterior` over the groups of measurements (:func:`_measurement_groups`)
+    whose signal varies on the grid (a group constant everywhere, b=0 with S0 known, adds a
+    constant), and the groups' signal (P, G) float64 on the grid."""
+    shells = _measurement_groups(model, acquisition)
+    reduced = (acquisition.reduced(shells, by=model.group_field)
+               if model.direction_independent else acquisition)
+    groups = [np.asarray(s.indices) for s in shells]
+    S = _Posterior(model, preset, names, reduced, groups, sigma, noise).signal(mesh)
+    varies = np.flatnonzero(S.max(0) - S.min(0) > 0)
+    post = _Posterior(model, preset, names, reduced.subset(varies),
+                      [groups[i] for i in varies], sigma, noise)
+    return post, S[:, varies]
 
 
 def _linear_terms(S, log_prior, mesh, means, counts, sigma):
@@ -301,9 +303,10 @@ def bayes_reference(
     presets); every other parameter is fixed at its simulated value (S0 = 1). The prior is the
     preset's mixture of per-cluster independent Gaussians truncated to the parameters' bounds.
     It is integrated by the trapezoid rule on a regular grid over the bounds, step ``grid``,
-    with the likelihood of the mean signal of each group of identical measurements; posteriors
-    narrower than one step are integrated again on local grids (:func:`_refine`). Rician noise
-    uses the exact log Rice density, tabulated per group (:class:`RiceTable`).
+    with the likelihood of the mean signal of each group of measurements (shells within
+    tolerance: :func:`_measurement_groups`); posteriors narrower than one step are integrated
+    again on local grids (:func:`_refine`). Rician noise uses the exact log Rice density,
+    tabulated per group (:class:`RiceTable`).
 
     Parameters
     ----------

@@ -156,18 +156,19 @@ def grid_eb(self, qs, scheme: Scheme, gen: torch.Generator) -> dict | None:
             or (scheme.weights is None and not rician)
             or self.net.decoder.kind != "identity" or prior.analytic):
         return None
-    y = torch.cat([batch.yw for batch, *_ in qs])
+    # one column per shell within tolerance (Scheme.by_shell): with jittered b-values, not
+    # one per distinct value; every measurement where the scheme keeps them (Rician)
+    shells = (scheme if scheme.weights is not None
+              else Scheme.build(self.model, scheme.full, True, prior.mu.device)).by_shell
+    own = shells is scheme  # the working signals are already the shell means
+    y = torch.cat([batch.yw if own else batch.y for batch, *_ in qs])
     world = distributed.world_size() if distributed.active() else 1
     n_use = min(y.shape[0], -(-eb_grid.GRID_VOXELS // world))
     if n_use < y.shape[0]:
         y = y[torch.randperm(y.shape[0], generator=gen)[:n_use].to(y.device)]
     n_all = float(all_reduce_sum(torch.tensor(float(y.shape[0]), device=prior.mu.device)))
-    if rician:  # every measurement: the shells' means and the Rician part per shell
-        shells = Scheme.build(self.model, scheme.full, True, y.device)
-        yw, _ = shells.working_signals(y)
-        extra = {"rician": (y, shells.groups)}
-    else:
-        shells, yw, extra = scheme, y, {}
+    yw = y if own else shells.working_signals(y)[0]
+    extra = {"rician": (y, shells.groups)} if rician else {}
     grid = eb_grid.grid_likelihood(self.model, prior, dims, yw, shells.work,
                                    shells.weights, float(self.net.noise.sigma),
                                    all_reduce_sum, **extra)
