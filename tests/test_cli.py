@@ -112,7 +112,7 @@ def test_check_reports_dataset(scan):
     r = run("check", scan / "dwi.nii.gz", "--bvals", scan / "dwi.bval", "--bvecs",
             scan / "dwi.bvec", "--mask", scan / "mask.nii.gz")
     assert r.exit_code == 0, r.output
-    assert "b=0 volumes: 18" in r.output and "b=1000×90" in r.output
+    assert "b=0 volumes: 18" in r.output and "shell b=1000 s/mm² (90 volumes)" in r.output
     assert "SNR at b=0" in r.output and "OK" in r.output
 
 

@@ -7,6 +7,12 @@ from pathlib import Path
 
 import numpy as np
 
+from mixmap.acquisition import (
+    B0_THRESHOLD,
+    SHELL_RELATIVE_TOLERANCE,
+    SHELL_TOLERANCE,
+    Acquisition,
+)
 from mixmap.fitting.base import noise_sigma_from_repeats
 from mixmap.io import load_dwi
 from mixmap.models import MODELS, UnsupportedAcquisition
@@ -32,6 +38,23 @@ class CheckReport:
         return "\n".join(out)
 
 
+def shell_lines(acq: Acquisition) -> list[str]:
+    """How the volumes were grouped into shells (:meth:`Acquisition.shells`, the grouping
+    every fit uses): the rule, then one line per shell with its b-value range and count."""
+    shells = acq.shells()
+    out = [f"b=0 volumes: {acq.n_b0}; volumes grouped into {len(shells)} shells, each of the "
+           f"b-values within max({SHELL_TOLERANCE * 1000:g} s/mm², "
+           f"{SHELL_RELATIVE_TOLERANCE:.0%} of b) of its lowest:"]
+    for s in shells:
+        b = acq.bvals[list(s.indices)] * 1000
+        low, high = (f"{round(float(x), 1):g}" for x in (b.min(), b.max()))
+        span = f"{low}–{high}, " if low != high else ""
+        ref = ", b=0 reference" if s.bval <= B0_THRESHOLD else ""
+        out.append(f"  shell b{'≈' if span else '='}{round(s.bval * 1000)} s/mm² "
+                   f"({span}{s.n} volume{'s' if s.n > 1 else ''}{ref})")
+    return out
+
+
 def check_dataset(
     dwi: str | Path,
     bvals: str | Path,
@@ -52,8 +75,7 @@ def check_dataset(
     rep.lines.append(f"image: {data.path}  grid {data.shape} × {acq.n} volumes, "
                      f"voxel {zooms[0]:.3g}×{zooms[1]:.3g}×{zooms[2]:.3g} mm")
     rep.lines.append(f"gradients: {'; '.join(acq.notes)}")
-    shells = ", ".join(f"b={round(s.bval * 1000)}×{s.n}" for s in acq.shells())
-    rep.lines.append(f"b=0 volumes: {acq.n_b0}; shells (s/mm² × volumes): {shells}")
+    rep.lines += shell_lines(acq)
     n_grid = int(np.prod(data.shape))
     rep.lines.append(
         f"voxels fitted: {data.signals.shape[0]} of {n_grid} "
