@@ -303,10 +303,9 @@ def bayes_reference(
     presets); every other parameter is fixed at its simulated value (S0 = 1). The prior is the
     preset's mixture of per-cluster independent Gaussians truncated to the parameters' bounds.
     It is integrated by the trapezoid rule on a regular grid over the bounds, step ``grid``,
-    with the likelihood of the mean signal of each group of measurements (shells within
-    tolerance: :func:`_measurement_groups`); posteriors narrower than one step are integrated
-    again on local grids (:func:`_refine`). Rician noise uses the exact log Rice density,
-    tabulated per group (:class:`RiceTable`).
+    with the likelihood of the mean signal of each group of measurements (shells: see
+    :func:`_measurement_groups`); posteriors narrower than one step are integrated again on
+    local grids (:func:`_refine`). Rician noise uses the exact log Rice density, per group.
 
     Parameters
     ----------

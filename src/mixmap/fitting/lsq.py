@@ -149,16 +149,10 @@ class LeastSquaresFitter(Fitter):
         """Fit one chunk: ``y`` (k, m) scaled signals on scheme ``acq`` with per-measurement
         ``weights`` (m,) (None: all 1); ``extra_ss`` (k,) is residual that no parameter can
         explain (the within-shell scatter when shells were averaged), ``n_meas`` the original
-        count; ``first`` (signals (k, s), acquisition) is what the start is estimated from
-        (the shell means)."""
+        count; the start comes from ``first`` (shell means (k, s), their acquisition)."""
         model = self.model
         sw = None if weights is None else weights.sqrt()
-        y0, acq0 = first
-        block = max(64, EVAL_BLOCK_ELEMENTS // max(acq0.n, 1))
-        with torch.no_grad():
-            u = torch.cat([model.join(_inside(model, model.initial_estimates(y0[i : i + block],
-                                                                              acq0)))
-                           for i in range(0, y0.shape[0], block)])
+        u = _start(model, *first)
         n = y.shape[0]
         dir_slices = _direction_slices(model)
 
@@ -298,6 +292,16 @@ def normal_equations(model: SignalModel, u: torch.Tensor, y: torch.Tensor, acq,
     g = (Jt @ r[..., None])[..., 0].double()
     c = (r * r).sum(-1).double()
     return torch.where(torch.isfinite(c), c, torch.full_like(c, float("inf"))), A, g
+
+
+def _start(model: SignalModel, y: torch.Tensor, acq: Acquisition) -> torch.Tensor:
+    """Unbounded start (k, P) from the model's initial estimates on ``y`` (k, m) over ``acq``,
+    in cache-sized blocks of voxels, kept inside the bounds (:func:`_inside`)."""
+    block = max(64, EVAL_BLOCK_ELEMENTS // max(acq.n, 1))
+    with torch.no_grad():
+        return torch.cat([model.join(_inside(model, model.initial_estimates(y[i : i + block],
+                                                                             acq)))
+                          for i in range(0, y.shape[0], block)])
 
 
 #: Share of a parameter's range that a start keeps from each bound.

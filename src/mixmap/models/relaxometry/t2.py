@@ -13,7 +13,7 @@ from mixmap.acquisition import Acquisition, VolumeGroup
 from mixmap.models.base import Params, SignalModel, UnsupportedAcquisition
 from mixmap.parameters import Parameter
 
-#: Echo times closer than this (ms) count as one echo time when building encoder features.
+#: Echo times within this (ms) of a group's shortest count as one echo time (encoder features).
 TE_TOLERANCE = 0.5
 
 
