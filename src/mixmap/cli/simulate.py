@@ -19,14 +19,41 @@ def parse_grid(grid: str) -> tuple[int, int, int]:
     return shape  # type: ignore[return-value]
 
 
+def _phantom(like: Path, bvals: Path | None, bvecs: Path | None, mask: Path | None,
+             model: str, **options):
+    """The realistic phantom of ``mixmap simulate --like`` (see
+    :func:`mixmap.simulation.phantom.phantom_like`)."""
+    from mixmap.simulation.phantom import phantom_like
+
+    if bvals is None or mask is None:
+        raise ValueError(f"--like {like}: give the scan's --bvals, --bvecs and --mask too")
+    if options["noise_factor"] is not None:
+        options["snr"] = None
+    return phantom_like(like, bvals, bvecs, mask, model, **options)
+
+
 @handle_errors
 def simulate(
     out: Path = typer.Argument(..., help="Folder to write dwi.nii.gz, bval/bvec, mask, truth/."),
     preset: str = typer.Option("paper-msdki", help="paper-msdki | msdki-4 | ball-stick"),
+    like: Path | None = typer.Option(
+        None, help="A realistic phantom of this real scan (4-D NIfTI; with --bvals, --bvecs, "
+        "--mask): truth = its fit (--model, --truth-method), smoothed (--smooth); its "
+        "acquisition, mask and affine; tissue classes from a tensor fit."),
+    model: str = typer.Option("msdki", help="--like: the model whose fit is the truth."),
+    mask: Path | None = typer.Option(None, help="--like: the scan's brain mask."),
+    smooth: float = typer.Option(1.0, help="--like: Gaussian smoothing of the truth (voxels)."),
+    noise_factor: float | None = typer.Option(
+        None, help="--like: noise = the scan's own σ (from its b=0 volumes) times this, "
+        "instead of --snr."),
+    max_b: float | None = typer.Option(
+        None, help="--like: keep only the volumes with b at most this (s/mm²)."),
+    truth_method: str = typer.Option("lsq", help="--like: the method whose fit is the truth."),
     scheme: str = typer.Option("hcp", help="hcp (18 b0 + 3×90) | clinical (2 b0 + 3×10)"),
     bvals: Path | None = typer.Option(None, help="Use this FSL bval file as the scheme."),
     bvecs: Path | None = typer.Option(None, help="FSL bvec file (with --bvals)."),
-    snr: float = typer.Option(20.0, help="Signal-to-noise ratio relative to S0."),
+    snr: float = typer.Option(20.0, help="Signal-to-noise ratio relative to S0 (--like: to the "
+                              "median S0 of the truth)."),
     noise: Noise = typer.Option(Noise.gaussian, help="Noise model."),
     n_voxels: int | None = typer.Option(None, help="Voxels (default: the preset's, 10,000)."),
     layout: str = typer.Option(
@@ -42,6 +69,9 @@ def simulate(
     Examples: mixmap simulate sim/ --preset paper-msdki --snr 20
 
       mixmap simulate brain/ --preset ball-stick --layout brain --grid 72,87,72
+
+      mixmap simulate ph/ --like dwi.nii.gz --bvals dwi.bval --bvecs dwi.bvec --mask mask.nii.gz
+      --model msdki --snr 20 --noise rician
     """
     from mixmap.simulation import get_scheme, simulate_brain, write_simulation
     from mixmap.simulation import simulate as run_simulation
@@ -49,6 +79,18 @@ def simulate(
     setup_logging(quiet)
     if (bvals is None) != (bvecs is None):
         raise ValueError("give both --bvals and --bvecs, or neither (then --scheme is used)")
+    if like is not None:
+        sim = _phantom(like, bvals, bvecs, mask, model, smooth=smooth, snr=snr,
+                       noise_factor=noise_factor, noise=noise.value, seed=seed,
+                       max_b=max_b, truth_method=truth_method)
+        write_simulation(sim, out, force=force)
+        if not quiet:
+            counts = ", ".join(f"{k} {v}" for k, v in sim.info["tissue_classes"]["counts"]
+                               .items())
+            typer.echo(f"wrote a {model} phantom of {like} to {out}/: {sim.signals.shape[0]} "
+                       f"voxels × {sim.acquisition.n} measurements, {noise.value} noise "
+                       f"σ = {sim.sigma:.4g} (b0 SNR {sim.snr:.1f}); {counts}")
+        return
     acq = get_scheme((str(bvals), str(bvecs)) if bvals else scheme)
     if layout == "brain":
         sim = simulate_brain(preset, acq, shape=parse_grid(grid), snr=snr, noise=noise.value,

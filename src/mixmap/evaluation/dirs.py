@@ -101,7 +101,29 @@ def _bayes_metrics(sim_dir: Path, info: dict, preset: Preset, params, truth, lab
     return metrics(ref, truth, labels, cluster_names, scored, ref_std or None), seconds
 
 
-def evaluate_dirs(fit_dir: str | Path, sim_dir: str | Path, *, bayes: bool = True) -> dict:
+def _floor_metrics(sim_dir: Path, info: dict, model, truth, labels, cluster_names,
+                   params, mask: np.ndarray, max_atoms: int | None) -> tuple[dict, float, float]:
+    """Metrics of the empirical floor (:func:`~mixmap.evaluation.floor.empirical_floor`) of
+    the simulated scan, its seconds and the median effective number of atoms."""
+    from mixmap.evaluation.floor import empirical_floor
+    from mixmap.io import load_dwi
+
+    data = load_dwi(sim_dir / "dwi.nii.gz", sim_dir / "dwi.bval", sim_dir / "dwi.bvec",
+                    sim_dir / "mask.nii.gz")
+    if data.signals.shape[0] != labels.size or not np.array_equal(data.mask, mask):
+        raise ValueError(f"{sim_dir}: dwi.nii.gz and the mask disagree on voxel count")
+    t = time.perf_counter()
+    ref = empirical_floor(data.signals, data.acquisition, model, truth, float(info["sigma"]),
+                          info.get("noise", "gaussian"), max_atoms=max_atoms)
+    seconds = round(time.perf_counter() - t, 2)
+    scored = [p for p in params if p in ref]
+    ref_std = {p: ref[f"{p}:std"] for p in scored if f"{p}:std" in ref}
+    return (metrics(ref, truth, labels, cluster_names, scored, ref_std or None), seconds,
+            float(np.median(ref["ess"])))
+
+
+def evaluate_dirs(fit_dir: str | Path, sim_dir: str | Path, *, bayes: bool = True,
+                  floor: bool = True, floor_atoms: int | None = None) -> dict:
     """Score the maps in ``fit_dir`` against the simulation in ``sim_dir``.
 
     ``sim_dir`` is a folder written by :func:`mixmap.simulation.write_simulation`; ``fit_dir``
@@ -110,11 +132,15 @@ def evaluate_dirs(fit_dir: str | Path, sim_dir: str | Path, *, bayes: bool = Tru
     the fit wrote ``_desc-std`` maps, the calibration of its standard deviations is scored too
     (``std`` of :func:`metrics`). For the MSDKI presets (``bayes`` true) the Bayes-optimal
     reference (posterior mean and standard deviation) is computed from the simulated scan and
-    scored alike.
+    scored alike. With ``floor`` (and the whole truth on disk) the empirical floor is scored
+    too: the posterior mean under the empirical distribution of the truth
+    (:func:`~mixmap.evaluation.floor.empirical_floor`, ``floor_atoms`` atoms; the only
+    reference for a phantom of a real scan, which has no preset).
 
     Returns a JSON-ready dict: ``model``, ``method``, ``preset``, ``snr``, ``noise``,
-    ``n_voxels``, ``params`` (the scored ones), ``metrics`` (see :func:`metrics`) and
-    ``bayes_reference`` (metrics of the reference, or None) with ``bayes_seconds``.
+    ``n_voxels``, ``params`` (the scored ones), ``metrics`` (see :func:`metrics`),
+    ``bayes_reference`` (metrics of the reference, or None) with ``bayes_seconds``, and
+    ``empirical_floor`` (metrics, or None) with ``floor_seconds`` and ``floor_ess``.
     """
     from mixmap.io import load_image
 
@@ -123,23 +149,28 @@ def evaluate_dirs(fit_dir: str | Path, sim_dir: str | Path, *, bayes: bool = Tru
         raise FileNotFoundError(f"{fit_dir}: not a folder; give the --out folder of `mixmap fit`")
     info = read_simulation_info(sim_dir)
     preset = preset_from_info(info)
-    model = get_model(preset.model)
+    model = get_model(preset.model if preset is not None else info["model"])
     mask = np.asarray(load_image(sim_dir / "mask.nii.gz", "mask").dataobj) > 0
     truth = {p.name: _read_masked(sim_dir / "truth" / f"param-{p.name}.nii.gz", mask)
              for p in model.parameters if (sim_dir / "truth" / f"param-{p.name}.nii.gz").exists()}
     labels = _read_masked(sim_dir / "truth" / "param-cluster.nii.gz", mask).astype(np.int64)
     cluster_names = info.get("cluster_names") or [c.name for c in preset.clusters]
+    source = preset.name if preset is not None else f"phantom of {info.get('source') or '?'}"
     estimate, std = _read_maps(fit_dir, model, mask)
     method = _fit_method(fit_dir, model)
     params = [p for p in truth if p in estimate]
     report: dict = {
         "fit_dir": str(fit_dir), "truth_dir": str(sim_dir), "model": model.name,
-        "method": method, "preset": preset.name, "snr": info.get("snr"),
+        "method": method, "preset": source, "snr": info.get("snr"),
         "noise": info.get("noise"), "n_voxels": int(mask.sum()), "params": params,
         "metrics": metrics(estimate, truth, labels, cluster_names, params, std or None),
-        "bayes_reference": None,
+        "bayes_reference": None, "empirical_floor": None,
     }
-    if bayes:
+    if floor and all(p.name in truth for p in model.parameters):
+        report["empirical_floor"], report["floor_seconds"], report["floor_ess"] = \
+            _floor_metrics(sim_dir, info, model, truth, labels, cluster_names, params, mask,
+                           floor_atoms)
+    if bayes and preset is not None:
         try:
             check_preset(preset, model)
         except ValueError as exc:
@@ -150,8 +181,21 @@ def evaluate_dirs(fit_dir: str | Path, sim_dir: str | Path, *, bayes: bool = Tru
     return report
 
 
-def _table_rows(m: dict, ref: dict, any_nan: bool, has_sd: bool, ref_sd: bool):
-    """Rows of the scalar table and of the direction table of :func:`metrics_markdown`."""
+def _ref_cells(ref: dict, name: str, cname: str, with_sd: bool) -> list:
+    """The reference's RMSE (and coverage, ``with_sd``) for one row of the table."""
+    r_entry = ref.get(name)
+    r_st = None
+    if r_entry is not None:
+        r_st = r_entry["all"] if cname == "all" else r_entry["clusters"].get(cname)
+    cells = [r_st["rmse"] if r_st else None]
+    if with_sd:
+        cells.append(r_st.get("coverage_95") if r_st else None)
+    return cells
+
+
+def _table_rows(m: dict, refs: list[tuple[str, dict, bool]], any_nan: bool, has_sd: bool):
+    """Rows of the scalar table and of the direction table of :func:`metrics_markdown`;
+    ``refs``: (label, metrics, with coverage) of each reference shown beside the fit."""
     scalar_rows, dir_rows = [], []
     for name, entry in m.items():
         parts = [("all", entry["all"])] + list(entry["clusters"].items())
@@ -164,14 +208,8 @@ def _table_rows(m: dict, ref: dict, any_nan: bool, has_sd: bool, ref_sd: bool):
             row = [name, cname, st["n"], *nan, st["rmse"], st["bias"], st["r"]]
             if has_sd:
                 row += [st.get("sd_rms"), st.get("coverage_68"), st.get("coverage_95")]
-            if ref:
-                r_entry = ref.get(name)
-                r_st = None
-                if r_entry is not None:
-                    r_st = r_entry["all"] if cname == "all" else r_entry["clusters"].get(cname)
-                row.append(r_st["rmse"] if r_st else None)
-                if ref_sd:
-                    row.append(r_st.get("coverage_95") if r_st else None)
+            for _, ref, with_sd in refs:
+                row += _ref_cells(ref, name, cname, with_sd)
             scalar_rows.append(row)
     return scalar_rows, dir_rows
 
@@ -179,16 +217,20 @@ def _table_rows(m: dict, ref: dict, any_nan: bool, has_sd: bool, ref_sd: bool):
 def metrics_markdown(report: dict) -> str:
     """Markdown tables of a report from :func:`evaluate_dirs` (or a bare :func:`metrics`
     dict): one row per parameter × (all, each cluster) with n, RMSE, bias, r and, where
-    present, the reported sd's RMS and coverage, and the Bayes reference's RMSE and
-    coverage; directions get their own table of angular errors."""
+    present, the reported sd's RMS and coverage, the Bayes reference's RMSE and coverage,
+    and the empirical floor's RMSE; directions get their own table of angular errors."""
     from mixmap.paper.report import markdown_table
 
     m = report["metrics"] if "metrics" in report else report
-    ref = report.get("bayes_reference") or {}
+    refs = []
+    for label, key, sd in (("Bayes", "bayes_reference", True), ("floor", "empirical_floor",
+                                                                 False)):
+        ref = report.get(key) or {}
+        if ref:
+            refs.append((label, ref, sd and any("sd_rms" in e["all"] for e in ref.values())))
     any_nan = any(e["all"]["n_nan"] for e in m.values())
     has_sd = any("sd_rms" in e["all"] for e in m.values())
-    ref_sd = any("sd_rms" in e["all"] for e in ref.values())
-    scalar_rows, dir_rows = _table_rows(m, ref, any_nan, has_sd, ref_sd)
+    scalar_rows, dir_rows = _table_rows(m, refs, any_nan, has_sd)
     nan_col = ["NaN"] if any_nan else []
     blocks = []
     if "model" in report:
@@ -200,10 +242,10 @@ def metrics_markdown(report: dict) -> str:
         header = ["param", "cluster", "n", *nan_col, "RMSE", "bias", "r"]
         if has_sd:
             header += ["sd (RMS)", "within ±1 sd", "within ±1.96 sd"]
-        if ref:
-            header.append("Bayes RMSE")
-            if ref_sd:
-                header.append("Bayes within ±1.96 sd")
+        for label, _, with_sd in refs:
+            header.append(f"{label} RMSE")
+            if with_sd:
+                header.append(f"{label} within ±1.96 sd")
         blocks.append(markdown_table(header, scalar_rows, floatfmt=".4f"))
     if dir_rows:
         header = ["param", "cluster", "n", *nan_col, "mean angle (°)", "median angle (°)"]

@@ -31,7 +31,7 @@ def write_simulation(sim: Simulation, out_dir: str | Path, *, force: bool = Fals
     out = Path(out_dir)
     if sim.mask is not None:
         mask = sim.mask
-        affine = np.diag([1.25, 1.25, 1.25, 1.0])
+        affine = sim.affine if sim.affine is not None else np.diag([1.25, 1.25, 1.25, 1.0])
     else:
         mask = np.zeros(grid_shape(sim.signals.shape[0]), dtype=bool)
         mask.reshape(-1)[: sim.signals.shape[0]] = True
@@ -47,14 +47,15 @@ def write_simulation(sim: Simulation, out_dir: str | Path, *, force: bool = Fals
         w.nifti("truth/param-cluster.nii.gz",
                 vectors_to_volume(sim.labels.astype(np.float32), mask), affine)
         info = {
-            "preset": asdict(sim.preset),
+            "preset": asdict(sim.preset) if sim.preset is not None else None,
+            "model": sim.model,
             "snr": sim.snr,
             "noise": sim.noise,
             "sigma": sim.sigma,
             "seed": sim.seed,
             "n_voxels": int(sim.signals.shape[0]),
             "acquisition": sim.acquisition.describe(),
-            "cluster_names": [c.name for c in sim.preset.clusters],
+            "cluster_names": sim.class_names,
             **sim.info,
         }
         w.text("simulation.json", json.dumps(info, indent=2, ensure_ascii=False))
@@ -83,9 +84,12 @@ def read_simulation_info(sim_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def preset_from_info(info: dict) -> Preset:
-    """The :class:`Preset` recorded in a ``simulation.json`` (:func:`read_simulation_info`)."""
+def preset_from_info(info: dict) -> Preset | None:
+    """The :class:`Preset` recorded in a ``simulation.json`` (:func:`read_simulation_info`);
+    None for a phantom of a real scan."""
     p = info["preset"]
+    if p is None:
+        return None
     clusters = tuple(Cluster(**c) for c in p["clusters"])
     return Preset(p["name"], p["model"], clusters, p["n_voxels"], p.get("description", ""))
 

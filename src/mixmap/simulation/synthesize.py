@@ -23,7 +23,8 @@ class Simulation:
     truth: dict[str, np.ndarray]
     labels: np.ndarray
     acquisition: Acquisition
-    preset: Preset
+    #: The mixture drawn from; None for a phantom of a real scan (``info["model"]`` then).
+    preset: Preset | None
     snr: float
     noise: str
     sigma: float
@@ -31,6 +32,22 @@ class Simulation:
     info: dict = field(default_factory=dict)
     #: 3-D voxel layout (True = simulated voxel, rows in C order); None: a square slice.
     mask: np.ndarray | None = None
+    #: The voxel-to-world affine to write (None: isotropic voxels, see ``write_simulation``).
+    affine: np.ndarray | None = None
+    #: Names of the label values (None: the preset's cluster names).
+    cluster_names: tuple[str, ...] | None = None
+
+    @property
+    def model(self) -> str:
+        """The signal model's name."""
+        return self.preset.model if self.preset is not None else self.info["model"]
+
+    @property
+    def class_names(self) -> list[str]:
+        """Names of the label values, in order."""
+        if self.cluster_names is not None:
+            return list(self.cluster_names)
+        return [c.name for c in self.preset.clusters]
 
 
 def sample_parameters(

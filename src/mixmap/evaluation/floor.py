@@ -1,0 +1,203 @@
+"""The empirical floor of a simulation or phantom: each voxel's posterior mean under the empirical
+distribution of the truth (importance weights over the truth values of the *other* voxels,
+under the simulation's own noise model and level). No method that gives every voxel the same
+prior can do better on average, up to the Monte-Carlo error of a finite set of atoms; unlike
+:func:`mixmap.evaluation.bayes_reference` it needs no preset, so it serves phantoms of real
+scans and any model."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from mixmap.acquisition import Acquisition
+from mixmap.models import SignalModel, get_model
+
+
+def _atom_signals(model: SignalModel, atoms: dict[str, np.ndarray], acq: Acquisition
+                  ) -> torch.Tensor:
+    with torch.no_grad():
+        return model.forward({k: torch.as_tensor(np.asarray(v, dtype=np.float64))
+                              for k, v in atoms.items()}, acq)
+
+
+#: Quantile knots of the table over an atom's signal on which a group's Rician term is
+#: interpolated (besides knots every σ/16 over the atoms' range).
+KNOTS = 256
+
+
+class _RicianTerm:
+    """Σ_m log i0e(x_m S_m/σ²) for voxels x and atoms' signals S. Columns where every atom's
+    signal is the same (a shell of a direction-independent model) share one table per voxel
+    over the signal, interpolated at each atom's value; other columns are summed directly."""
+
+    def __init__(self, S: torch.Tensor, sigma: float):
+        self.s2 = sigma * sigma
+        keys, inverse = np.unique(S.numpy().T, axis=0, return_inverse=True)
+        groups = [np.flatnonzero(inverse.ravel() == g) for g in range(keys.shape[0])]
+        self.tabled = [g for g in groups if g.size > 1]
+        rest = [g for g in groups if g.size == 1]
+        self.direct = np.concatenate(rest) if rest else np.zeros(0, dtype=np.int64)
+        self.S_direct = S[:, self.direct].float()
+        self.knots, self.pos = [], []
+        for g in self.tabled:
+            # knots at the atoms' quantiles (dense where they are) and every σ/16 between
+            s = S[:, g[0]].contiguous()
+            q = torch.quantile(s.float(), torch.linspace(0, 1, KNOTS)).double()
+            top = min(float(s.max()), float(q[-2]) + 4 * sigma)
+            even = torch.arange(float(s.min()), top, sigma / 16, dtype=torch.float64)
+            knots = torch.unique(torch.cat([q, even, s.min()[None], s.max()[None] + 1e-9]))
+            hi = torch.searchsorted(knots, s).clamp(1, knots.numel() - 1)
+            t = (s - knots[hi - 1]) / (knots[hi] - knots[hi - 1])
+            self.knots.append(knots)
+            self.pos.append((hi - 1, t.clamp(0, 1).float()))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """(c, A) float64 for rows ``x`` (c, m)."""
+        out = torch.zeros(x.shape[0], self.S_direct.shape[0], dtype=torch.float64)
+        if self.direct.size:
+            z = x[:, self.direct].float()[:, None, :] * self.S_direct[None] / self.s2
+            out += torch.log(torch.special.i0e(z)).sum(-1, dtype=torch.float64)
+        for g, knots, (lo, t) in zip(self.tabled, self.knots, self.pos, strict=True):
+            z = x[:, g][:, :, None] * knots[None, None] / self.s2  # (c, |g|, K)
+            table = torch.log(torch.special.i0e(z)).sum(1).float()  # (c, K)
+            out += torch.lerp(table[:, lo], table[:, lo + 1], t[None]).double()
+        return out
+
+
+def _log_weights(x: torch.Tensor, S: torch.Tensor, S2: torch.Tensor, sigma: float,
+                 rician: _RicianTerm | None) -> torch.Tensor:
+    """(c, A) log-likelihood of rows ``x`` (c, m) at atoms' signals ``S`` (A, m), up to a
+    per-row constant; ``S2`` (A,) = Σ S². Gaussian: (x·S − S²/2)/σ². Rician: the same plus
+    Σ log i0e(x S/σ²) (log I0(z) = z + log i0e(z): the large part stays a float64 product)."""
+    ll = (x @ S.T - 0.5 * S2[None]) / (sigma * sigma)
+    if rician is not None:
+        ll += rician(x)
+    return ll
+
+
+#: Voxel × atom × measurement evaluations of the Bessel term at most, where it cannot be
+#: tabulated (Rician noise, direction-dependent signals): sets the atoms when none are given.
+DIRECT_BUDGET = 2e9
+#: Copies of each atom drawn from its kernel, and the neighbour whose distance sets the kernel.
+COPIES = 16
+NEIGHBOUR = 5
+
+
+def _robust_scale(v: np.ndarray) -> float:
+    q75, q25 = np.percentile(v, [75, 25])
+    s = (q75 - q25) / 1.349
+    return float(s if s > 0 else v.std())
+
+
+def smoothed_atoms(atoms: dict[str, np.ndarray], model: SignalModel, copies: int,
+                   neighbour: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """``copies`` draws around each atom from a Gaussian kernel whose width is the distance to
+    the atom's ``neighbour``-th nearest atom (scalars standardised by their robust spread;
+    a direction through n nᵀ, so that an angle θ is a distance of about √2 θ): the
+    empirical distribution smoothed just enough that a voxel whose likelihood is narrower than
+    the atoms' spacing still finds mass under it. Scalars are reflected into their bounds."""
+    from scipy.spatial import cKDTree
+
+    scal = [p for p in model.parameters if not p.is_direction]
+    dirs = [p for p in model.parameters if p.is_direction]
+    scales = {p.name: _robust_scale(atoms[p.name]) for p in scal}
+    cols = [atoms[p.name] / scales[p.name] for p in scal if scales[p.name] > 0]
+    for p in dirs:
+        d = np.einsum("ai,aj->aij", atoms[p.name], atoms[p.name])
+        cols += [d[:, i, j] * (np.sqrt(2) if i != j else 1.0) for i in range(3)
+                 for j in range(i, 3)]
+    feats = np.stack(cols, 1)
+    k = min(neighbour, feats.shape[0] - 1)
+    dist, _ = cKDTree(feats).query(feats, k=k + 1)
+    h = np.repeat(dist[:, -1], copies)  # (A·copies,)
+    out = {}
+    for p in scal:
+        v = np.repeat(atoms[p.name], copies) + h * scales[p.name] * rng.standard_normal(h.size)
+        lo, hi = p.lower, (np.inf if p.scaled else p.upper)
+        v = np.where(v < lo, 2 * lo - v, v)
+        v = np.where(v > hi, 2 * hi - v, v)
+        out[p.name] = np.clip(v, lo, hi)
+    for p in dirs:
+        n = np.repeat(atoms[p.name], copies, axis=0)
+        e = rng.standard_normal(n.shape)
+        e -= (e * n).sum(1, keepdims=True) * n  # tangent
+        n = n + (h / np.sqrt(2))[:, None] * e
+        out[p.name] = n / np.linalg.norm(n, axis=1, keepdims=True)
+    return out
+
+
+def empirical_floor(signals: np.ndarray, acquisition: Acquisition, model: str | SignalModel,
+                    truth: dict[str, np.ndarray], sigma: float, noise: str = "gaussian", *,
+                    max_atoms: int | None = None, copies: int = COPIES,
+                    neighbour: int = NEIGHBOUR, seed: int = 0, chunk: int | None = None,
+                    return_std: bool = True) -> dict[str, np.ndarray]:
+    """Posterior means under the empirical distribution of ``truth``.
+
+    ``signals`` (n, m) noisy rows; ``truth`` name -> (n,) or (n, 3) the true parameters of the
+    same rows (every parameter of ``model``), which are also the prior's atoms: row i is
+    weighted over every other row's truth (leave-one-out), or over ``max_atoms`` rows drawn at
+    random (``seed``); None: every row, except where the Rician term must be evaluated atom
+    by atom (direction-dependent signals), where atoms × copies are held to
+    :data:`DIRECT_BUDGET` / (n m). Each atom is spread into ``copies`` draws of a kernel
+    (:func:`smoothed_atoms`). ``sigma`` and ``noise`` (gaussian | rician) are the simulation's.
+
+    Returns name -> (n,) float32 posterior means (a direction: the principal eigenvector of the
+    weighted mean of n nᵀ), ``name:std`` (n,) posterior standard deviations of the scalars
+    with ``return_std``, and ``ess`` (n,) the effective number of atoms each voxel's mean
+    rests on (1 / Σ w²; a few means the floor is resolved coarsely there).
+    """
+    model = get_model(model) if isinstance(model, str) else model
+    if noise not in ("gaussian", "rician"):
+        raise ValueError(f"unknown noise {noise!r}; choose gaussian or rician")
+    missing = [p.name for p in model.parameters if p.name not in truth]
+    if missing:
+        raise ValueError(f"truth lacks parameter(s) {', '.join(missing)} of {model.name}")
+    n = signals.shape[0]
+    rng = np.random.default_rng(seed)
+    idx = np.arange(n)
+    if max_atoms is None and noise == "rician" and not model.direction_independent:
+        max_atoms = max(50, int(DIRECT_BUDGET / (n * acquisition.n * max(1, copies))))
+    if max_atoms is not None and max_atoms < n:
+        idx = np.sort(rng.choice(n, size=max_atoms, replace=False))
+    atoms = {p.name: np.asarray(truth[p.name], dtype=np.float64)[idx] for p in model.parameters}
+    if copies > 1:
+        atoms = smoothed_atoms(atoms, model, copies, neighbour, rng)
+    owner = np.repeat(np.arange(idx.size), max(1, copies))  # the truth row of each atom
+    S = _atom_signals(model, atoms, acquisition).double()
+    S2 = (S * S).sum(1)
+    rician = _RicianTerm(S, float(sigma)) if noise == "rician" else None
+    if chunk is None:  # the direct Rician term holds chunk × atoms × its columns values
+        cols = rician.direct.size if rician is not None else 0
+        chunk = int(np.clip(2.5e7 // max(1, S.shape[0] * max(cols, 8)), 8, 1024))
+    scalars = [p.name for p in model.parameters if not p.is_direction]
+    dirs = [p.name for p in model.parameters if p.is_direction]
+    theta = torch.as_tensor(np.stack([atoms[k] for k in scalars], 1))  # (A, P)
+    dyads = {k: torch.as_tensor(np.einsum("ai,aj->aij", atoms[k], atoms[k]).reshape(-1, 9))
+             for k in dirs}
+    atom_row = torch.as_tensor(idx[owner])  # (A,) the voxel each atom comes from
+    out = {k: np.empty(n, np.float32) for k in scalars + [f"{k}:std" for k in scalars] + ["ess"]}
+    out.update({k: np.empty((n, 3), np.float32) for k in dirs})
+    x_all = torch.as_tensor(np.asarray(signals, dtype=np.float64))
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        ll = _log_weights(x_all[start:stop], S, S2, float(sigma), rician)
+        mine = torch.arange(start, stop)[:, None] == atom_row[None]
+        ll.masked_fill_(mine, -torch.inf)  # leave the voxel's own truth out
+        w = torch.softmax(ll, 1)
+        mean = w @ theta
+        var = (w @ theta**2 - mean**2).clamp_min(0.0)
+        for j, k in enumerate(scalars):
+            out[k][start:stop] = mean[:, j].numpy()
+            out[f"{k}:std"][start:stop] = var[:, j].sqrt().numpy()
+        for k in dirs:
+            _, vec = torch.linalg.eigh((w @ dyads[k]).reshape(-1, 3, 3))
+            out[k][start:stop] = vec[:, :, -1].numpy()
+        out["ess"][start:stop] = (1.0 / (w * w).sum(1)).numpy()
+    if not return_std:
+        for k in scalars:
+            del out[f"{k}:std"]
+    return out
+
+
+__all__ = ["empirical_floor"]
