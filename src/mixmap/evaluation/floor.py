@@ -26,10 +26,50 @@ def _atom_signals(model: SignalModel, atoms: dict[str, np.ndarray], acq: Acquisi
 KNOTS = 256
 
 
+#: Rank of the separable approximation of log i0e(x s / σ²) over the columns that cannot be
+#: tabulated, and the points of the grid (in units of σ) its factors are interpolated on.
+RANK = 24
+FACTOR_POINTS = 1500
+
+
+class _SeparableBessel:
+    """log i0e(x s/σ²) ≈ Σ_r a_r(x) b_r(s): a truncated SVD of the function on a grid over
+    x/σ and s/σ (about 3e-6 nats at rank 24), so that the sum over measurements of every
+    voxel-atom pair is :data:`RANK` matrix products instead of an element-wise Bessel
+    function (direction-dependent signals, where no column is shared)."""
+
+    def __init__(self, S: torch.Tensor, sigma: float):
+        from scipy.special import i0e
+
+        self.sigma = sigma
+        self.top = 1.05 * float(S.max()) / sigma + 10.0  # x up to the signal plus noise
+        grid = np.concatenate([[0.0], np.geomspace(1e-3, self.top, FACTOR_POINTS - 1)])
+        U, sv, Vt = np.linalg.svd(np.log(i0e(np.outer(grid, grid))))
+        self.grid = torch.as_tensor(grid)
+        self.a = torch.as_tensor(U[:, :RANK] * sv[:RANK])  # (G, r)
+        self.b = torch.as_tensor(Vt[:RANK].T)  # (G, r)
+        self.B = self._factor(S, self.b)  # (r, A, m)
+
+    def _factor(self, v: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        """(r, *v.shape) float32: factor ``f`` interpolated at ``v``/σ (clamped to the grid)."""
+        u = (v / self.sigma).clamp(0.0, self.top).contiguous()
+        hi = torch.searchsorted(self.grid, u).clamp(1, self.grid.numel() - 1)
+        g0, g1 = self.grid[hi - 1], self.grid[hi]
+        t = ((u - g0) / (g1 - g0)).unsqueeze(-1)
+        out = f[hi - 1] * (1 - t) + f[hi] * t  # (*v.shape, r)
+        return out.movedim(-1, 0).float()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """(c, A) float64 Σ_m log i0e(x_m S_m/σ²) for rows ``x`` (c, m)."""
+        A = self._factor(x, self.a)  # (r, c, m)
+        return torch.bmm(A, self.B.transpose(1, 2)).sum(0, dtype=torch.float64)
+
+
 class _RicianTerm:
     """Σ_m log i0e(x_m S_m/σ²) for voxels x and atoms' signals S. Columns where every atom's
     signal is the same (a shell of a direction-independent model) share one table per voxel
-    over the signal, interpolated at each atom's value; other columns are summed directly."""
+    over the signal, interpolated at each atom's value; the other columns go through
+    :class:`_SeparableBessel`."""
 
     def __init__(self, S: torch.Tensor, sigma: float):
         self.s2 = sigma * sigma
@@ -38,7 +78,7 @@ class _RicianTerm:
         self.tabled = [g for g in groups if g.size > 1]
         rest = [g for g in groups if g.size == 1]
         self.direct = np.concatenate(rest) if rest else np.zeros(0, dtype=np.int64)
-        self.S_direct = S[:, self.direct].float()
+        self.separable = _SeparableBessel(S[:, self.direct], sigma) if rest else None
         self.knots, self.pos = [], []
         for g in self.tabled:
             # knots at the atoms' quantiles (dense where they are) and every σ/16 between
@@ -54,10 +94,10 @@ class _RicianTerm:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """(c, A) float64 for rows ``x`` (c, m)."""
-        out = torch.zeros(x.shape[0], self.S_direct.shape[0], dtype=torch.float64)
-        if self.direct.size:
-            z = x[:, self.direct].float()[:, None, :] * self.S_direct[None] / self.s2
-            out += torch.log(torch.special.i0e(z)).sum(-1, dtype=torch.float64)
+        out = torch.zeros(x.shape[0], self.pos[0][0].numel() if self.pos else
+                          self.separable.B.shape[1], dtype=torch.float64)
+        if self.separable is not None:
+            out += self.separable(x[:, self.direct])
         for g, knots, (lo, t) in zip(self.tabled, self.knots, self.pos, strict=True):
             z = x[:, g][:, :, None] * knots[None, None] / self.s2  # (c, |g|, K)
             table = torch.log(torch.special.i0e(z)).sum(1).float()  # (c, K)
@@ -76,9 +116,9 @@ def _log_weights(x: torch.Tensor, S: torch.Tensor, S2: torch.Tensor, sigma: floa
     return ll
 
 
-#: Voxel × atom × measurement evaluations of the Bessel term at most, where it cannot be
-#: tabulated (Rician noise, direction-dependent signals): sets the atoms when none are given.
-DIRECT_BUDGET = 2e9
+#: Atoms at most when none are given and the Rician term cannot be tabulated (direction-
+#: dependent signals): its cost is voxels × atoms × copies × measurements × :data:`RANK`.
+SEPARABLE_ATOMS = 2000
 #: Copies of each atom drawn from its kernel, and the neighbour whose distance sets the kernel.
 COPIES = 16
 NEIGHBOUR = 5
@@ -137,10 +177,9 @@ def empirical_floor(signals: np.ndarray, acquisition: Acquisition, model: str | 
     ``signals`` (n, m) noisy rows; ``truth`` name -> (n,) or (n, 3) the true parameters of the
     same rows (every parameter of ``model``), which are also the prior's atoms: row i is
     weighted over every other row's truth (leave-one-out), or over ``max_atoms`` rows drawn at
-    random (``seed``); None: every row, except where the Rician term must be evaluated atom
-    by atom (direction-dependent signals), where atoms × copies are held to
-    :data:`DIRECT_BUDGET` / (n m). Each atom is spread into ``copies`` draws of a kernel
-    (:func:`smoothed_atoms`). ``sigma`` and ``noise`` (gaussian | rician) are the simulation's.
+    random (``seed``); None: every row, but at most :data:`SEPARABLE_ATOMS` where the Rician
+    term cannot be tabulated (direction-dependent signals). Each atom is spread into
+    ``copies`` draws of a kernel (:func:`smoothed_atoms`). ``sigma`` and ``noise`` (gaussian | rician) are the simulation's.
 
     Returns name -> (n,) float32 posterior means (a direction: the principal eigenvector of the
     weighted mean of n nᵀ), ``name:std`` (n,) posterior standard deviations of the scalars
@@ -157,7 +196,7 @@ def empirical_floor(signals: np.ndarray, acquisition: Acquisition, model: str | 
     rng = np.random.default_rng(seed)
     idx = np.arange(n)
     if max_atoms is None and noise == "rician" and not model.direction_independent:
-        max_atoms = max(50, int(DIRECT_BUDGET / (n * acquisition.n * max(1, copies))))
+        max_atoms = SEPARABLE_ATOMS
     if max_atoms is not None and max_atoms < n:
         idx = np.sort(rng.choice(n, size=max_atoms, replace=False))
     atoms = {p.name: np.asarray(truth[p.name], dtype=np.float64)[idx] for p in model.parameters}
@@ -167,9 +206,8 @@ def empirical_floor(signals: np.ndarray, acquisition: Acquisition, model: str | 
     S = _atom_signals(model, atoms, acquisition).double()
     S2 = (S * S).sum(1)
     rician = _RicianTerm(S, float(sigma)) if noise == "rician" else None
-    if chunk is None:  # the direct Rician term holds chunk × atoms × its columns values
-        cols = rician.direct.size if rician is not None else 0
-        chunk = int(np.clip(2.5e7 // max(1, S.shape[0] * max(cols, 8)), 8, 1024))
+    if chunk is None:  # the separable Rician term holds rank × chunk × measurements values
+        chunk = 1024
     scalars = [p.name for p in model.parameters if not p.is_direction]
     dirs = [p.name for p in model.parameters if p.is_direction]
     theta = torch.as_tensor(np.stack([atoms[k] for k in scalars], 1))  # (A, P)
