@@ -187,7 +187,8 @@ def section(results: dict) -> str:
         f"every voxel's truth × 16 kernel copies for MSDKI; {SEPARABLE_ATOMS} voxels' × 16 for "
         "ball-stick, whose Rician term cannot be tabulated); on the paper preset it lies 3–8 % "
         "above the exact grid reference, so it is a slightly loose floor "
-        "(tests/test_phantoms.py). Sharpness: mean in-plane gradient magnitude of the map over the truth's (1 = as sharp as the truth). "
+        "(tests/test_phantoms.py). Sharpness: mean in-plane gradient magnitude of the map "
+        "over the truth's (1 = as sharp as the truth). "
         f"Times on {machine_description()}.",
     ]
     for k in sorted(results):

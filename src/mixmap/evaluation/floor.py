@@ -179,7 +179,8 @@ def empirical_floor(signals: np.ndarray, acquisition: Acquisition, model: str | 
     weighted over every other row's truth (leave-one-out), or over ``max_atoms`` rows drawn at
     random (``seed``); None: every row, but at most :data:`SEPARABLE_ATOMS` where the Rician
     term cannot be tabulated (direction-dependent signals). Each atom is spread into
-    ``copies`` draws of a kernel (:func:`smoothed_atoms`). ``sigma`` and ``noise`` (gaussian | rician) are the simulation's.
+    ``copies`` draws of a kernel (:func:`smoothed_atoms`). ``sigma`` and ``noise``
+    (gaussian | rician) are the simulation's.
 
     Returns name -> (n,) float32 posterior means (a direction: the principal eigenvector of the
     weighted mean of n nᵀ), ``name:std`` (n,) posterior standard deviations of the scalars
