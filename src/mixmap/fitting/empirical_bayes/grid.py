@@ -110,7 +110,7 @@ def grid_likelihood(model: SignalModel, prior: MixturePrior, dims: list[int],
     x, steps = _cell_grid(prior, dims)  # (G, k)
     points = {model.parameters[j].name: x[:, col] for col, j in enumerate(dims)}
     f = tabulate_signal(model, work, points, {model.scale_parameter: 1.0})  # (G, m'), S0 = 1
-    lik, log_scale = _tabulate(f, counts, yw, sigma, chunk, rician)
+    lik, log_scale = tabulate_likelihood(f, counts, yw, sigma, chunk, rician)
     top = lik.amax(0) if yw.shape[0] else lik.new_zeros(lik.shape[1])
     live = torch.nonzero(reduce((top > 0).double().to(dev)).cpu() > 0).flatten()
     return GridLikelihood(lik[:, live].contiguous().to(dev), log_scale.to(dev), x.to(dev),
@@ -118,7 +118,7 @@ def grid_likelihood(model: SignalModel, prior: MixturePrior, dims: list[int],
                           live.to(dev))
 
 
-def _tabulate(f: torch.Tensor, counts: torch.Tensor, yw: torch.Tensor, sigma: float,
+def tabulate_likelihood(f: torch.Tensor, counts: torch.Tensor, yw: torch.Tensor, sigma: float,
               chunk: int, rician) -> tuple[torch.Tensor, torch.Tensor]:
     """(n, G) float32 likelihood of every voxel at every grid point relative to the voxel's
     best point (0 below :data:`TABLE_FLOOR` of it), and the best log-likelihoods (n,) float64;

@@ -22,7 +22,7 @@ from torch import nn
 import mixmap.fitting.learned.configs as configs
 import mixmap.fitting.learned.posterior as posterior
 from mixmap.acquisition import Acquisition
-from mixmap.fitting.empirical_bayes import refit
+from mixmap.fitting.empirical_bayes import npmle, refit
 from mixmap.fitting.learned.base import Data, LearnedFitter, Scheme, robust_mean
 from mixmap.fitting.learned.distributed import all_reduce_sum
 from mixmap.fitting.learned.latent import (
@@ -95,6 +95,9 @@ class VAEFitter(PosteriorMixin, LearnedFitter):
             self.latent_dim = P
         if prior == "gaussian":
             self.n_components = 1
+        #: The non-parametric prior on the grid the maps use (see ``grid_posterior``).
+        self.grid_prior: npmle.GridPrior | None = None
+        self._loaded_grid: dict | None = None
         self._validate()
 
 
@@ -304,9 +307,58 @@ class VAEFitter(PosteriorMixin, LearnedFitter):
 
     # ---------------------------------------------------------------- empirical Bayes
     def _after_training(self, data: Data, scheme: Scheme) -> dict | None:
-        if self.prior != "gmm" or self.posterior != "is" or int(self.eb_rounds) == 0:
-            return None
-        return {"empirical_bayes": refit.empirical_bayes(self, data, scheme)}
+        out = {}
+        if self.prior == "gmm" and self.posterior == "is" and int(self.eb_rounds) != 0:
+            out["empirical_bayes"] = refit.empirical_bayes(self, data, scheme)
+        if self._grid_posterior_applies():
+            gen = torch.Generator().manual_seed(self.seed + 11)
+            local = self._local(data)
+            self.grid_prior = npmle.fit_grid_prior(self.model, scheme, local.y,
+                                                   self._sigma_working(), gen=gen,
+                                                   reduce=all_reduce_sum)
+            out["grid_prior"] = self.grid_prior.describe()
+        return out or None
+
+    def _grid_posterior_applies(self) -> bool:
+        return (self.prior == "gmm" and bool(self.grid_posterior)
+                and npmle.gridded(self.model) is not None)
+
+    def _predict(self, data: Data, scheme: Scheme, gen: torch.Generator):
+        """The posterior maps (:class:`PosteriorMixin`); with a grid prior, those of its
+        parameters and of the scale from the posterior under it."""
+        params, std, probs = super()._predict(data, scheme, gen)
+        if self.grid_prior is not None:
+            mean, sd = npmle.grid_posterior(self.grid_prior, self.model, scheme, data.y,
+                                            self._sigma_working())
+            for k in mean:
+                params[k] = mean[k].astype(np.float32)
+                std[k] = sd[k].astype(np.float32)
+        return params, std, probs
+
+    def to_config(self) -> dict:
+        config = super().to_config()
+        if self.grid_prior is not None:
+            config["grid_prior"] = self.grid_prior.describe()
+        return config
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = super().state_dict()
+        if self.grid_prior is not None:
+            state.update(self.grid_prior.state())
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        state = dict(state)
+        weights = state.pop(npmle.STATE_KEY, None)
+        super().load_state_dict(state)
+        if weights is not None and self._loaded_grid is not None:
+            self.grid_prior = npmle.GridPrior.from_state(self.model, self._loaded_grid, weights)
+
+    @classmethod
+    def from_config(cls, config: dict, *, device: str = "cpu"):
+        fitter = super().from_config(config, device=device)
+        fitter._loaded_grid = config.get("grid_prior")
+        return fitter
 
     # ---------------------------------------------------------------- latent space
     def encode(self, signals: np.ndarray, acquisition: Acquisition, n_samples: int = 16, *,

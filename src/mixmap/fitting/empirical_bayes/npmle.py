@@ -1,0 +1,201 @@
+"""A non-parametric prior on the grid: the maximum-likelihood distribution of the gridded
+parameters over the scan's voxels (NPMLE, by EM from a uniform start), and every voxel's
+posterior under it, with the signal scale S0 integrated out.
+
+Real tissue's parameters are continuous, skewed and partly overlapping; a mixture of a few
+Gaussians shrinks them towards its components. On a grid the prior can take any shape the
+data support. Models with at most two parameters besides the scale (MSDKI's D and K) only; the
+likelihood is that of the shell means (Gaussian), times the Rician factor per shell
+(:func:`mixmap.quadrature.rician_scale_term`) when the data are magnitudes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from mixmap.fitting.base import Scheme
+from mixmap.fitting.empirical_bayes.grid import tabulate_likelihood
+from mixmap.models import SignalModel
+from mixmap.quadrature import (
+    cell_centres,
+    grid_points,
+    scale_integral_terms,
+    tabulate_signal,
+)
+
+#: Grid points per axis (two gridded parameters: 96 × 96, as the grid refit).
+PER_AXIS = {1: 9216, 2: 96}
+#: EM updates of the grid weights, from uniform (EM's slow convergence regularises the NPMLE,
+#: whose exact maximiser is a few spikes).
+NPMLE_STEPS = 300
+#: Each EM update is followed by a Gaussian blur of this many grid cells (smoothed EM): the
+#: NPMLE of a few hundred voxels is spiky, and posterior means jump between its spikes.
+SMOOTH_CELLS = 1.0
+#: Voxels the weights are fitted on at most (the posterior is then computed for all).
+NPMLE_VOXELS = 20_000
+#: A scan whose signals hold fewer negative values than this share is taken as magnitude
+#: data (Rician noise); Gaussian noise around a signal near zero makes many negative.
+NEGATIVE_SHARE = 1e-4
+#: Voxels per chunk of the posterior.
+CHUNK = 512
+#: The grid weights' name among a trained fitter's tensors.
+STATE_KEY = "grid_prior.weights"
+
+
+@dataclass
+class GridPrior:
+    """Weights ``P`` (G,) float64 over grid points ``x`` (G, k) of the parameters ``names``
+    (working units); ``rician``: whether the likelihood has the Rician factor."""
+
+    names: list[str]
+    x: torch.Tensor
+    P: torch.Tensor
+    rician: bool
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The weights as a trained fitter's tensor (float64 kept: they span many decades)."""
+        return {STATE_KEY: self.P.contiguous()}
+
+    def describe(self) -> dict:
+        """JSON-ready: what a model folder's config records (the grid follows from it)."""
+        return {"parameters": self.names, "likelihood": "rician" if self.rician else "gaussian",
+                "grid_points": int(self.x.shape[0]), "support": int((self.P > 0).sum())}
+
+    @classmethod
+    def from_state(cls, model: SignalModel, described: dict, weights: torch.Tensor) -> GridPrior:
+        """The prior of :meth:`describe` and :meth:`state` (a saved fitter's)."""
+        names = list(described["parameters"])
+        x = grid_of(model, names)
+        if weights.numel() != x.shape[0]:
+            raise ValueError(f"grid prior: {weights.numel()} weights for a grid of "
+                             f"{x.shape[0]} points")
+        return cls(names, x, weights.double().cpu(), described["likelihood"] == "rician")
+
+
+def gridded(model: SignalModel) -> list[str] | None:
+    """The parameters a grid prior covers (:meth:`SignalModel.grid_parameters`, 1 or 2 of
+    them, direction-independent models with a scale parameter), or None."""
+    names = list(model.grid_parameters())
+    if not model.direction_independent or not 1 <= len(names) <= 2:
+        return None
+    return names
+
+
+def grid_of(model: SignalModel, names: list[str]) -> torch.Tensor:
+    """(G, k) float64 cell centres over the declared bounds of ``names``."""
+    axes = []
+    for name in names:
+        p = model.parameter(name)
+        axis, _ = cell_centres(float(p.lower), float(p.upper - p.lower), PER_AXIS[len(names)])
+        axes.append(axis)
+    return grid_points(axes)
+
+
+def _table(model, names, x, scheme: Scheme, y: torch.Tensor, sigma: float, rician: bool):
+    """(lik (c, G) relative likelihood float32, f (G, m') unit-scale signal on the shells,
+    shell means (c, m'))."""
+    shells = scheme.by_shell
+    yw, _ = shells.working_signals(y)
+    f = tabulate_signal(model, shells.work, {k: x[:, i] for i, k in enumerate(names)},
+                        {model.scale_parameter: 1.0})
+    extra = (y.float().cpu(), shells.groups) if rician else None
+    lik, _ = tabulate_likelihood(f, shells.weights, yw.double().cpu(), sigma, CHUNK, extra)
+    return lik, f, yw.double().cpu()
+
+
+@torch.no_grad()
+def fit_grid_prior(model: SignalModel, scheme: Scheme, y: torch.Tensor, sigma: float, *,
+                   gen: torch.Generator | None = None, rician: bool | None = None,
+                   steps: int = NPMLE_STEPS, max_voxels: int = NPMLE_VOXELS,
+                   smooth: float = SMOOTH_CELLS, reduce=lambda t: t) -> GridPrior:
+    """The NPMLE of the gridded parameters' distribution over voxels ``y`` (n, m) in working
+    units (noise σ), at most ``max_voxels`` of them (drawn with ``gen``). ``rician`` None:
+    whether the data are magnitudes (fewer than :data:`NEGATIVE_SHARE` negative values).
+    ``reduce`` sums over processes (each holds its own voxels)."""
+    names = gridded(model)
+    if names is None:
+        raise ValueError(f"{model.name}: no grid prior (it needs 1 or 2 parameters besides "
+                         f"the scale, and direction-independent signals)")
+    if rician is None:
+        negative = reduce(torch.tensor([float((y < 0).sum()), float(y.numel())],
+                                       dtype=torch.float64, device=y.device)).cpu()
+        rician = bool(negative[0] < NEGATIVE_SHARE * negative[1])
+    if y.shape[0] > max_voxels:
+        y = y[torch.randperm(y.shape[0], generator=gen)[:max_voxels].to(y.device)]
+    x = grid_of(model, names)
+    lik, _, _ = _table(model, names, x, scheme, y.cpu(), sigma, rician)
+    lik = lik.double()
+    dev = y.device
+    live = reduce(lik.amax(0).to(dev)).cpu() > 0
+    L = lik[:, live]
+    n = float(reduce(torch.tensor(float(L.shape[0]), dtype=torch.float64, device=dev)))
+    full = torch.zeros(x.shape[0], dtype=torch.float64)
+    full[live] = 1.0 / int(live.sum())
+    blur = _blur(x, smooth) if smooth > 0 else None
+    for _ in range(int(steps)):
+        P = full[live]
+        P = P * reduce((L.T @ (1.0 / (L @ P).clamp_min(1e-300))).to(dev)).cpu() / n
+        full = torch.zeros_like(full)
+        full[live] = P
+        if blur is not None:
+            full = blur(full) * live
+            full /= full.sum()
+    return GridPrior(names, x, full, bool(rician))
+
+
+def _blur(x: torch.Tensor, cells: float):
+    """A function blurring weights on the grid ``x`` by a Gaussian of ``cells`` grid steps
+    along each axis (separable; mass at the bounds stays inside)."""
+    axes = [torch.unique(x[:, j]) for j in range(x.shape[1])]
+    shape = [a.numel() for a in axes]
+    mats = []
+    for a in axes:
+        d = (a[:, None] - a[None]) / (cells * (a[1] - a[0]))
+        k = torch.exp(-0.5 * d * d)
+        mats.append(k / k.sum(0, keepdim=True))  # column g: where g's mass goes
+
+    def apply(w: torch.Tensor) -> torch.Tensor:
+        v = w.reshape(shape)
+        if len(shape) == 2:
+            v = mats[0] @ v @ mats[1].T
+        else:
+            v = mats[0] @ v
+        return v.reshape(-1)
+
+    return apply
+
+
+@torch.no_grad()
+def grid_posterior(prior: GridPrior, model: SignalModel, scheme: Scheme, y: torch.Tensor,
+                   sigma: float) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Posterior means and standard deviations (name -> (n,) float64, working units) of the
+    gridded parameters and of the scale parameter for voxels ``y`` (n, m) under ``prior``.
+    S0 given a grid point is Gaussian, N(B/A, σ²/A) (:func:`scale_integrated_loglik`)."""
+    names, x = prior.names, prior.x
+    s0 = model.scale_parameter
+    keep = prior.P > 0
+    xs, P = x[keep], prior.P[keep]
+    out = {k: [] for k in [*names, s0]}
+    sd = {k: [] for k in [*names, s0]}
+    for start in range(0, y.shape[0], CHUNK):
+        lik, f, yw = _table(model, names, xs, scheme, y[start:start + CHUNK].cpu(), sigma,
+                            prior.rician)
+        w = lik.double() * P[None]
+        w /= w.sum(1, keepdim=True).clamp_min(1e-300)
+        for i, k in enumerate(names):
+            m = w @ xs[:, i]
+            out[k].append(m)
+            sd[k].append((w @ xs[:, i] ** 2 - m * m).clamp_min(0).sqrt())
+        A, nf, _ = scale_integral_terms(f, scheme.by_shell.weights)
+        cond = (yw @ nf) / A  # (c, G) S0's conditional mean at each point
+        m = (w * cond).sum(1)
+        out[s0].append(m)
+        sd[s0].append(((w * (cond * cond + sigma**2 / A)).sum(1) - m * m).clamp_min(0).sqrt())
+    return ({k: torch.cat(v).numpy() for k, v in out.items()},
+            {k: torch.cat(v).numpy() for k, v in sd.items()})
+
+
+__all__ = ["GridPrior", "fit_grid_prior", "grid_of", "grid_posterior", "gridded"]
