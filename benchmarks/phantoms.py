@@ -179,6 +179,31 @@ def goal_lines(e: dict) -> list[str]:
     ]
 
 
+#: The phantom the README's headline quotes.
+HEADLINE = "b1k_b2k|msdki|20"
+
+
+def headline(results: dict) -> list[str]:
+    """A compact table of the headline phantom: RMSE of D and K overall and per class."""
+    e = results.get(HEADLINE)
+    if e is None:
+        return []
+    head = ["method", "time (s)", *(f"D {c}" for c in ("all", "WM", "GM", "CSF")),
+            *(f"K {c}" for c in ("all", "WM", "GM", "CSF"))]
+    rows = []
+    for m in ("floor", "dipy", "lsq", "vae-gmm-mixture", "vae-gmm"):
+        if m not in e["methods"]:
+            continue
+        r = e["methods"][m]
+        cells = []
+        for p in ("D", "K"):
+            s = r["params"][p]
+            cells += [s["rmse"], *(s["classes"][c]["rmse"] for c in CLASS_NAMES)]
+        rows.append([m, f"{r['seconds']:.0f}", *cells])
+    return [f"Headline (README): {e['scan']}, MSDKI, b0 SNR {e['snr']:g}, Rician; RMSE, D in "
+            "µm²/ms.", "", markdown_table(head, rows, floatfmt=".4f"), ""]
+
+
 def section(results: dict) -> str:
     head = ["method", "param", "RMSE", *(f"RMSE {c}" for c in CLASS_NAMES), "bias",
             "±1.96 sd cov.", "min cov. (class)", "sharpness", "seconds"]
@@ -196,7 +221,10 @@ def section(results: dict) -> str:
         "above the exact grid reference, so it is a slightly loose floor "
         "(tests/test_phantoms.py). Sharpness: mean in-plane gradient magnitude of the map "
         "over the truth's (1 = as sharp as the truth). "
-        f"Times on {machine_description()}.",
+        f"Times on {machine_description()}, one run each, with other jobs on the machine at "
+        "times: indicative only.",
+        "",
+        *headline(results),
     ]
     for k in sorted(results):
         e = results[k]
