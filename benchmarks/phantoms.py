@@ -43,7 +43,7 @@ SNRS = (10, 20, 40)
 METHODS = ("dipy", "lsq", "ssl", "vae", "vae-gmm-mixture", "vae-gmm")
 #: Benchmark names that are a method with other settings: vae-gmm's maps from its Gaussian
 #: mixture prior alone (without the non-parametric grid prior it ends with by default).
-VARIANTS = {"vae-gmm-mixture": ("vae-gmm", {"grid_posterior": False})}
+VARIANTS = {"vae-gmm-mixture": ("vae-gmm", {"grid_posterior": "off"})}
 #: The parameters scored per model (S0 is a nuisance; directions get their own table).
 SCORED = {"msdki": ("D", "K"), "ball-stick": ("f", "Dpar", "Diso")}
 #: MSDKI on the multi-shell scan keeps b ≤ 3000 s/mm² (the model's validity range).

@@ -82,3 +82,28 @@ def test_vae_gmm_beats_lsq_on_a_phantom(phantom):
             assert ours < theirs, (p, ours, theirs)
         cover = np.mean(np.abs(res.params[p] - phantom.truth[p]) <= 1.96 * res.std[p])
         assert 0.85 <= cover <= 0.99, (p, cover)
+
+
+def test_auto_uses_the_grid_prior_for_magnitudes_and_it_survives_save_and_apply(tmp_path):
+    from mixmap.fitting import load_fitter
+    from mixmap.simulation import simulate
+
+    opts = dict(epochs=8, min_epochs=2, eb_rounds=1, refine_steps=5, n_samples=32)
+    gauss = simulate("paper-msdki", "clinical", snr=20, noise="gaussian", n_voxels=800, seed=1)
+    res = get_fitter("vae-gmm", "msdki", **opts).fit(gauss.signals, gauss.acquisition)
+    assert "grid_prior" not in res.settings  # Gaussian noise: negative values, auto is off
+    on = get_fitter("vae-gmm", "msdki", grid_posterior="on", **opts)
+    assert on.fit(gauss.signals, gauss.acquisition).settings["grid_prior"]["likelihood"] \
+        == "gaussian"
+    rice = simulate("paper-msdki", "clinical", snr=20, noise="rician", n_voxels=800, seed=1)
+    fitter = get_fitter("vae-gmm", "msdki", likelihood="rician", **opts)  # all measurements
+    res = fitter.fit(rice.signals, rice.acquisition)
+    assert res.settings["grid_prior"]["likelihood"] == "rician"
+    folder = fitter.save(tmp_path / "model")
+    assert '"grid_prior"' in (folder / "config.json").read_text()
+    again = load_fitter(folder).apply(rice.signals, rice.acquisition)
+    for k in res.params:
+        assert np.array_equal(again.params[k], res.params[k]), k
+        assert np.array_equal(again.std[k], res.std[k]), k
+    with pytest.raises(ValueError, match="grid_posterior"):
+        get_fitter("vae-gmm", "msdki", grid_posterior="sometimes")

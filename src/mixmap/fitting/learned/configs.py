@@ -112,11 +112,11 @@ class VAEConfig:
         True, "vae-gmm: end the empirical-Bayes refit on a grid (marginal likelihood by "
         "quadrature; MSDKI and other models with at most two parameters besides S0, Gaussian "
         "or Rician likelihood; default on).", GMM, cli=True)
-    grid_posterior: bool = option(
-        True, "vae-gmm: for models a grid covers (MSDKI), the maps of the gridded parameters "
-        "and S0 are the posterior under a non-parametric prior fitted to the scan on the grid "
-        "(S0 integrated out; Rician likelihood for magnitude data; default on).", GMM,
-        cli=True)
+    grid_posterior: str = option(
+        "auto", "vae-gmm: for models a grid covers (MSDKI), the maps of the gridded parameters "
+        "and S0 from the posterior under a non-parametric prior fitted to the scan on the grid "
+        "(S0 integrated out, Rician likelihood): auto (for magnitude data, i.e. no negative "
+        "values, as in real scans), on, off.", GMM, cli=True)
     precision: str = option(
         "float32", "vae, vae-gmm: the encoder network's arithmetic, float32 (default) or "
         "bfloat16 / float16 mixed precision (physics and posterior stay float32).", VAE,
@@ -138,7 +138,7 @@ VAE_PRESETS: dict[str, VAEConfig] = {
         y_inference="exact", refine_steps=100, refine_lr=0.04, posterior="is", patience=30,
         tol=1e-4, min_epochs=100, prior_update="em", prior_space="bounded", eb_rounds=6,
         eb_steps=10, eb_voxels=20_000, eb_samples=192, eb_split_merge=True, eb_grid=True,
-        grid_posterior=True, precision="float32"),
+        grid_posterior="auto", precision="float32"),
     "paper": VAEConfig(
         latent_dim=4, n_components=4, hidden=256, n_layers=2, epochs=300, batch_size=256,
         lr=1e-3, kl_weight=1.0, warmup_epochs=0, likelihood="gaussian", n_samples=128,
@@ -146,7 +146,7 @@ VAE_PRESETS: dict[str, VAEConfig] = {
         y_inference="gumbel", refine_steps=0, refine_lr=0.02, posterior="q", patience=20,
         tol=1e-4, min_epochs=40, prior_update="grad", prior_space="latent", eb_rounds=0,
         eb_steps=10, eb_voxels=20_000, eb_samples=192, eb_split_merge=False, eb_grid=False,
-        grid_posterior=False, precision="float32"),
+        grid_posterior="off", precision="float32"),
 }
 
 

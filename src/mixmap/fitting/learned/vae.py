@@ -111,6 +111,11 @@ class VAEFitter(PosteriorMixin, LearnedFitter):
             raise ValueError(f"unknown prior_space {self.prior_space!r}; use bounded or latent")
         if self.prior_update not in ("em", "grad"):
             raise ValueError(f"unknown prior_update {self.prior_update!r}; use 'em' or 'grad'")
+        if isinstance(self.grid_posterior, bool):  # a saved config or a caller's True/False
+            self.grid_posterior = "on" if self.grid_posterior else "off"
+        if self.grid_posterior not in ("auto", "on", "off"):
+            raise ValueError(f"unknown grid_posterior {self.grid_posterior!r}; use auto, on or "
+                             f"off")
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r}; choose one of: "
                              f"{', '.join(PRECISIONS)}")
@@ -310,18 +315,21 @@ class VAEFitter(PosteriorMixin, LearnedFitter):
         out = {}
         if self.prior == "gmm" and self.posterior == "is" and int(self.eb_rounds) != 0:
             out["empirical_bayes"] = refit.empirical_bayes(self, data, scheme)
-        if self._grid_posterior_applies():
+        local = self._local(data)
+        if self._grid_posterior_applies(local.y):
             gen = torch.Generator().manual_seed(self.seed + 11)
-            local = self._local(data)
             self.grid_prior = npmle.fit_grid_prior(self.model, scheme, local.y,
                                                    self._sigma_working(), gen=gen,
                                                    reduce=all_reduce_sum)
             out["grid_prior"] = self.grid_prior.describe()
         return out or None
 
-    def _grid_posterior_applies(self) -> bool:
-        return (self.prior == "gmm" and bool(self.grid_posterior)
-                and npmle.gridded(self.model) is not None)
+    def _grid_posterior_applies(self, y: torch.Tensor) -> bool:
+        """``grid_posterior`` on, or auto and the data magnitudes; a model a grid covers."""
+        if self.prior != "gmm" or self.grid_posterior == "off" or npmle.gridded(
+                self.model) is None:
+            return False
+        return self.grid_posterior == "on" or npmle.is_magnitude(y, all_reduce_sum)
 
     def _predict(self, data: Data, scheme: Scheme, gen: torch.Generator):
         """The posterior maps (:class:`PosteriorMixin`); with a grid prior, those of its
