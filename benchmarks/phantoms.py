@@ -165,7 +165,7 @@ def goal_lines(e: dict) -> list[str]:
     worse = [f"{p} {c} ({g[p]['classes'][c]['rmse']:.3f} vs {lsq[p]['classes'][c]['rmse']:.3f})"
              for p in g for c in CLASS_NAMES
              if g[p]["classes"][c]["rmse"] is not None
-             and g[p]["classes"][c]["rmse"] > 1.02 * lsq[p]["classes"][c]["rmse"]]
+             and g[p]["classes"][c]["rmse"] > lsq[p]["classes"][c]["rmse"]]
     cover = [f"{p} {c} {g[p]['classes'][c]['cov95']:.0%}" for p in g for c in CLASS_NAMES
              if g[p]["classes"][c].get("cov95") is not None
              and not 0.90 <= g[p]["classes"][c]["cov95"] <= 0.97]
@@ -173,7 +173,7 @@ def goal_lines(e: dict) -> list[str]:
     return [
         "vae-gmm / floor RMSE: " + ", ".join(f"{p} {r:.2f}" for p, r in ratio.items())
         + (" (goal ≤ 1.1: met)" if max(ratio.values()) <= 1.1 else " (goal ≤ 1.1: **not met**)"),
-        "vae-gmm worse than lsq (> 2 %) in: " + (", ".join(worse) if worse else "none"),
+        "vae-gmm worse than lsq in: " + (", ".join(worse) if worse else "none"),
         "vae-gmm ±1.96 sd coverage outside 90–97 %: " + (", ".join(cover) if cover else "none"),
         "vae-gmm sharpness outside 0.9–1.1: " + (", ".join(sharp) if sharp else "none"),
     ]
