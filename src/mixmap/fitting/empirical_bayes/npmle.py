@@ -113,16 +113,21 @@ def _shells(model: SignalModel, scheme: Scheme) -> Scheme:
     return scheme.by_shell
 
 
-def _table(model, names, x, scheme: Scheme, y: torch.Tensor, sigma: float, rician: bool):
-    """(lik (c, G) relative likelihood float32, f (G, m') unit-scale signal on the shells,
-    shell means (c, m'))."""
-    shells = _shells(model, scheme)
+def _signal(model: SignalModel, names: list[str], x: torch.Tensor, shells: Scheme
+            ) -> torch.Tensor:
+    """(G, m') the model's signal at unit scale at the grid points ``x`` on the shells."""
+    return tabulate_signal(model, shells.work, {k: x[:, i] for i, k in enumerate(names)},
+                           {model.scale_parameter: 1.0})
+
+
+def _table(f: torch.Tensor, shells: Scheme, y: torch.Tensor, sigma: float, rician: bool):
+    """(lik (c, G) relative likelihood float32 of voxels ``y`` (c, m) at the grid points whose
+    unit-scale signal is ``f``, their shell means (c, m') float64)."""
     yw, _ = shells.working_signals(y)
-    f = tabulate_signal(model, shells.work, {k: x[:, i] for i, k in enumerate(names)},
-                        {model.scale_parameter: 1.0})
     extra = (y.float().cpu(), shells.groups) if rician else None
-    lik, _ = tabulate_likelihood(f, shells.weights, yw.double().cpu(), sigma, CHUNK, extra)
-    return lik, f, yw.double().cpu()
+    yw = yw.double().cpu()
+    lik, _ = tabulate_likelihood(f, shells.weights, yw, sigma, CHUNK, extra)
+    return lik, yw
 
 
 @torch.no_grad()
@@ -143,7 +148,8 @@ def fit_grid_prior(model: SignalModel, scheme: Scheme, y: torch.Tensor, sigma: f
     if y.shape[0] > max_voxels:
         y = y[torch.randperm(y.shape[0], generator=gen)[:max_voxels].to(y.device)]
     x = grid_of(model, names)
-    lik, _, _ = _table(model, names, x, scheme, y.cpu(), sigma, rician)
+    shells = _shells(model, scheme)
+    lik, _ = _table(_signal(model, names, x, shells), shells, y.cpu(), sigma, rician)
     lik = lik.double()
     dev = y.device
     live = reduce(lik.amax(0).to(dev)).cpu() > 0
@@ -195,18 +201,19 @@ def grid_posterior(prior: GridPrior, model: SignalModel, scheme: Scheme, y: torc
     s0 = model.scale_parameter
     keep = prior.P > 0
     xs, P = x[keep], prior.P[keep]
+    shells = _shells(model, scheme)
+    f = _signal(model, names, xs, shells)
+    A, nf, _ = scale_integral_terms(f, shells.weights)
     out = {k: [] for k in [*names, s0]}
     sd = {k: [] for k in [*names, s0]}
     for start in range(0, y.shape[0], CHUNK):
-        lik, f, yw = _table(model, names, xs, scheme, y[start:start + CHUNK].cpu(), sigma,
-                            prior.rician)
+        lik, yw = _table(f, shells, y[start:start + CHUNK].cpu(), sigma, prior.rician)
         w = lik.double() * P[None]
         w /= w.sum(1, keepdim=True).clamp_min(1e-300)
         for i, k in enumerate(names):
             m = w @ xs[:, i]
             out[k].append(m)
             sd[k].append((w @ xs[:, i] ** 2 - m * m).clamp_min(0).sqrt())
-        A, nf, _ = scale_integral_terms(f, _shells(model, scheme).weights)
         cond = (yw @ nf) / A  # (c, G) S0's conditional mean at each point
         m = (w * cond).sum(1)
         out[s0].append(m)

@@ -315,8 +315,8 @@ class VAEFitter(PosteriorMixin, LearnedFitter):
         out = {}
         if self.prior == "gmm" and self.posterior == "is" and int(self.eb_rounds) != 0:
             out["empirical_bayes"] = refit.empirical_bayes(self, data, scheme)
-        local = self._local(data)
-        if self._grid_posterior_applies(local.y):
+        local = self._local(data) if npmle.gridded(self.model) is not None else None
+        if local is not None and self._grid_posterior_applies(local.y):
             gen = torch.Generator().manual_seed(self.seed + 11)
             self.grid_prior = npmle.fit_grid_prior(self.model, scheme, local.y,
                                                    self._sigma_working(), gen=gen,
