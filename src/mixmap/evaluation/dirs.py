@@ -16,7 +16,7 @@ from mixmap.evaluation.bayes import bayes_reference, check_preset
 from mixmap.evaluation.scores import metrics
 from mixmap.io.naming import label as _label
 from mixmap.models import get_model
-from mixmap.simulation import Preset, preset_from_info, read_simulation_info
+from mixmap.simulation import preset_from_info, read_simulation_info
 
 log = logging.getLogger(__name__)
 
@@ -83,43 +83,28 @@ def _fit_method(fit_dir: Path, model) -> str | None:
     return summary.get("Method")
 
 
-def _bayes_metrics(sim_dir: Path, info: dict, preset: Preset, params, truth, labels,
-                   cluster_names) -> tuple[dict, float]:
-    """Metrics of the Bayes reference computed from the simulated scan, and its seconds."""
+def _simulated_scan(sim_dir: Path, mask: np.ndarray):
+    """The simulation's dwi.nii.gz and gradients as :class:`~mixmap.io.DWIData`, checked to
+    hold the voxels of ``mask``."""
     from mixmap.io import load_dwi
 
     data = load_dwi(sim_dir / "dwi.nii.gz", sim_dir / "dwi.bval", sim_dir / "dwi.bvec",
                     sim_dir / "mask.nii.gz")
-    if data.signals.shape[0] != labels.size:
+    if data.signals.shape[0] != int(mask.sum()) or not np.array_equal(data.mask, mask):
         raise ValueError(f"{sim_dir}: dwi.nii.gz and the mask disagree on voxel count")
+    return data
+
+
+def _reference_metrics(compute, params, truth, labels, cluster_names
+                       ) -> tuple[dict, float, dict]:
+    """Metrics of a reference estimate ``compute()`` (name -> (n,), ``name:std``) of the
+    scored ``params``, the seconds it took, and the estimate."""
     t = time.perf_counter()
-    ref = bayes_reference(data.signals, data.acquisition, preset, float(info["sigma"]),
-                          info.get("noise", "gaussian"), return_std=True)
+    ref = compute()
     seconds = round(time.perf_counter() - t, 2)
     scored = [p for p in params if p in ref]
     ref_std = {p: ref[f"{p}:std"] for p in scored if f"{p}:std" in ref}
-    return metrics(ref, truth, labels, cluster_names, scored, ref_std or None), seconds
-
-
-def _floor_metrics(sim_dir: Path, info: dict, model, truth, labels, cluster_names,
-                   params, mask: np.ndarray, max_atoms: int | None) -> tuple[dict, float, float]:
-    """Metrics of the empirical floor (:func:`~mixmap.evaluation.floor.empirical_floor`) of
-    the simulated scan, its seconds and the median effective number of atoms."""
-    from mixmap.evaluation.floor import empirical_floor
-    from mixmap.io import load_dwi
-
-    data = load_dwi(sim_dir / "dwi.nii.gz", sim_dir / "dwi.bval", sim_dir / "dwi.bvec",
-                    sim_dir / "mask.nii.gz")
-    if data.signals.shape[0] != labels.size or not np.array_equal(data.mask, mask):
-        raise ValueError(f"{sim_dir}: dwi.nii.gz and the mask disagree on voxel count")
-    t = time.perf_counter()
-    ref = empirical_floor(data.signals, data.acquisition, model, truth, float(info["sigma"]),
-                          info.get("noise", "gaussian"), max_atoms=max_atoms)
-    seconds = round(time.perf_counter() - t, 2)
-    scored = [p for p in params if p in ref]
-    ref_std = {p: ref[f"{p}:std"] for p in scored if f"{p}:std" in ref}
-    return (metrics(ref, truth, labels, cluster_names, scored, ref_std or None), seconds,
-            float(np.median(ref["ess"])))
+    return metrics(ref, truth, labels, cluster_names, scored, ref_std or None), seconds, ref
 
 
 def evaluate_dirs(fit_dir: str | Path, sim_dir: str | Path, *, bayes: bool = True,
@@ -166,18 +151,29 @@ def evaluate_dirs(fit_dir: str | Path, sim_dir: str | Path, *, bayes: bool = Tru
         "metrics": metrics(estimate, truth, labels, cluster_names, params, std or None),
         "bayes_reference": None, "empirical_floor": None,
     }
+    scan = None
     if floor and all(p.name in truth for p in model.parameters):
-        report["empirical_floor"], report["floor_seconds"], report["floor_ess"] = \
-            _floor_metrics(sim_dir, info, model, truth, labels, cluster_names, params, mask,
-                           floor_atoms)
+        from mixmap.evaluation.floor import empirical_floor
+
+        scan = _simulated_scan(sim_dir, mask)
+        report["empirical_floor"], report["floor_seconds"], ref = _reference_metrics(
+            lambda: empirical_floor(scan.signals, scan.acquisition, model, truth,
+                                    float(info["sigma"]), info.get("noise", "gaussian"),
+                                    max_atoms=floor_atoms),
+            params, truth, labels, cluster_names)
+        report["floor_ess"] = float(np.median(ref["ess"]))
     if bayes and preset is not None:
         try:
             check_preset(preset, model)
         except ValueError as exc:
             log.info("%s", exc)
         else:
-            report["bayes_reference"], report["bayes_seconds"] = _bayes_metrics(
-                sim_dir, info, preset, params, truth, labels, cluster_names)
+            scan = scan or _simulated_scan(sim_dir, mask)
+            report["bayes_reference"], report["bayes_seconds"], _ = _reference_metrics(
+                lambda: bayes_reference(scan.signals, scan.acquisition, preset,
+                                        float(info["sigma"]), info.get("noise", "gaussian"),
+                                        return_std=True),
+                params, truth, labels, cluster_names)
     return report
 
 
