@@ -65,7 +65,7 @@ def test_fingerprint_changes_with_scheme():
         ([0, 1000, 2000], np.eye(3)[:2].T, "2 gradient directions but 3 b-values"),
         ([0, 1000], np.ones((4, 2)), "expected 3 rows"),
         ([0, -1000], np.eye(3)[:2], "negative b-value"),
-        ([0, 1000], np.array([[0, 0, 0], [0.2, 0, 0]]), "norm 0.2, not 1"),
+        ([0, 1000], np.array([[0, 0, 0], [2.5, 0, 0]]), "norm 2.5, not 1"),
         ([0, np.nan], np.eye(3)[:2], "NaN"),
     ],
 )

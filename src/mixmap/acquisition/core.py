@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,24 +148,21 @@ class Acquisition:
         """
         where = f"{source}: " if source != "arrays" else ""
         notes: list[str] = []
-        bvals = _read_bvals(bvals, units, where, notes)
-        vecs = _read_bvecs(bvecs, bvals, f"{bvec_source}: " if bvec_source else where, notes)
+        raw = np.asarray(bvals, dtype=np.float64).ravel()
+        bvals = _read_bvals(raw, units, where, notes)
+        vecs, bvals = _read_bvecs(bvecs, bvals, raw,
+                                  f"{bvec_source}: " if bvec_source else where, notes)
         return cls({"b": bvals, "direction": vecs}, source=source, notes=tuple(notes))
 
     @classmethod
     def from_fsl(cls, bval_file: str | Path, bvec_file: str | Path | None = None) -> Acquisition:
         """Read FSL-style ``.bval`` / ``.bvec`` text files."""
         bval_file = Path(bval_file)
-        bvals = _read_table(bval_file).ravel()
+        bvals = read_table(bval_file).ravel()
         bvecs = None
         if bvec_file is not None:
             bvec_file = Path(bvec_file)
-            bvecs = _read_table(bvec_file)
-            if bvecs.ndim == 1:
-                raise AcquisitionError(
-                    f"{bvec_file}: one row of {bvecs.size} numbers; a bvec file needs 3 rows "
-                    f"(x, y, z) with one column per volume"
-                )
+            bvecs = read_bvec_table(bvec_file, bvals.size)
         return cls.from_arrays(bvals, bvecs, source=str(bval_file),
                                bvec_source=str(bvec_file) if bvec_file is not None else None)
 
@@ -219,7 +217,9 @@ class Acquisition:
         """The acquisition written by :meth:`to_record` (its fingerprint is not checked)."""
         fields = {k: np.asarray(v) for k, v in rec.get("fields", {}).items()}
         if "bvals_ms_per_um2" in rec:
-            dwi = cls.from_arrays(np.asarray(rec["bvals_ms_per_um2"]), np.asarray(rec["bvecs"]),
+            # bvecs are stored (n, 3); passed as (3, n) so that a 3x3 table is not transposed
+            dwi = cls.from_arrays(np.asarray(rec["bvals_ms_per_um2"]),
+                                  np.asarray(rec["bvecs"], dtype=np.float64).reshape(-1, 3).T,
                                   units="ms/um2", source=source)
             if not fields:
                 return dwi
@@ -326,6 +326,23 @@ class Acquisition:
             h.update(np.round(self.fields[name].ravel() * 1000).astype(np.int64).tobytes())
         return h.hexdigest()[:16]
 
+    def same_scheme(self, other: Acquisition) -> bool:
+        """Whether ``other`` measures the same volumes in the same order: the same fields, b
+        within 1 s/mm², directions within 1e-3 per component (either sign), other fields
+        within 1e-3 of their unit. A tolerance, not :meth:`fingerprint`'s rounding, so a
+        scheme read back from files written with fewer digits still matches."""
+        if set(self.fields) != set(other.fields) or self.n != other.n:
+            return False
+        for name, a in self.fields.items():
+            b = other.fields[name]
+            if name == "direction":
+                gap = np.minimum(np.abs(a - b).max(axis=1), np.abs(a + b).max(axis=1))
+                if (gap > 1e-3).any():
+                    return False
+            elif not np.allclose(a, b, rtol=0, atol=1e-3):
+                return False
+        return True
+
     def describe(self) -> dict:
         out: dict = {"n_measurements": self.n}
         if self.is_diffusion:
@@ -351,15 +368,37 @@ class Acquisition:
 
     def save_fsl(self, bval_file: str | Path, bvec_file: str | Path) -> None:
         """Write FSL files (b in s/mm², 3 rows of directions)."""
-        np.savetxt(bval_file, (self.bvals * 1000)[None], fmt="%g")
-        np.savetxt(bvec_file, self.bvecs.T, fmt="%.6f")
+        np.savetxt(bval_file, (self.bvals * 1000)[None], fmt="%.10g")
+        np.savetxt(bvec_file, self.bvecs.T, fmt="%.10f")
 
 
-def _read_table(path: Path) -> np.ndarray:
+def read_bvec_table(path: Path, n: int) -> np.ndarray:
+    """A bvec file as a 2-D table: (3, n) FSL rows or (n, 3) columns as written; a single
+    volume's direction (3 numbers on one line or three) is (3, 1)."""
+    vecs = read_table(path)
+    if vecs.ndim == 1 and vecs.size == 3 and n == 1:
+        return vecs.reshape(3, 1)
+    if vecs.ndim == 1:
+        raise AcquisitionError(
+            f"{path}: one row of {vecs.size} numbers; a bvec file needs 3 rows (x, y, z) with "
+            f"one column per volume"
+        )
+    return vecs
+
+
+def read_table(path: Path) -> np.ndarray:
+    """A text table of numbers (FSL bval/bvec, MRtrix .b): 1-D for one row or column."""
     if not path.exists():
         raise AcquisitionError(f"{path}: file not found; check the path")
     try:
-        arr = np.loadtxt(path, dtype=np.float64, ndmin=1)
+        with warnings.catch_warnings():  # an empty file: said below, in one line
+            warnings.simplefilter("ignore", UserWarning)
+            arr = np.loadtxt(path, dtype=np.float64, ndmin=1)
+    except OSError as exc:
+        raise AcquisitionError(
+            f"{path}: cannot be read ({exc.strerror or exc}); check that it is a file you may "
+            f"read"
+        ) from None
     except ValueError as exc:
         raise AcquisitionError(
             f"{path}: not a table of numbers ({exc}); give an FSL-style text file"
@@ -407,47 +446,72 @@ def _read_bvals(bvals, units: str, where: str, notes: list[str]) -> np.ndarray:
     return bvals
 
 
-def _read_bvecs(bvecs, bvals: np.ndarray, vwhere: str, notes: list[str]) -> np.ndarray:
-    """(n, 3) unit directions (zero at b=0) from a (3, n) or (n, 3) table, or zeros."""
+def _read_bvecs(bvecs, bvals: np.ndarray, raw_bvals: np.ndarray, vwhere: str,
+                notes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """((n, 3) unit directions (zero at b=0), (n,) b-values) from a (3, n) or (n, 3) table,
+    or zeros. Two conventions for non-unit vectors are recognised and said in ``notes``:
+    vectors scaled by their b-value (norm = the file's b, normalised), and norms at most 1
+    that scale the b-value (b·|g|², MRtrix's b-value scaling of multi-shell and DSI schemes)."""
     n = bvals.size
     if bvecs is None:
-        vecs = np.zeros((n, 3))
+        return np.zeros((n, 3)), bvals
+    vecs = np.asarray(bvecs, dtype=np.float64)
+    if vecs.ndim != 2 or 3 not in vecs.shape:
+        raise AcquisitionError(
+            f"{vwhere}gradient directions have shape {vecs.shape}; expected 3 rows "
+            f"(FSL bvec) or 3 columns, one direction per volume"
+        )
+    if vecs.shape[0] == 3:
+        # FSL writes 3 rows (x, y, z); a 3x3 table is read that way too.
+        vecs = vecs.T
+        notes.append("bvecs as 3 rows (FSL)")
     else:
-        vecs = np.asarray(bvecs, dtype=np.float64)
-        if vecs.ndim != 2 or 3 not in vecs.shape:
-            raise AcquisitionError(
-                f"{vwhere}gradient directions have shape {vecs.shape}; expected 3 rows "
-                f"(FSL bvec) or 3 columns, one direction per volume"
-            )
-        if vecs.shape[0] == 3:
-            # FSL writes 3 rows (x, y, z); a 3x3 table is read that way too.
-            vecs = vecs.T
-            notes.append("bvecs as 3 rows (FSL)")
-        else:
-            notes.append("bvecs as 3 columns")
-        if vecs.shape[0] != n:
-            raise AcquisitionError(
-                f"{vwhere}{vecs.shape[0]} gradient directions but {n} b-values; "
-                f"give one bvec column per b-value"
-            )
-        if not np.all(np.isfinite(vecs)):
-            raise AcquisitionError(f"{vwhere}bvecs contain NaN or Inf; fix the bvec file")
-        vecs = vecs.copy()
-        dw = bvals > B0_THRESHOLD
-        norms = np.linalg.norm(vecs, axis=1)
-        bad = dw & (np.abs(norms - 1) > BVEC_NORM_TOLERANCE)
-        if np.any(bad):
-            i = int(np.flatnonzero(bad)[0])
-            raise AcquisitionError(
-                f"{vwhere}gradient direction {i} has norm {norms[i]:.3g}, not 1; "
-                f"give unit vectors (or b-value-scaled bvecs normalised to 1)"
-            )
-        if np.any(dw):
-            dev = float(np.abs(norms[dw] - 1).max())
-            notes.append(f"bvec norms within {dev:.2g} of 1, normalised")
-        vecs[dw] /= norms[dw, None]
-        vecs[~dw] = 0.0
-    return vecs
+        notes.append("bvecs as 3 columns")
+    if vecs.shape[0] != n:
+        raise AcquisitionError(
+            f"{vwhere}{vecs.shape[0]} gradient directions but {n} b-values; "
+            f"give one bvec column per b-value"
+        )
+    if not np.all(np.isfinite(vecs)):
+        raise AcquisitionError(f"{vwhere}bvecs contain NaN or Inf; fix the bvec file")
+    vecs = vecs.copy()
+    dw = bvals > B0_THRESHOLD
+    norms = np.linalg.norm(vecs, axis=1)
+    off = dw & (np.abs(norms - 1) > BVEC_NORM_TOLERANCE)
+    if np.any(off):
+        bvals = _scaled_vectors(norms, bvals, raw_bvals, dw, off, vwhere, notes)
+    elif np.any(dw):
+        dev = float(np.abs(norms[dw] - 1).max())
+        notes.append(f"bvec norms within {dev:.2g} of 1, normalised")
+    vecs[dw] /= norms[dw, None]
+    vecs[~dw] = 0.0
+    return vecs, bvals
+
+
+def _scaled_vectors(norms: np.ndarray, bvals: np.ndarray, raw_bvals: np.ndarray,
+                    dw: np.ndarray, off: np.ndarray, vwhere: str, notes: list[str]
+                    ) -> np.ndarray:
+    """The b-values for a table whose diffusion directions are not unit vectors: unchanged
+    when every norm equals its b-value as written (vectors scaled by b); times |g|² when no
+    norm exceeds 1 (b-value scaling); otherwise refused, naming the first bad direction."""
+    by_b = np.abs(norms[dw] - raw_bvals[dw]) <= 0.01 * raw_bvals[dw]
+    if np.all(by_b):
+        notes.append("bvecs scaled by their b-value, normalised")
+        return bvals
+    if np.all(norms[dw] <= 1 + BVEC_NORM_TOLERANCE) and np.all(norms[dw] > 1e-6):
+        scaled = bvals.copy()
+        scaled[dw] = bvals[dw] * np.minimum(norms[dw], 1.0) ** 2
+        notes.append(f"bvec norms below 1 ({norms[dw].min():.3g}-{norms[dw].max():.3g}) scale "
+                     f"the b-values: b·|g|² (MRtrix's b-value scaling)")
+        log.warning("%sgradient norms from %.3g to %.3g: b-values scaled by |g|² (the "
+                    "multi-shell/DSI convention); give unit vectors if that is not meant",
+                    vwhere, norms[dw].min(), norms[dw].max())
+        return scaled
+    i = int(np.flatnonzero(off)[0])
+    raise AcquisitionError(
+        f"{vwhere}gradient direction {i} has norm {norms[i]:.3g}, not 1; give unit vectors, "
+        f"vectors scaled by their b-value, or norms at most 1 that scale the b-value"
+    )
 
 
 def _to_tensor(a: np.ndarray, device, dtype) -> torch.Tensor:

@@ -239,9 +239,10 @@ class LearnedFitter(Fitter):
         if self.net is None or self.trained is None:
             raise RuntimeError(f"{self.name}: fit() or load_fitter() first; nothing is trained")
         signals = self._check_inputs(signals, acquisition)
-        if acquisition.fingerprint() != self.trained["fingerprint"]:
+        trained_acq = Acquisition.from_record(self.trained["acquisition"])
+        if not acquisition.same_scheme(trained_acq):
             if not allow_other_acquisition:
-                trained_n = Acquisition.from_record(self.trained["acquisition"]).n
+                trained_n = trained_acq.n
                 raise ValueError(
                     f"the acquisition (fingerprint {acquisition.fingerprint()}, "
                     f"{acquisition.n} measurements) differs from the one this model was trained "
