@@ -133,7 +133,7 @@ def _write_nifti(path, data, affine):
 
 def test_bad_input_matrix(scan, tmp_path):
     cases = bad_input_cases(scan, tmp_path)
-    assert len(cases) == 17
+    assert len(cases) == 24
     for case in cases:
         r = run("fit", *case.args)
         assert r.exit_code == 2, (case.name, r.output)

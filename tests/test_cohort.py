@@ -299,7 +299,7 @@ def test_bad_cohort_input_gives_one_line_and_writes_nothing(bids, tmp_path):
     plain = tmp_path / "dwi.nii.gz"
     shutil.copy(s1, plain)
     assert "not a BIDS name" in one_line_error(run("fit", plain, s1, "--out", out))
-    assert "give --bvals and --bvecs for a single scan" in one_line_error(
+    assert "(or an MRtrix --grad table) for a single scan" in one_line_error(
         run("fit", s1, "--out", out))
     # a subject that fails late in the checks (its mask is on another grid): no subject's maps
     nib.save(nib.Nifti1Image(np.ones((3, 3, 3), np.uint8), np.eye(4)),

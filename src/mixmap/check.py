@@ -61,14 +61,18 @@ def check_dataset(
     bvecs: str | Path | None,
     mask: str | Path | None = None,
     model: str | None = None,
+    *,
+    mask_threshold: float | None = None,
+    ignore_mask_affine: bool = False,
 ) -> CheckReport:
     """Load the dataset the way ``mixmap fit`` does and describe it.
 
     Errors that make the dataset unusable (unreadable files, count mismatches ...) propagate
     as the same one-line errors ``fit`` gives; problems that only rule out some models are
-    listed in the report.
+    listed in the report. ``bvecs`` None: ``bvals`` is an MRtrix gradient table.
     """
-    data = load_dwi(dwi, bvals, bvecs, mask)
+    data = load_dwi(dwi, bvals, bvecs, mask, mask_threshold=mask_threshold,
+                    ignore_mask_affine=ignore_mask_affine)
     acq = data.acquisition
     rep = CheckReport()
     zooms = tuple(float(z) for z in data.header.get_zooms()[:3])
@@ -84,6 +88,8 @@ def check_dataset(
     )
     if data.n_dropped:
         rep.lines.append(f"voxels left out for NaN/Inf: {data.n_dropped}")
+    for vol, why in data.dropped_volumes.items():
+        rep.lines.append(f"volume {vol} left out: {why}")
     neg = float((data.signals < 0).mean())
     if neg > 0:
         rep.lines.append(f"negative values: {100 * neg:.2f} % of the fitted data")

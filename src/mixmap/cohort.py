@@ -1,7 +1,7 @@
 """Cohorts: several scans, one shared model.
 
 A cohort is a list of DWI files, or a BIDS dataset folder (``sub-*/[ses-*/]dwi/*_dwi.nii.gz``).
-Its scans must share one acquisition (the same :meth:`Acquisition.fingerprint`): one model is
+Its scans must share one acquisition (:meth:`Acquisition.same_scheme`): one model is
 trained on the voxels of all of them, and each subject's maps are written in BIDS-derivative
 layout, ``OUT/sub-<label>/[ses-<label>/]dwi/<entities>_model-<m>_param-<p>_dwimap.nii.gz``, with
 the shared model once at ``OUT/model-<m>_method-<method>/`` and a summary in ``OUT/cohort.json``.
@@ -51,7 +51,16 @@ import numpy as np
 from mixmap import __version__
 from mixmap.acquisition import Acquisition
 from mixmap.fitting.base import FitResult, noise_sigma_from_repeats, signal_scale
-from mixmap.io import AtomicOutput, DWIData, InputError, bids_entities, existing_maps, load_dwi
+from mixmap.io import (
+    AtomicOutput,
+    DWIData,
+    InputError,
+    bids_entities,
+    existing_maps,
+    load_dwi,
+    load_image,
+)
+from mixmap.io.gradients import read_gradients
 from mixmap.io.naming import COHORT_JSON, cohort_loss_csv_name, model_folder
 from mixmap.io.output import command_line, loss_csv
 
@@ -73,10 +82,24 @@ class Scan:
     """One scan of a cohort: its files, and its BIDS entities (``sub-01_ses-2``)."""
 
     dwi: Path
-    bvals: Path
-    bvecs: Path
+    bvals: Path  # an FSL bval file, or an MRtrix .b table when bvecs is None
+    bvecs: Path | None
     mask: Path | None
     entities: str
+    mask_threshold: float | None = None
+    ignore_mask_affine: bool = False
+
+    def load(self) -> DWIData:
+        """The scan's voxels (:func:`~mixmap.io.load_dwi` with this scan's mask options)."""
+        return load_dwi(self.dwi, self.bvals, self.bvecs, self.mask,
+                        mask_threshold=self.mask_threshold,
+                        ignore_mask_affine=self.ignore_mask_affine)
+
+    def acquisition(self) -> Acquisition:
+        """The acquisition of the volumes its gradient files keep (the image's header only is
+        read, for the affine an MRtrix table needs)."""
+        return read_gradients(self.bvals, self.bvecs, load_image(self.dwi, "DWI").affine
+                              ).acquisition
 
     @property
     def subject(self) -> str:
@@ -212,13 +235,17 @@ def find_scans(
     *,
     bvals: Path | None = None,
     bvecs: Path | None = None,
+    grad: Path | None = None,
     mask_pattern: str | None = None,
+    mask_threshold: float | None = None,
+    ignore_mask_affine: bool = False,
 ) -> list[Scan]:
     """The scans of a cohort: ``inputs`` is one BIDS folder, or DWI files.
 
     Every scan needs BIDS entities in its name (``sub-<label>[_ses-<label>]..._dwi.nii.gz``),
     as they name its output folder, and no two scans may have the same. Gradient files are the
-    siblings unless ``bvals`` and ``bvecs`` are given (then they serve every scan).
+    siblings unless ``bvals`` and ``bvecs``, or an MRtrix table ``grad``, are given (then they
+    serve every scan, each in its own image's space).
     """
     inputs = [Path(p) for p in inputs]
     dirs = [p for p in inputs if p.is_dir()]
@@ -229,6 +256,8 @@ def find_scans(
         )
     root = dirs[0] if dirs else None
     files = discover_bids(root) if root is not None else inputs
+    if grad is not None and (bvals is not None or bvecs is not None):
+        raise ValueError("give --grad (an MRtrix table) or --bvals and --bvecs, not both")
     if (bvals is None) != (bvecs is None):
         raise ValueError("give both --bvals and --bvecs (used for every scan), or neither (each "
                          "scan's sibling .bval/.bvec are used)")
@@ -249,7 +278,9 @@ def find_scans(
                 f"needs its own sub-/ses-/run- labels"
             )
         seen[entities] = dwi
-        if bvals is not None:
+        if grad is not None:
+            bval, bvec = grad, None
+        elif bvals is not None:
             bval, bvec = bvals, bvecs
         else:
             bval, bvec = gradient_siblings(dwi)
@@ -259,19 +290,19 @@ def find_scans(
                         f"{f}: not found beside {dwi.name}; put {f.name} next to it, or give "
                         f"{opt} (one file for all scans)"
                     )
-        scans.append(Scan(dwi, Path(bval), Path(bvec), find_mask(dwi, root, mask_pattern),
-                          entities))
+        scans.append(Scan(dwi, Path(bval), None if bvec is None else Path(bvec),
+                          find_mask(dwi, root, mask_pattern), entities, mask_threshold,
+                          ignore_mask_affine))
     return scans
 
 
 def check_acquisitions(scans: Sequence[Scan]) -> Acquisition:
     """Read every scan's gradient files and refuse a cohort whose acquisitions differ (one
     shared model needs one scheme). Returns the common acquisition."""
-    first = Acquisition.from_fsl(scans[0].bvals, scans[0].bvecs)
-    ref = first.fingerprint()
+    first = scans[0].acquisition()
     for scan in scans[1:]:
-        acq = Acquisition.from_fsl(scan.bvals, scan.bvecs)
-        if acq.fingerprint() != ref:
+        acq = scan.acquisition()
+        if not acq.same_scheme(first):
             raise InputError(
                 f"{scan.bvals}: acquisition of {scan.dwi.name} ({_scheme_text(acq)}) differs "
                 f"from {scans[0].bvals.name} ({_scheme_text(first)}); one shared model needs one "
@@ -289,7 +320,7 @@ def load_cohort(scans: Sequence[Scan]) -> Cohort:
     """Load every scan (all inputs are read and checked before anything is fitted), after
     refusing scans whose acquisitions differ."""
     check_acquisitions(scans)
-    data = [load_dwi(scan.dwi, scan.bvals, scan.bvecs, scan.mask) for scan in scans]
+    data = [scan.load() for scan in scans]
     for scan, d in zip(scans, data, strict=True):  # after all loaded: an error stays one line
         log.info("%s: %d voxels × %d measurements%s", scan.dwi, *d.signals.shape,
                  "" if scan.mask else " (no mask: voxels with positive b=0 signal)")
@@ -360,7 +391,7 @@ def estimated_voxels(scans: Sequence[Scan]) -> int:
 
 
 def load_scan(scan: Scan) -> DWIData:
-    data = load_dwi(scan.dwi, scan.bvals, scan.bvecs, scan.mask)
+    data = scan.load()
     log.info("%s: %d voxels × %d measurements%s", scan.dwi, *data.signals.shape,
              "" if scan.mask else " (no mask: voxels with positive b=0 signal)")
     return data

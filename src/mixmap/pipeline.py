@@ -22,7 +22,15 @@ from mixmap import cohort as co
 from mixmap.acquisition import Acquisition
 from mixmap.fitting.base import FitResult
 from mixmap.fitting.learned import LearnedFitter, distributed
-from mixmap.io import AtomicOutput, DWIData, existing_maps, load_dwi, save_maps, stage_maps
+from mixmap.io import (
+    AtomicOutput,
+    DWIData,
+    OutputLock,
+    existing_maps,
+    load_dwi,
+    save_maps,
+    stage_maps,
+)
 from mixmap.io.naming import COHORT_JSON, checkpoint_name, model_folder
 from mixmap.io.nifti import bids_entities
 from mixmap.io.output import phase_seconds
@@ -53,8 +61,9 @@ def is_cohort(inputs: Sequence[Path]) -> bool:
 def _single_scan_gradients(bvals: Path | None, bvecs: Path | None,
                            mask_pattern: str | None) -> None:
     if bvals is None or bvecs is None:
-        raise ValueError("give --bvals and --bvecs for a single scan (several scans or a BIDS "
-                         "folder use each scan's sibling .bval/.bvec)")
+        raise ValueError("give --bvals and --bvecs (or an MRtrix --grad table) for a single "
+                         "scan (several scans or a BIDS folder use each scan's sibling "
+                         ".bval/.bvec)")
     if mask_pattern is not None:
         raise ValueError("--mask-pattern is for several scans or a BIDS folder; give --mask for "
                          "a single scan")
@@ -120,11 +129,16 @@ def use_checkpoint(fitter, ckpt: Path, resume: bool) -> None:
                      "continue it)", ckpt)
 
 
-def fit_scan(fitter, dwi: Path, bvals: Path, bvecs: Path, mask: Path | None, *, out: Path,
-             seed: int, force: bool, save_model: bool, resume: bool) -> list[Path]:
-    """Load one scan, fit it, write its maps (and a learned fitter's model) to ``out``.
+def fit_scan(fitter, dwi: Path, bvals: Path, bvecs: Path | None, mask: Path | None, *,
+             out: Path, seed: int, force: bool, save_model: bool, resume: bool,
+             mask_threshold: float | None = None, ignore_mask_affine: bool = False
+             ) -> list[Path]:
+    """Load one scan (:func:`~mixmap.io.load_dwi`: ``bvecs`` None for an MRtrix table in
+    ``bvals``; the mask options), fit it, write its maps (and a learned fitter's model) to
+    ``out``.
 
-    OUT is checked for this model's maps before the fit, not after it. Returns the written map
+    OUT is checked for this model's maps before the fit, not after it, and held
+    (:class:`~mixmap.io.OutputLock`) until the maps are written. Returns the written map
     paths ([] on a torchrun process other than the main one).
     """
     model, method = fitter.model.name, fitter.name
@@ -134,44 +148,59 @@ def fit_scan(fitter, dwi: Path, bvals: Path, bvecs: Path, mask: Path | None, *, 
             f"{out}: already holds {model} maps ({clash[0].name} ...); use --force to overwrite "
             f"them or choose another --out"
         )
-    data = load_dwi(dwi, bvals, bvecs, mask)
+    data = load_dwi(dwi, bvals, bvecs, mask, mask_threshold=mask_threshold,
+                    ignore_mask_affine=ignore_mask_affine)
     check_supported(model, data.acquisition, bvals)
     log.info("%s: %d voxels × %d measurements", dwi, *data.signals.shape)
     scope = bids_entities(dwi) or "scan"
-    use_checkpoint(fitter, out / checkpoint_name(scope, model, method), resume)
-    result = fitter.fit(data.signals, data.acquisition)
-    if not distributed.is_main():
-        return []
-    extra = {"DroppedVoxels": data.n_dropped, "Seed": seed,
-             "InputChecksums": input_checksums(dwi=dwi, bvals=bvals, bvecs=bvecs, mask=mask)}
-    written = save_timed(result, data, out, force=force, extra=extra)
-    learned = isinstance(fitter, LearnedFitter)
-    if save_model and learned:
-        with AtomicOutput(out, force=force) as w:
-            fitter.save(w.path(model_folder(model, method)))
-    if learned:
-        fitter.finish_checkpoint()
+    with OutputLock(out, enabled=distributed.is_main()):
+        use_checkpoint(fitter, out / checkpoint_name(scope, model, method), resume)
+        result = fitter.fit(data.signals, data.acquisition)
+        if not distributed.is_main():
+            return []
+        extra = {**dropped_record(data), "Seed": seed,
+                 "InputChecksums": input_checksums(dwi=dwi, bvals=bvals, bvecs=bvecs,
+                                                   mask=mask)}
+        written = save_timed(result, data, out, force=force, extra=extra)
+        learned = isinstance(fitter, LearnedFitter)
+        if save_model and learned:
+            with AtomicOutput(out, force=force) as w:
+                fitter.save(w.path(model_folder(model, method)))
+        if learned:
+            fitter.finish_checkpoint()
     return written
 
 
-def apply_scan(model_file: Path, dwi: Path, bvals: Path, bvecs: Path, mask: Path | None, *,
-               out: Path, device: str, force: bool,
-               allow_other_acquisition: bool) -> list[Path]:
+def dropped_record(data: DWIData) -> dict:
+    """What fit.json records of the input left out: ``DroppedVoxels`` (a count) and, where any,
+    ``DroppedVolumes`` (``{volume index in the file: reason}``)."""
+    out: dict = {"DroppedVoxels": data.n_dropped}
+    if data.dropped_volumes:
+        out["DroppedVolumes"] = {str(k): v for k, v in data.dropped_volumes.items()}
+    return out
+
+
+def apply_scan(model_file: Path, dwi: Path, bvals: Path, bvecs: Path | None,
+               mask: Path | None, *, out: Path, device: str, force: bool,
+               allow_other_acquisition: bool, mask_threshold: float | None = None,
+               ignore_mask_affine: bool = False) -> list[Path]:
     """Map one scan with the trained model saved at ``model_file`` (no training) and write the
     maps to ``out``. Returns the written map paths ([] on a non-main torchrun process)."""
     from mixmap.fitting import load_fitter
 
     fitter = load_fitter(model_file, device=device)
-    data = load_dwi(dwi, bvals, bvecs, mask)
+    data = load_dwi(dwi, bvals, bvecs, mask, mask_threshold=mask_threshold,
+                    ignore_mask_affine=ignore_mask_affine)
     check_supported(fitter.model.name, data.acquisition, bvals)
-    result = fitter.apply(data.signals, data.acquisition,
-                          allow_other_acquisition=allow_other_acquisition)
-    if not distributed.is_main():
-        return []
-    extra = {"TrainedModel": str(model_file),
-             "InputChecksums": input_checksums(model=model_file, dwi=dwi, bvals=bvals,
-                                               bvecs=bvecs, mask=mask)}
-    return save_timed(result, data, out, force=force, extra=extra)
+    with OutputLock(out, enabled=distributed.is_main()):
+        result = fitter.apply(data.signals, data.acquisition,
+                              allow_other_acquisition=allow_other_acquisition)
+        if not distributed.is_main():
+            return []
+        extra = {"TrainedModel": str(model_file), **dropped_record(data),
+                 "InputChecksums": input_checksums(model=model_file, dwi=dwi, bvals=bvals,
+                                                   bvecs=bvecs, mask=mask)}
+        return save_timed(result, data, out, force=force, extra=extra)
 
 
 # ------------------------------------------------------------------------------- a cohort
@@ -187,7 +216,7 @@ class _CohortRun:
 
     def stage(self, w: AtomicOutput, scan: co.Scan, data: DWIData, result: FitResult,
               scale: float) -> list[str]:
-        extra = {"DroppedVoxels": data.n_dropped, "Seed": self.seed, "CohortSignalScale": scale,
+        extra = {**dropped_record(data), "Seed": self.seed, "CohortSignalScale": scale,
                  "Cohort": COHORT_JSON, "TrainedModel": self.model_dir,
                  "InputChecksums": input_checksums(dwi=scan.dwi, bvals=scan.bvals,
                                                    bvecs=scan.bvecs, mask=scan.mask)}
@@ -259,17 +288,20 @@ def _fit_streamed(run: _CohortRun, out: Path, force: bool, budget: int) -> list[
 
 def fit_cohort(fitter, inputs: Sequence[Path], bvals: Path | None, bvecs: Path | None,
                mask_pattern: str | None, *, out: Path, seed: int, force: bool,
-               save_model: bool, resume: bool,
-               train_voxels: int | None = None) -> tuple[list[str], int]:
+               save_model: bool, resume: bool, train_voxels: int | None = None,
+               **scan_options) -> tuple[list[str], int]:
     """Fit one shared model to a cohort (see :mod:`mixmap.cohort`) and write every subject's
     maps, the model and ``cohort.json`` in one atomic step.
 
     Every input is found and checked, and OUT checked, before the (long) fit. A cohort of more
     than ``train_voxels`` voxels (default :data:`mixmap.cohort.TRAIN_VOXELS`) is streamed.
-    Returns (map paths relative to ``out``, number of scans); no maps on a non-main process.
+    ``scan_options``: ``grad``, ``mask_threshold``, ``ignore_mask_affine`` of
+    :func:`mixmap.cohort.find_scans`. Returns (map paths relative to ``out``, number of
+    scans); no maps on a non-main process.
     """
     model, method = fitter.model.name, fitter.name
-    scans = co.find_scans(inputs, bvals=bvals, bvecs=bvecs, mask_pattern=mask_pattern)
+    scans = co.find_scans(inputs, bvals=bvals, bvecs=bvecs, mask_pattern=mask_pattern,
+                          **scan_options)
     acq = co.check_acquisitions(scans)
     check_supported(model, acq, scans[0].bvals)
     learned = isinstance(fitter, LearnedFitter)
@@ -280,20 +312,22 @@ def fit_cohort(fitter, inputs: Sequence[Path], bvals: Path | None, bvecs: Path |
     if budget < 1:
         raise ValueError(f"--train-voxels {train_voxels}: give a positive number of voxels")
     streamed = co.estimated_voxels(scans) > budget
-    use_checkpoint(fitter, out / checkpoint_name("cohort", model, method), resume)
-    run = _CohortRun(fitter, scans, acq, seed, model_dir)
-    written = _fit_streamed(run, out, force, budget) if streamed else _fit_pooled(run, out,
-                                                                                  force)
-    if written is None:
-        return [], len(scans)
-    if learned:
-        fitter.finish_checkpoint()
+    with OutputLock(out, enabled=distributed.is_main()):
+        use_checkpoint(fitter, out / checkpoint_name("cohort", model, method), resume)
+        run = _CohortRun(fitter, scans, acq, seed, model_dir)
+        written = (_fit_streamed(run, out, force, budget) if streamed
+                   else _fit_pooled(run, out, force))
+        if written is None:
+            return [], len(scans)
+        if learned:
+            fitter.finish_checkpoint()
     return written, len(scans)
 
 
 def apply_cohort(model_file: Path, inputs: Sequence[Path], bvals: Path | None,
                  bvecs: Path | None, mask_pattern: str | None, *, out: Path, device: str,
-                 force: bool, allow_other_acquisition: bool) -> tuple[list[str], int]:
+                 force: bool, allow_other_acquisition: bool, **scan_options
+                 ) -> tuple[list[str], int]:
     """Map every scan of a cohort with the trained model at ``model_file``, one scan in memory
     at a time, into ``OUT/sub-<label>/[ses-<label>/]dwi/``. Every scan's acquisition is checked
     against the training one before any is mapped. Returns (map paths relative to ``out``,
@@ -301,11 +335,13 @@ def apply_cohort(model_file: Path, inputs: Sequence[Path], bvals: Path | None,
     from mixmap.fitting import load_fitter
 
     fitter = load_fitter(model_file, device=device)
-    scans = co.find_scans(inputs, bvals=bvals, bvecs=bvecs, mask_pattern=mask_pattern)
+    scans = co.find_scans(inputs, bvals=bvals, bvecs=bvecs, mask_pattern=mask_pattern,
+                          **scan_options)
     for scan in scans:
-        acq = Acquisition.from_fsl(scan.bvals, scan.bvecs)
+        acq = scan.acquisition()
         check_supported(fitter.model.name, acq, scan.bvals)
-        if acq.fingerprint() != fitter.trained["fingerprint"] and not allow_other_acquisition:
+        if (not acq.same_scheme(Acquisition.from_record(fitter.trained["acquisition"]))
+                and not allow_other_acquisition):
             raise ValueError(
                 f"{scan.bvals}: the acquisition of {scan.dwi.name} differs from the one this "
                 f"model was trained on ({model_file}); retrain on these scans, or pass "
@@ -313,12 +349,12 @@ def apply_cohort(model_file: Path, inputs: Sequence[Path], bvals: Path | None,
             )
     co.check_outputs(out, scans, fitter.model.name, force=force)
     written: list[str] = []  # a scan that fails to load leaves nothing written
-    with AtomicOutput(out, force=force) as w:
+    with OutputLock(out, enabled=distributed.is_main()), AtomicOutput(out, force=force) as w:
         for scan, d, res in co.map_scans(fitter, scans, trained=True,
                                          allow_other_acquisition=allow_other_acquisition):
             if distributed.is_main():
                 written += stage_maps(w, res, d, scan.folder, extra={
-                    "TrainedModel": str(model_file),
+                    "TrainedModel": str(model_file), **dropped_record(d),
                     "InputChecksums": input_checksums(model=model_file, dwi=scan.dwi,
                                                       bvals=scan.bvals, bvecs=scan.bvecs,
                                                       mask=scan.mask)})
@@ -326,41 +362,67 @@ def apply_cohort(model_file: Path, inputs: Sequence[Path], bvals: Path | None,
 
 
 # ------------------------------------------------------------------------------- dispatch
+def _gradient_files(inputs: Sequence[Path], bvals: Path | None, bvecs: Path | None,
+                    grad: Path | None, mask_pattern: str | None
+                    ) -> tuple[Path | None, Path | None]:
+    """(bvals, bvecs) for one scan (an MRtrix ``grad`` table as bvals, bvecs None), checked;
+    a cohort's gradient files are found per scan (:func:`mixmap.cohort.find_scans`)."""
+    if grad is not None and (bvals is not None or bvecs is not None):
+        raise ValueError("give --grad (an MRtrix table) or --bvals and --bvecs, not both")
+    if is_cohort(inputs):
+        return bvals, bvecs
+    if grad is not None:
+        _single_scan_gradients(grad, grad, mask_pattern)  # only the --mask-pattern check
+        return grad, None
+    _single_scan_gradients(bvals, bvecs, mask_pattern)
+    return bvals, bvecs
+
+
 def fit_inputs(fitter, inputs: Sequence[Path], *, bvals: Path | None, bvecs: Path | None,
                mask: Path | None, mask_pattern: str | None, out: Path, seed: int, force: bool,
-               save_model: bool, resume: bool, train_voxels: int | None) -> Written:
+               save_model: bool, resume: bool, train_voxels: int | None,
+               grad: Path | None = None, mask_threshold: float | None = None,
+               ignore_mask_affine: bool = False) -> Written:
     """``mixmap fit``: one DWI file -> :func:`fit_scan`; several, or a BIDS folder ->
-    :func:`fit_cohort`. Options that do not apply to the chosen path are refused."""
+    :func:`fit_cohort`. Options that do not apply to the chosen path are refused. ``grad``:
+    an MRtrix gradient table instead of ``bvals``/``bvecs``."""
     if resume and not isinstance(fitter, LearnedFitter):
         raise ValueError(f"--resume applies to learned methods, not --method {fitter.name}")
+    bvals, bvecs = _gradient_files(inputs, bvals, bvecs, grad, mask_pattern)
+    masks = {"mask_threshold": mask_threshold, "ignore_mask_affine": ignore_mask_affine}
     if is_cohort(inputs):
         _refuse_single_mask(mask)
         maps, n_scans = fit_cohort(fitter, inputs, bvals, bvecs, mask_pattern, out=out,
                                    seed=seed, force=force, save_model=save_model,
-                                   resume=resume, train_voxels=train_voxels)
+                                   resume=resume, train_voxels=train_voxels, grad=grad,
+                                   **masks)
         return Written(maps, n_scans)
-    _single_scan_gradients(bvals, bvecs, mask_pattern)
     if train_voxels is not None:
         raise ValueError("--train-voxels is for several scans or a BIDS folder; a single scan "
                          "always trains on all its voxels")
     return Written(fit_scan(fitter, inputs[0], bvals, bvecs, mask, out=out, seed=seed,
-                            force=force, save_model=save_model, resume=resume))
+                            force=force, save_model=save_model, resume=resume, **masks))
 
 
 def apply_inputs(model_file: Path, inputs: Sequence[Path], *, bvals: Path | None,
                  bvecs: Path | None, mask: Path | None, mask_pattern: str | None, out: Path,
-                 device: str, force: bool, allow_other_acquisition: bool) -> Written:
+                 device: str, force: bool, allow_other_acquisition: bool,
+                 grad: Path | None = None, mask_threshold: float | None = None,
+                 ignore_mask_affine: bool = False) -> Written:
     """``mixmap apply``: one DWI file -> :func:`apply_scan`; several, or a BIDS folder ->
     :func:`apply_cohort`."""
+    bvals, bvecs = _gradient_files(inputs, bvals, bvecs, grad, mask_pattern)
+    masks = {"mask_threshold": mask_threshold, "ignore_mask_affine": ignore_mask_affine}
     if is_cohort(inputs):
         _refuse_single_mask(mask)
         maps, n_scans = apply_cohort(model_file, inputs, bvals, bvecs, mask_pattern, out=out,
                                      device=device, force=force,
-                                     allow_other_acquisition=allow_other_acquisition)
+                                     allow_other_acquisition=allow_other_acquisition,
+                                     grad=grad, **masks)
         return Written(maps, n_scans)
-    _single_scan_gradients(bvals, bvecs, mask_pattern)
     return Written(apply_scan(model_file, inputs[0], bvals, bvecs, mask, out=out, device=device,
-                              force=force, allow_other_acquisition=allow_other_acquisition))
+                              force=force, allow_other_acquisition=allow_other_acquisition,
+                              **masks))
 
 
 __all__ = [

@@ -23,8 +23,8 @@ def _nifti(path: Path, data, affine) -> Path:
     return path
 
 
-def _txt(path: Path, arr) -> Path:
-    np.savetxt(path, np.atleast_2d(arr), fmt="%g")
+def _txt(path: Path, arr, fmt: str = "%g") -> Path:
+    np.savetxt(path, np.atleast_2d(arr), fmt=fmt)
     return path
 
 
@@ -47,6 +47,15 @@ def bad_input_cases(scan: Path, tmp: Path) -> list[BadCase]:
     (tmp / "text.nii.gz").write_text("not an image")
     neg_b = b.copy()
     neg_b[1] = -1000
+    whole = (scan / "dwi.nii.gz").read_bytes()
+    (tmp / "cut.nii.gz").write_bytes(whole[: len(whole) // 2])
+    flipped = bytearray(whole)
+    flipped[len(whole) // 2: len(whole) // 2 + 64] = bytes(64)
+    (tmp / "corrupt.nii.gz").write_bytes(bytes(flipped))
+    (tmp / "empty.bval").write_text("")
+    (tmp / "folder.bval").mkdir(exist_ok=True)
+    moved = aff.copy()
+    moved[:3, 3] += 40
     one_shell = b.copy()
     one_shell[one_shell > 1500] = 1000
     specs = [
@@ -72,6 +81,19 @@ def bad_input_cases(scan: Path, tmp: Path) -> list[BadCase]:
                              "mask": None}, "no voxel to fit"),
         ("negative signal", {"dwi": _nifti(tmp / "negsig.nii.gz", -np.abs(data) - 1, aff)},
          "zero or negative in every fitted voxel"),
+        ("truncated .nii.gz (download cut short)", {"dwi": tmp / "cut.nii.gz"},
+         "cut.nii.gz: the image data cannot be read"),
+        ("corrupt .nii.gz (bytes overwritten)", {"dwi": tmp / "corrupt.nii.gz"},
+         "corrupt.nii.gz: the image data cannot be read"),
+        ("empty bval file", {"bvals": tmp / "empty.bval"}, "empty.bval: file is empty"),
+        ("unreadable bval (a folder)", {"bvals": tmp / "folder.bval"},
+         "folder.bval: cannot be read"),
+        ("every DW volume without a direction", {"bvecs": _txt(tmp / "zero.bvec", v * 0)},
+         "zero.bvec: no volume at b > 0 has a gradient direction"),
+        ("4-D mask of 3 volumes", {"mask": _nifti(tmp / "m3.nii.gz", np.ones(
+            (*data.shape[:3], 3), np.uint8), aff)}, "m3.nii.gz: a 4-D mask of 3 volumes"),
+        ("mask 40 mm away (another space)", {"mask": _nifti(tmp / "far.nii.gz", np.ones(
+            data.shape[:3], np.uint8), moved)}, "far.nii.gz: its affine puts voxels up to"),
         ("MSDKI with one shell", {"bvals": _txt(tmp / "one.bval", one_shell)},
          "one.bval: MSDKI needs at least 2"),
         ("unknown model", {"model": "dti9"}, "unknown model 'dti9'"),
@@ -92,6 +114,166 @@ def bad_input_cases(scan: Path, tmp: Path) -> list[BadCase]:
             args += ["--mask", str(a["mask"])]
         cases.append(BadCase(name, tuple(args), message, out))
     return cases
+
+
+@dataclass(frozen=True)
+class RealWorldCase:
+    """An input as scanners and tools write it that must fit like the clean scan: ``args`` of
+    `mixmap fit` (without "fit", ``--out`` and ``--model``), the largest relative difference
+    allowed between its D and K maps and the clean input's (RMS over the mask, relative to the
+    RMS of the clean map), and why that tolerance."""
+
+    name: str
+    args: tuple[str, ...]
+    tolerance: float
+    why: str
+
+
+#: Maps of the same signals read the same way: only float rounding may differ.
+SAME = 1e-4
+
+
+def real_world_cases(scan: Path, tmp: Path) -> list[RealWorldCase]:
+    """Variants of a clean scan folder (as for :func:`bad_input_cases`) that mixmap must fit
+    to the same maps as the clean input, each within its stated tolerance. Files are made in
+    ``tmp``."""
+    scan, tmp = Path(scan), Path(tmp)
+    img = nib.load(str(scan / "dwi.nii.gz"))
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    aff = img.affine
+    b = np.loadtxt(scan / "dwi.bval")
+    v = np.loadtxt(scan / "dwi.bvec")
+    mask = np.asarray(nib.load(str(scan / "mask.nii.gz")).dataobj) > 0
+    dwi, bval, bvec, msk = (scan / "dwi.nii.gz", scan / "dwi.bval", scan / "dwi.bvec",
+                            scan / "mask.nii.gz")
+    rng = np.random.default_rng(0)
+    dw = b > 50
+    cases: list[tuple] = []
+
+    def case(name, tolerance, why, *, dwi_=dwi, bval_=bval, bvec_=bvec, mask_=msk, extra=()):
+        grads = ("--grad", str(bval_)) if bvec_ is None else ("--bvals", str(bval_),
+                                                              "--bvecs", str(bvec_))
+        cases.append(RealWorldCase(name, (str(dwi_), *grads, "--mask", str(mask_), *extra),
+                                   tolerance, why))
+
+    jitter = np.where(dw, b + rng.integers(-6, 7, b.size), b)
+    case("jittered shells (b ± 6 s/mm²)", 0.02, "each volume's own b is in the physics",
+         bval_=_txt(tmp / "jitter.bval", jitter))
+    b5 = np.where(dw, b, 5.0)
+    case("b0 volumes written as b=5", 0.02, "b=5 is in the physics (S0·e^(-0.005·D))",
+         bval_=_txt(tmp / "b5.bval", b5))
+    case("bvals as one column", SAME, "same values", bval_=_col(tmp / "col.bval", b))
+    case("bvecs as 3 columns", SAME, "same values", bvec_=_col(tmp / "col.bvec", v.T))
+    case("bvecs scaled by the b-value", SAME, "normalised",
+         bvec_=_txt(tmp / "bscaled.bvec", v * np.where(dw, b, 0)))
+    bmax = b.max()
+    case("b-value scaling (one b, norms ≤ 1)", SAME, "b·|g|² = the clean b",
+         bval_=_txt(tmp / "bmax.bval", np.where(dw, bmax, b)),
+         bvec_=_txt(tmp / "normscaled.bvec", v / np.where(dw, np.linalg.norm(v, axis=0), 1)
+                    * np.sqrt(np.where(dw, b, bmax) / bmax), "%.9f"))
+    trace = np.exp(np.log(np.clip(data[..., b == b.max()], 1e-6, None)).mean(-1))
+    case("a trace volume (b>0, zero bvec) appended", SAME, "dropped with a message",
+         dwi_=_nifti(tmp / "trace.nii.gz", np.concatenate([data, trace[..., None]], -1), aff),
+         bval_=_txt(tmp / "trace.bval", np.append(b, bmax)),
+         bvec_=_txt(tmp / "trace.bvec", np.concatenate([v, np.zeros((3, 1))], 1)))
+    oblique = _rotation(aff, 25.0)
+    case("MRtrix .b table (--grad), oblique image", SAME, "scanner directions to image axes",
+         dwi_=_nifti(tmp / "oblique.nii.gz", data, oblique),
+         bval_=_mrtrix(tmp / "dwi.b", b, v, oblique), bvec_=None,
+         mask_=_nifti(tmp / "oblique_mask.nii.gz", mask.astype(np.uint8), oblique))
+    scale = float(np.abs(data).max()) / 30000
+    q = nib.Nifti1Image(np.round(data / scale).astype(np.int16), aff)
+    q.header.set_slope_inter(scale, 0.0)
+    nib.save(q, str(tmp / "int16.nii.gz"))
+    case("int16 data with a scale factor", 0.01, "quantised to 1/30000 of the largest value",
+         dwi_=tmp / "int16.nii.gz")
+    big = nib.Nifti1Image(data.astype(">f4"), aff)
+    nib.save(big, str(tmp / "bigendian.nii.gz"))
+    case("big-endian NIfTI", SAME, "same values", dwi_=tmp / "bigendian.nii.gz")
+    case("uncompressed .nii", SAME, "same values",
+         dwi_=_nifti(tmp / "plain.nii", data, aff))
+    odd = nib.Nifti1Image(data, aff)
+    shifted = aff.copy()
+    shifted[:3, 3] += 40
+    odd.header.set_qform(shifted, code=1)
+    odd.header.set_sform(aff, code=2)
+    nib.save(odd, str(tmp / "qsform.nii.gz"))
+    case("qform 40 mm from the sform", SAME, "the sform used, written to both",
+         dwi_=tmp / "qsform.nii.gz")
+    case("probabilistic mask (0.9 in, 0.2 out)", SAME, "voxels ≥ 0.5",
+         mask_=_nifti(tmp / "prob.nii.gz", np.where(mask, 0.9, 0.2).astype(np.float32), aff))
+    case("4-D mask of one volume", SAME, "its one volume",
+         mask_=_nifti(tmp / "mask4d.nii.gz", mask[..., None].astype(np.uint8), aff))
+    case("probabilistic mask, --mask-threshold 0.8", SAME, "voxels ≥ 0.8",
+         mask_=_nifti(tmp / "prob2.nii.gz", np.where(mask, 0.85, 0.6).astype(np.float32), aff),
+         extra=("--mask-threshold", "0.8"))
+    moved = aff.copy()
+    moved[:3, 3] += 40
+    case("mask 40 mm away, --ignore-mask-affine", SAME, "used voxel by voxel as asked",
+         mask_=_nifti(tmp / "moved.nii.gz", mask.astype(np.uint8), moved),
+         extra=("--ignore-mask-affine",))
+    nan_vol = data.copy()
+    nan_vol[..., int(np.flatnonzero(dw)[3])] = np.nan
+    case("a NaN volume", 0.02, "dropped with a message (one DW volume fewer)",
+         dwi_=_nifti(tmp / "nanvol.nii.gz", nan_vol, aff))
+    zero_vol = data.copy()
+    zero_vol[..., int(np.flatnonzero(dw)[5])] = 0
+    case("an all-zero volume", 0.02, "dropped with a message (one DW volume fewer)",
+         dwi_=_nifti(tmp / "zerovol.nii.gz", zero_vol, aff))
+    return cases
+
+
+def map_difference(maps: Path, clean: Path, params=("D", "K")) -> float:
+    """The largest over ``params`` of RMS(map − clean map) / RMS(clean map) over the voxels
+    both fitted; inf where a map is missing or the masks differ."""
+    from mixmap.io.naming import parse_map_name
+
+    worst = 0.0
+    for p in params:
+        a = [f for f in Path(maps).glob("*_dwimap.nii*") if _is_param(f, p, parse_map_name)]
+        c = [f for f in Path(clean).glob("*_dwimap.nii*") if _is_param(f, p, parse_map_name)]
+        if len(a) != 1 or len(c) != 1:
+            return float("inf")
+        x = np.asarray(nib.load(str(a[0])).dataobj, np.float64)
+        y = np.asarray(nib.load(str(c[0])).dataobj, np.float64)
+        if x.shape != y.shape or not np.array_equal(np.isfinite(x), np.isfinite(y)):
+            return float("inf")
+        ok = np.isfinite(y)
+        rel = np.sqrt(np.mean((x[ok] - y[ok]) ** 2)) / max(np.sqrt(np.mean(y[ok] ** 2)), 1e-12)
+        worst = max(worst, float(rel))
+    return worst
+
+
+def _is_param(path: Path, param: str, parse) -> bool:
+    name = parse(path.name)
+    return name is not None and name.param == param and not name.desc
+
+
+def _col(path: Path, arr) -> Path:
+    """One value (or one row of a table) per line."""
+    np.savetxt(path, np.asarray(arr).reshape(len(arr), -1), fmt="%.8g")
+    return path
+
+
+def _rotation(affine: np.ndarray, degrees: float) -> np.ndarray:
+    """``affine`` turned by ``degrees`` about the scanner's z and x axes (an oblique scan)."""
+    t = np.deg2rad(degrees)
+    rz = np.array([[np.cos(t), -np.sin(t), 0], [np.sin(t), np.cos(t), 0], [0, 0, 1]])
+    rx = np.array([[1, 0, 0], [0, np.cos(t), -np.sin(t)], [0, np.sin(t), np.cos(t)]])
+    out = np.array(affine, dtype=np.float64)
+    out[:3, :3] = rx @ rz @ out[:3, :3]
+    return out
+
+
+def _mrtrix(path: Path, b: np.ndarray, bvecs: np.ndarray, affine: np.ndarray) -> Path:
+    """An MRtrix ``.b`` table of the FSL gradients (3 × n bvecs) of an image of ``affine``."""
+    from mixmap.io.gradients import fsl_to_mrtrix
+
+    g = fsl_to_mrtrix(np.asarray(bvecs).T, affine)
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write("# command_history: written by mixmap.testing\n")
+        np.savetxt(fh, np.column_stack([g, b]), fmt="%.8g")
+    return path
 
 
 def left_behind(out: Path) -> list[str]:

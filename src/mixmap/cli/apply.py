@@ -6,7 +6,16 @@ from pathlib import Path
 
 import typer
 
-from mixmap.cli.common import COHORT_HELP, MASK_PATTERN_HELP, Device, handle_errors, setup_logging
+from mixmap.cli.common import (
+    COHORT_HELP,
+    GRAD_HELP,
+    IGNORE_MASK_AFFINE_HELP,
+    MASK_PATTERN_HELP,
+    MASK_THRESHOLD_HELP,
+    Device,
+    handle_errors,
+    setup_logging,
+)
 
 
 @handle_errors
@@ -16,8 +25,11 @@ def apply(
     bvals: Path | None = typer.Option(
         None, help="FSL bval file. Several scans: optional (default: sibling x_dwi.bval)."),
     bvecs: Path | None = typer.Option(None, help="FSL bvec file. Several scans: like --bvals."),
+    grad: Path | None = typer.Option(None, help=GRAD_HELP),
     mask: Path | None = typer.Option(None, help="3-D brain mask on the DWI grid (one scan)."),
     mask_pattern: str | None = typer.Option(None, help=MASK_PATTERN_HELP),
+    mask_threshold: float | None = typer.Option(None, help=MASK_THRESHOLD_HELP),
+    ignore_mask_affine: bool = typer.Option(False, help=IGNORE_MASK_AFFINE_HELP),
     out: Path = typer.Option(..., help="Output folder for the maps."),
     device: Device = typer.Option(Device.cpu, help="auto | cpu | cuda | mps"),
     force: bool = typer.Option(False, help="Overwrite existing maps."),
@@ -38,6 +50,8 @@ def apply(
     setup_logging(quiet)
     written = pipeline.apply_inputs(model_file, dwi, bvals=bvals, bvecs=bvecs, mask=mask,
                                     mask_pattern=mask_pattern, out=out, device=device.value,
-                                    force=force, allow_other_acquisition=allow_other_acquisition)
+                                    force=force, allow_other_acquisition=allow_other_acquisition,
+                                    grad=grad, mask_threshold=mask_threshold,
+                                    ignore_mask_affine=ignore_mask_affine)
     if not quiet and written.maps:
         typer.echo(written.summary(out))

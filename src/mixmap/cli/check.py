@@ -6,15 +6,24 @@ from pathlib import Path
 
 import typer
 
-from mixmap.cli.common import handle_errors, setup_logging
+from mixmap.cli.common import (
+    GRAD_HELP,
+    IGNORE_MASK_AFFINE_HELP,
+    MASK_THRESHOLD_HELP,
+    handle_errors,
+    setup_logging,
+)
 
 
 @handle_errors
 def check(
     dwi: Path = typer.Argument(..., help="4-D DWI NIfTI."),
-    bvals: Path = typer.Option(..., help="FSL bval file."),
-    bvecs: Path = typer.Option(..., help="FSL bvec file."),
+    bvals: Path | None = typer.Option(None, help="FSL bval file."),
+    bvecs: Path | None = typer.Option(None, help="FSL bvec file."),
+    grad: Path | None = typer.Option(None, help=GRAD_HELP),
     mask: Path | None = typer.Option(None, help="3-D brain mask on the DWI grid."),
+    mask_threshold: float | None = typer.Option(None, help=MASK_THRESHOLD_HELP),
+    ignore_mask_affine: bool = typer.Option(False, help=IGNORE_MASK_AFFINE_HELP),
     model: str | None = typer.Option(None, help="Check this model only."),
 ) -> None:
     """Validate a dataset before fitting: shape, voxel size, b=0 count, shells, units, bvec
@@ -28,7 +37,13 @@ def check(
     setup_logging(True)
     if model:
         get_model(model)
-    report = check_dataset(dwi, bvals, bvecs, mask, model)
+    if grad is not None and (bvals is not None or bvecs is not None):
+        raise ValueError("give --grad (an MRtrix table) or --bvals and --bvecs, not both")
+    if grad is None and (bvals is None or bvecs is None):
+        raise ValueError("give --bvals and --bvecs, or an MRtrix --grad table")
+    report = check_dataset(dwi, grad if grad is not None else bvals,
+                           None if grad is not None else bvecs, mask, model,
+                           mask_threshold=mask_threshold, ignore_mask_affine=ignore_mask_affine)
     typer.echo(report.text())
     if not report.ok:
         raise typer.Exit(1)

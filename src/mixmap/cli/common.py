@@ -36,12 +36,20 @@ MASK_PATTERN_HELP = (
     "same in ROOT/derivatives/*/; none: voxels with positive b=0 signal.")
 
 
+GRAD_HELP = ("MRtrix gradient table (-grad: one row 'x y z b' per volume, scanner coordinates, "
+             "b in s/mm²) instead of --bvals/--bvecs.")
+MASK_THRESHOLD_HELP = ("Mask voxels with a value >= this are fitted (default: > 0, or >= 0.5 for "
+                       "a probabilistic mask with values between 0 and 1).")
+IGNORE_MASK_AFFINE_HELP = ("Use a mask whose affine differs from the DWI's (another space) voxel "
+                           "by voxel anyway; without it such a mask is refused.")
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     from mixmap.acquisition import AcquisitionError
-    from mixmap.io import InputError, OutputExistsError
+    from mixmap.io import InputError, OutputError, OutputExistsError
     from mixmap.models import UnsupportedAcquisition
 
-    return (AcquisitionError, InputError, OutputExistsError, UnsupportedAcquisition,
+    return (AcquisitionError, InputError, OutputError, OutputExistsError, UnsupportedAcquisition,
             FileNotFoundError, FileExistsError, ValueError)
 
 

@@ -10,7 +10,10 @@ import typer
 
 from mixmap.cli.common import (
     COHORT_HELP,
+    GRAD_HELP,
+    IGNORE_MASK_AFFINE_HELP,
     MASK_PATTERN_HELP,
+    MASK_THRESHOLD_HELP,
     Device,
     build_fitter,
     handle_errors,
@@ -46,8 +49,11 @@ def fit(
         "all scans (default: each scan's sibling x_dwi.bval)."),
     bvecs: Path | None = typer.Option(
         None, help="FSL bvec file (3 rows, or 3 columns). Cohort: like --bvals."),
+    grad: Path | None = typer.Option(None, help=GRAD_HELP),
     mask: Path | None = typer.Option(None, help="3-D brain mask on the DWI grid (one scan)."),
     mask_pattern: str | None = typer.Option(None, help=MASK_PATTERN_HELP),
+    mask_threshold: float | None = typer.Option(None, help=MASK_THRESHOLD_HELP),
+    ignore_mask_affine: bool = typer.Option(False, help=IGNORE_MASK_AFFINE_HELP),
     model: str = typer.Option("msdki", help="Signal model (see `mixmap models`)."),
     method: str = typer.Option("lsq", help="lsq | ssl | vae | vae-gmm"),
     out: Path = typer.Option(..., help="Output folder for the maps."),
@@ -88,6 +94,9 @@ def fit(
       mixmap fit bids/ --model msdki --method vae-gmm --out bids/derivatives/mixmap/
 
       mixmap fit sub-01_dwi.nii.gz sub-02_dwi.nii.gz --method vae --out maps/
+
+      mixmap fit dwi.nii.gz --grad dwi.b --mask brain_prob.nii.gz --mask-threshold 0.9
+      --out maps/
     """
     from mixmap import pipeline
     from mixmap.models import get_model
@@ -100,7 +109,9 @@ def fit(
     written = pipeline.fit_inputs(fitter, dwi, bvals=bvals, bvecs=bvecs, mask=mask,
                                   mask_pattern=mask_pattern, out=out, seed=seed, force=force,
                                   save_model=save_model, resume=resume,
-                                  train_voxels=train_voxels)
+                                  train_voxels=train_voxels, grad=grad,
+                                  mask_threshold=mask_threshold,
+                                  ignore_mask_affine=ignore_mask_affine)
     if not quiet and written.maps:
         typer.echo(written.summary(out))
 

@@ -12,7 +12,9 @@ from mixmap.io.nifti import (
 )
 from mixmap.io.output import (
     AtomicOutput,
+    OutputError,
     OutputExistsError,
+    OutputLock,
     existing_maps,
     save_maps,
     stage_maps,
@@ -23,7 +25,9 @@ __all__ = [
     "DWIData",
     "InputError",
     "MapName",
+    "OutputError",
     "OutputExistsError",
+    "OutputLock",
     "bids_entities",
     "existing_maps",
     "load_dwi",

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
 from mixmap.acquisition import Acquisition
+from mixmap.io.gradients import Gradients, read_gradients
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,8 @@ class DWIData:
     load_seconds
         Wall seconds :func:`load_dwi` took (None for data made in memory); fit.json's
         ``Seconds`` starts with it.
+    dropped_volumes
+        ``{volume index in the file: reason}`` of the volumes left out of the fit.
     """
 
     signals: np.ndarray
@@ -50,6 +54,7 @@ class DWIData:
     path: Path
     n_dropped: int = 0
     load_seconds: float | None = None
+    dropped_volumes: dict[int, str] = field(default_factory=dict)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -57,34 +62,125 @@ class DWIData:
 
 
 def load_image(path: str | Path, what: str = "image", *, keep_open: bool = False):
-    """Open a NIfTI with a clear error for a missing file or another format. ``keep_open``
-    keeps one file handle for all reads through the array proxy: reading a .nii.gz in blocks
-    then continues the decompression instead of restarting it from the top for each block."""
+    """Open a NIfTI with a clear error for a missing, unreadable, truncated or foreign file.
+    ``keep_open`` keeps one file handle for all reads through the array proxy: reading a
+    .nii.gz in blocks then continues the decompression instead of restarting it from the top
+    for each block."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: file not found; check the {what} path")
     try:
         return nib.load(str(path), keep_file_open=bool(keep_open))
+    except PermissionError as exc:
+        raise InputError(f"{path}: cannot be read ({exc.strerror}); check the {what}'s "
+                         f"permissions") from None
     except Exception as exc:  # nibabel raises several types for unreadable files
+        if path.name.endswith(".gz") and _broken_gzip(path):
+            raise InputError(f"{path}: {_broken_gzip(path)}: the file is truncated or corrupt; "
+                             f"download or copy the {what} again") from None
         raise InputError(
             f"{path}: not a readable NIfTI image ({type(exc).__name__}); give a .nii or .nii.gz "
             f"{what}"
         ) from None
 
 
+def _broken_gzip(path: Path) -> str:
+    """Why the gzip stream of ``path`` cannot be read to its end ('' if it can, or if the
+    file is not gzip at all)."""
+    import gzip
+    import zlib
+
+    with open(path, "rb") as fh:
+        if fh.read(2) != b"\x1f\x8b":
+            return ""
+    try:
+        with gzip.open(path, "rb") as fh:
+            while fh.read(1 << 24):
+                pass
+    except (EOFError, OSError, zlib.error) as exc:
+        return str(exc).splitlines()[0]
+    return ""
+
+
+@contextmanager
+def _reading(path: Path, what: str):
+    """Turn a failure while reading image data into an :class:`InputError` naming the file."""
+    import zlib
+
+    try:
+        yield
+    except (EOFError, OSError, zlib.error, ValueError) as exc:
+        cause = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputError(f"{path}: the image data cannot be read ({cause}): the file is "
+                         f"truncated or corrupt; download or copy the {what} again") from None
+
+
+def _read_to_end(proxy) -> None:
+    """Read what is left of a compressed image after its data (the gzip trailer), so that a
+    stream damaged in the middle fails its CRC check here instead of giving wrong values."""
+    get = getattr(proxy, "_get_fileobj", None)  # nibabel's opener (kept open by load_image)
+    if get is None:
+        return
+    with get() as fh:
+        if getattr(fh, "name", "").endswith(".gz") or str(getattr(proxy, "file_like", "")
+                                                          ).endswith(".gz"):
+            while fh.read(1 << 24):
+                pass
+
+
+#: Voxel centres of two affines further apart than this fraction of the smallest voxel size
+#: (anywhere on the grid) are different spaces.
+AFFINE_TOLERANCE = 0.1
+
+
+def affine_displacement(a: np.ndarray, b: np.ndarray, grid: tuple[int, ...]) -> float:
+    """The largest distance (mm) between where affines ``a`` and ``b`` put the grid's corner
+    voxels."""
+    corners = np.array([[i, j, k, 1.0] for i in (0, grid[0] - 1) for j in (0, grid[1] - 1)
+                        for k in (0, grid[2] - 1)])
+    return float(np.linalg.norm(corners @ (np.asarray(a) - np.asarray(b)).T, axis=1).max())
+
+
+def affine_tolerance(affine: np.ndarray) -> float:
+    """:data:`AFFINE_TOLERANCE` of the smallest voxel size of ``affine``, in mm."""
+    return AFFINE_TOLERANCE * float(np.linalg.norm(np.asarray(affine)[:3, :3], axis=0).min())
+
+
+def _header_of(img, dwi: Path, grid: tuple[int, ...]):
+    """The image's affine (sform where set, as nibabel and FSL read it) and a copy of its
+    header whose qform agrees with it, so maps open in the same place in every viewer."""
+    header = img.header.copy()
+    qform, qcode = header.get_qform(coded=True)
+    sform, scode = header.get_sform(coded=True)
+    if qform is not None and sform is not None:
+        shift = affine_displacement(qform, sform, grid)
+        if shift > affine_tolerance(sform):
+            log.warning("%s: qform and sform differ by up to %.3g mm; using the sform, and the "
+                        "maps are written with it in both", dwi, shift)
+            header.set_qform(sform, code=int(scode))
+    return img.affine, header
+
+
 def load_dwi(
     dwi: str | Path,
     bvals: str | Path,
-    bvecs: str | Path | None,
+    bvecs: str | Path | None = None,
     mask: str | Path | None = None,
+    *,
+    mask_threshold: float | None = None,
+    ignore_mask_affine: bool = False,
 ) -> DWIData:
     """Load a 4-D DWI and its gradient files into rows of masked voxels.
 
-    The image is read in blocks of whole volumes through nibabel's array proxy (one pass over
-    the file, about 64 MB at a time), so the whole 4-D array is never held, in float64 or
-    float32: peak memory is the masked rows plus one block. Without a mask, every voxel whose
-    mean b=0 signal (mean signal if the scheme has no b=0) is positive is fitted. Masked voxels
-    with NaN or Inf are dropped and counted.
+    ``bvals``/``bvecs``: FSL files, or ``bvals`` an MRtrix ``.b`` table with ``bvecs`` None
+    (:func:`mixmap.io.gradients.read_gradients`). The image is read in blocks of whole
+    volumes through nibabel's array proxy (one pass over the file, about 64 MB at a time):
+    peak memory is the masked rows plus one block. Without a mask, every voxel whose mean b=0
+    signal (mean signal if the scheme has no b=0) is positive is fitted. Left out, with a
+    warning and recorded in :attr:`DWIData.dropped_volumes`: trace volumes (b > 0 without a
+    direction) and volumes that are NaN/Inf in most fitted voxels or zero in all of them.
+    Masked voxels with NaN or Inf in a kept volume are dropped and counted. The mask:
+    :func:`_load_mask` (``mask_threshold``, ``ignore_mask_affine``).
     """
     t_start = time.perf_counter()
     dwi = Path(dwi)
@@ -94,18 +190,26 @@ def load_dwi(
             f"{dwi}: {len(img.shape)}-D image of shape {tuple(img.shape)}; a DWI needs 4 axes "
             f"(x, y, z, volume), one volume per b-value"
         )
-    acq = Acquisition.from_fsl(bvals, bvecs)
+    grid = tuple(int(s) for s in img.shape[:3])
+    affine, header = _header_of(img, dwi, grid)
+    grads = read_gradients(bvals, bvecs, affine)
     n_vol = img.shape[3]
-    if acq.n != n_vol:
+    if grads.n_file != n_vol:
         raise InputError(
-            f"{dwi}: {n_vol} volumes but {bvals} has {acq.n} b-values; give one b-value and one "
+            f"{dwi}: {n_vol} volumes but {bvals} has {grads.n_file} "
+            f"{'b-values' if bvecs is not None else 'gradient rows'}; give one b-value and one "
             f"bvec per volume"
         )
-    grid = tuple(int(s) for s in img.shape[:3])
-    given_mask = None if mask is None else _load_mask(mask, img, dwi, grid)
-    b0 = acq.b0_mask
-    sel_mask = given_mask if given_mask is not None else _positive_voxels(img.dataobj, b0, grid)
-    signals, finite_rows = _read_rows(img.dataobj, sel_mask, grid)
+    given_mask = None if mask is None else _load_mask(
+        mask, img, dwi, grid, threshold=mask_threshold, ignore_affine=ignore_mask_affine)
+    b0_vols = grads.kept[grads.acquisition.b0_mask]
+    with _reading(dwi, "DWI"):
+        sel_mask = (given_mask if given_mask is not None
+                    else _positive_voxels(img.dataobj, b0_vols, grid))
+        signals = _read_rows(img.dataobj, sel_mask, grid)
+        _read_to_end(img.dataobj)
+    signals, acq, dropped = _drop_empty_volumes(signals, grads, dwi)
+    finite_rows = np.isfinite(signals).all(1)
     final_mask = sel_mask.copy()
     n_bad = int((~finite_rows).sum())
     if n_bad:
@@ -116,44 +220,100 @@ def load_dwi(
     if n_dropped:
         log.warning("%s: %d masked voxels hold NaN or Inf and were left out (NaN in the maps)",
                     dwi, n_dropped)
-    _check_signals(signals, b0, dwi, mask)
-    return DWIData(signals, final_mask, img.affine, img.header, acq, dwi, n_dropped,
-                   time.perf_counter() - t_start)
+    _check_signals(signals, acq.b0_mask, dwi, mask)
+    return DWIData(signals, final_mask, affine, header, acq, dwi, n_dropped,
+                   time.perf_counter() - t_start, dropped)
 
 
-def _load_mask(mask: str | Path, img, dwi: Path, grid: tuple[int, ...]) -> np.ndarray:
-    """The mask file as a bool array on the DWI's ``grid``, refused if off-grid or empty."""
+def _drop_empty_volumes(signals: np.ndarray, grads: Gradients, dwi: Path
+                        ) -> tuple[np.ndarray, Acquisition, dict[int, str]]:
+    """(signals of the kept volumes, their acquisition, ``{file volume: reason}`` of all the
+    volumes left out): the gradient file's trace volumes, and volumes NaN/Inf in more than
+    half of the rows or zero in every row."""
+    cols = signals[:, grads.kept]
+    if cols.shape[0] == 0:  # nothing to judge the volumes by (refused by _check_signals)
+        return cols, grads.acquisition, dict(grads.dropped)
+    nonfinite = ~np.isfinite(cols)
+    bad_nan = nonfinite.mean(0) > 0.5
+    bad_zero = ~bad_nan & np.all((cols == 0) | nonfinite, axis=0)
+    empty = bad_nan | bad_zero
+    dropped = dict(grads.dropped)
+    if not empty.any():
+        return cols, grads.acquisition, dropped
+    if empty.all():
+        raise InputError(f"{dwi}: every volume is NaN, Inf or zero in the fitted voxels; check "
+                         f"the image")
+    for j in np.flatnonzero(empty):
+        dropped[int(grads.kept[j])] = "NaN or Inf" if bad_nan[j] else "all zero"
+    idx = grads.kept[empty]
+    log.warning("%s: volume%s %s %s in the fitted voxels and left out of the fit (%d volumes "
+                "remain)", dwi, "s" if idx.size > 1 else "", ", ".join(map(str, idx)),
+                "are empty (NaN, Inf or zero)" if idx.size > 1 else "is empty (NaN, Inf or "
+                "zero)", int((~empty).sum()))
+    acq = grads.acquisition.subset(np.flatnonzero(~empty))
+    return cols[:, ~empty], acq, dict(sorted(dropped.items()))
+
+
+def _load_mask(mask: str | Path, img, dwi: Path, grid: tuple[int, ...], *,
+               threshold: float | None = None, ignore_affine: bool = False) -> np.ndarray:
+    """The mask file as a bool array on the DWI's ``grid``: values ≥ ``threshold``; without
+    one, > 0 for a binary or label mask and ≥ 0.5 for a probabilistic one (fractions in
+    [0, 1]). Refused if off-grid, 4-D with several volumes, empty, or in another space (its
+    affine moves a voxel by more than :data:`AFFINE_TOLERANCE` voxel) unless
+    ``ignore_affine``."""
     mimg = load_image(mask, "mask")
     mshape = tuple(int(s) for s in mimg.shape)
     if len(mshape) == 4 and mshape[3] == 1:
         mshape = mshape[:3]
+    if len(mshape) == 4:
+        raise InputError(f"{mask}: a 4-D mask of {mshape[3]} volumes; give one 3-D mask (e.g. "
+                         f"its first volume: fslroi MASK mask3d 0 1)")
     if mshape != grid:
         raise InputError(
             f"{mask}: mask grid {mshape} does not match the DWI grid {grid} of {dwi}; "
             f"resample the mask onto the DWI"
         )
-    if not np.allclose(mimg.affine, img.affine, atol=1e-3):
-        log.warning("%s: mask affine differs from the DWI's; using it voxel by voxel", mask)
-    given_mask = np.asarray(mimg.dataobj).reshape(grid) > 0
+    shift = affine_displacement(mimg.affine, img.affine, grid)
+    if shift > affine_tolerance(img.affine):
+        if not ignore_affine:
+            raise InputError(
+                f"{mask}: its affine puts voxels up to {shift:.3g} mm from the DWI's ({dwi}): "
+                f"another space; resample the mask onto the DWI, or pass --ignore-mask-affine "
+                f"to use it voxel by voxel"
+            )
+        log.warning("%s: affine %.3g mm from the DWI's; used voxel by voxel "
+                    "(--ignore-mask-affine)", mask, shift)
+    with _reading(Path(mask), "mask"):
+        values = np.asarray(mimg.dataobj, dtype=np.float64).reshape(grid)
+    values = np.where(np.isfinite(values), values, 0.0)
+    if threshold is None:
+        fractional = np.any((values > 0) & (values < 1) & (values != np.round(values)))
+        if fractional and values.max() <= 1:
+            log.info("%s: a probabilistic mask (values between 0 and 1): voxels >= 0.5 fitted "
+                     "(set --mask-threshold)", mask)
+            threshold = 0.5
+    given_mask = values >= threshold if threshold is not None else values > 0
     if not given_mask.any():
-        raise InputError(f"{mask}: the mask selects no voxels; give a mask of the brain")
+        raise InputError(f"{mask}: the mask selects no voxels"
+                         f"{f' at threshold {threshold:g}' if threshold is not None else ''}; "
+                         f"give a mask of the brain")
     return given_mask
 
 
-def _positive_voxels(proxy, b0: np.ndarray, grid: tuple[int, ...]) -> np.ndarray:
-    """Voxels whose mean b=0 signal (mean signal without b=0) is positive: bool ``grid``."""
+def _positive_voxels(proxy, b0_vols: np.ndarray, grid: tuple[int, ...]) -> np.ndarray:
+    """Voxels whose mean b=0 signal over volumes ``b0_vols`` (mean signal over every volume
+    without them) is positive, NaN/Inf ignored: bool ``grid``."""
     n_vol = proxy.shape[3]
-    ref_vols = np.flatnonzero(b0) if b0.any() else np.arange(n_vol)
+    ref_vols = b0_vols if len(b0_vols) else np.arange(n_vol)
     ref = np.zeros(grid, dtype=np.float64)
     for t0, t1 in _runs(ref_vols, volumes_per_block(grid)):
-        ref += np.asarray(proxy[..., t0:t1], dtype=np.float32).sum(-1)
-    with np.errstate(invalid="ignore"):
-        return ref > 0
+        block = np.asarray(proxy[..., t0:t1], dtype=np.float32)
+        ref += np.where(np.isfinite(block), block, 0).sum(-1)
+    return ref > 0
 
 
-def _read_rows(proxy, sel_mask: np.ndarray, grid: tuple[int, ...]
-               ) -> tuple[np.ndarray, np.ndarray]:
-    """(signals (n_sel, n_vol) float32 in C order of ``sel_mask``, which rows are finite).
+def _read_rows(proxy, sel_mask: np.ndarray, grid: tuple[int, ...]) -> np.ndarray:
+    """Signals (n_sel, n_vol) float32 in C order of ``sel_mask``, every volume.
 
     Blocks of whole volumes are read: the volume axis is the slowest on disk, so each block is
     one contiguous run of the file and a .nii.gz is decompressed once, front to back.
@@ -161,7 +321,6 @@ def _read_rows(proxy, sel_mask: np.ndarray, grid: tuple[int, ...]
     n_vol = proxy.shape[3]
     n_sel = int(sel_mask.sum())
     signals = np.empty((n_sel, n_vol), dtype=np.float32)
-    finite_rows = np.ones(n_sel, dtype=bool)
     # Each selected voxel's place in a block flattened in the file's (Fortran) order: the
     # same rows in the same order as a boolean mask on the 4-D block, and much faster.
     flat_index = np.ravel_multi_index(np.nonzero(sel_mask), grid, order="F")
@@ -169,8 +328,7 @@ def _read_rows(proxy, sel_mask: np.ndarray, grid: tuple[int, ...]
         block = np.asarray(proxy[..., t0:t1], dtype=np.float32)
         rows = block.reshape(-1, t1 - t0, order="F")[flat_index]
         signals[:, t0:t1] = rows
-        finite_rows &= np.isfinite(rows).all(1)
-    return signals, finite_rows
+    return signals
 
 
 def _check_signals(signals: np.ndarray, b0: np.ndarray, dwi: Path,

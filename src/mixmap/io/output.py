@@ -3,6 +3,7 @@ writes, no overwriting."""
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -29,6 +30,92 @@ class OutputExistsError(FileExistsError):
     """An output file exists and ``--force`` was not given."""
 
 
+class OutputError(OSError):
+    """The output folder cannot be written (read-only, full, held by another run); the message
+    names the folder and the fix."""
+
+
+def _write_error(out_dir: Path, exc: OSError) -> OutputError:
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    fix = ("free some space or choose another --out" if exc.errno == errno.ENOSPC
+           else "choose a folder you may write to as --out")
+    return OutputError(f"{out_dir}: cannot write the output ({reason}); {fix}; nothing was "
+                       f"written")
+
+
+#: The lock file a run holds in its output folder while it fits and writes.
+LOCK_NAME = ".mixmap.lock"
+
+
+class OutputLock:
+    """Hold ``out_dir`` for one run: a second run on the same folder is refused at once instead
+    of mixing its files with the first's. The lock is an advisory ``flock`` on
+    ``out_dir/.mixmap.lock`` (released by the system if the process dies); taking it also
+    shows early that the folder can be written. The folder, if this made it, and the lock file
+    are removed again when nothing else was written. ``enabled=False`` does nothing (torchrun
+    processes other than the main one)."""
+
+    def __init__(self, out_dir: str | Path, *, enabled: bool = True) -> None:
+        self.out_dir = Path(out_dir)
+        self.enabled = enabled
+        self._fd: int | None = None
+        self._made: list[Path] = []
+
+    def __enter__(self) -> OutputLock:
+        if not self.enabled:
+            return self
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise OutputExistsError(
+                f"{self.out_dir}: exists and is not a folder; choose another --out")
+        missing = [p for p in (self.out_dir, *self.out_dir.parents) if not p.exists()]
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self._made = missing  # deepest first
+            self._fd = os.open(self.out_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            self._cleanup()
+            raise _write_error(self.out_dir, exc) from None
+        if not _try_lock(self._fd):
+            other = os.pread(self._fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(self._fd)
+            self._fd = None
+            raise OutputError(
+                f"{self.out_dir}: another mixmap run (process {other}) is writing here; wait "
+                f"for it to finish or choose another --out")
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._fd is not None:
+            try:
+                (self.out_dir / LOCK_NAME).unlink(missing_ok=True)
+            finally:
+                os.close(self._fd)  # closing releases the lock
+                self._fd = None
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        for folder in self._made:  # made by this run and still empty: removed
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        self._made = []
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): no lock, as before
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
 class AtomicOutput:
     """Stage files in a hidden folder inside ``out_dir`` and move each into place only when the
     whole block succeeded; on any error nothing is left behind. Each final move is an atomic
@@ -49,8 +136,11 @@ class AtomicOutput:
             raise OutputExistsError(
                 f"{self.out_dir}: exists and is not a folder; choose another --out"
             )
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self._tmp = Path(tempfile.mkdtemp(prefix=".mixmap-tmp-", dir=self.out_dir))
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self._tmp = Path(tempfile.mkdtemp(prefix=".mixmap-tmp-", dir=self.out_dir))
+        except OSError as exc:
+            raise _write_error(self.out_dir, exc) from None
         return self
 
     def _target(self, rel: str) -> Path:
@@ -129,6 +219,7 @@ class AtomicOutput:
         return self._target(rel)
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        moved: list[Path] = []
         try:
             if exc_type is None:
                 for rel in self._staged:
@@ -138,8 +229,17 @@ class AtomicOutput:
                         old = self._tmp / (".old-" + Path(rel).name)
                         os.replace(dst, old)
                     os.replace(self._tmp / rel, dst)
+                    moved.append(dst)
+        except OSError as err:
+            for dst in moved:  # a failed move takes back the ones before it
+                shutil.rmtree(dst, ignore_errors=True) if dst.is_dir() else dst.unlink(
+                    missing_ok=True)
+            raise _write_error(self.out_dir, err) from None
         finally:
             shutil.rmtree(self._tmp, ignore_errors=True)
+        if exc_type is not None and issubclass(exc_type, OSError) and not issubclass(
+                exc_type, (OutputError, FileExistsError, FileNotFoundError)):
+            raise _write_error(self.out_dir, exc) from None
 
 
 def existing_maps(out_dir: str | Path, entities: str, model: str) -> list[Path]:
