@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -18,6 +20,14 @@ def tiny_msdki_dir(tmp_path_factory):
     sim = simulate("paper-msdki", "hcp", snr=30, n_voxels=400, seed=1)
     write_simulation(sim, out, force=True)
     return out
+
+
+@pytest.fixture()
+def scan(tiny_msdki_dir, tmp_path):
+    """A private copy of the tiny simulated scan, safe to damage."""
+    d = tmp_path / "scan"
+    shutil.copytree(tiny_msdki_dir, d)
+    return d
 
 
 @pytest.fixture()

@@ -21,14 +21,6 @@ def run(*args):
     return runner.invoke(app, [str(a) for a in args])
 
 
-@pytest.fixture()
-def scan(tiny_msdki_dir, tmp_path):
-    """A private copy of the tiny simulated scan, safe to damage."""
-    d = tmp_path / "scan"
-    shutil.copytree(tiny_msdki_dir, d)
-    return d
-
-
 def fit_args(d, out, *extra, model="msdki", method="lsq"):
     return ("fit", d / "dwi.nii.gz", "--bvals", d / "dwi.bval", "--bvecs", d / "dwi.bvec",
             "--mask", d / "mask.nii.gz", "--model", model, "--method", method, "--out", out,

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import errno
 import json
-import shutil
 
 import nibabel as nib
 import numpy as np
@@ -24,13 +23,6 @@ runner = CliRunner()
 
 def run(*args):
     return runner.invoke(app, [str(a) for a in args])
-
-
-@pytest.fixture()
-def scan(tiny_msdki_dir, tmp_path):
-    d = tmp_path / "scan"
-    shutil.copytree(tiny_msdki_dir, d)
-    return d
 
 
 def clean_args(d):

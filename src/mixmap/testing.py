@@ -44,16 +44,9 @@ def bad_input_cases(scan: Path, tmp: Path) -> list[BadCase]:
     n = b.size
     good = {"dwi": scan / "dwi.nii.gz", "bvals": scan / "dwi.bval", "bvecs": scan / "dwi.bvec",
             "mask": scan / "mask.nii.gz", "model": "msdki", "extra": ()}
-    (tmp / "text.nii.gz").write_text("not an image")
+    _write_damaged_files(scan / "dwi.nii.gz", tmp)
     neg_b = b.copy()
     neg_b[1] = -1000
-    whole = (scan / "dwi.nii.gz").read_bytes()
-    (tmp / "cut.nii.gz").write_bytes(whole[: len(whole) // 2])
-    flipped = bytearray(whole)
-    flipped[len(whole) // 2: len(whole) // 2 + 64] = bytes(64)
-    (tmp / "corrupt.nii.gz").write_bytes(bytes(flipped))
-    (tmp / "empty.bval").write_text("")
-    (tmp / "folder.bval").mkdir(exist_ok=True)
     moved = aff.copy()
     moved[:3, 3] += 40
     one_shell = b.copy()
@@ -104,16 +97,30 @@ def bad_input_cases(scan: Path, tmp: Path) -> list[BadCase]:
         ("bounds outside the declared range", {"extra": ("--bounds", "K=-1,4")},
          "bounds K=-1,4: give lower < upper inside K's declared range [-0.5, 4]"),
     ]
-    cases = []
-    for i, (name, changes, message) in enumerate(specs):
-        a = {**good, **changes}
-        out = tmp / f"out-{i}"
-        args = [str(a["dwi"]), "--bvals", str(a["bvals"]), "--bvecs", str(a["bvecs"]),
-                "--model", a["model"], "--out", str(out), "--quiet", *a["extra"]]
-        if a["mask"] is not None:
-            args += ["--mask", str(a["mask"])]
-        cases.append(BadCase(name, tuple(args), message, out))
-    return cases
+    return [_bad_case(i, name, {**good, **changes}, message, tmp)
+            for i, (name, changes, message) in enumerate(specs)]
+
+
+def _write_damaged_files(dwi: Path, tmp: Path) -> None:
+    """Not an image, a gzip cut in half, a gzip with 64 bytes zeroed, an empty bval file and
+    a folder named like one."""
+    (tmp / "text.nii.gz").write_text("not an image")
+    whole = dwi.read_bytes()
+    (tmp / "cut.nii.gz").write_bytes(whole[: len(whole) // 2])
+    flipped = bytearray(whole)
+    flipped[len(whole) // 2: len(whole) // 2 + 64] = bytes(64)
+    (tmp / "corrupt.nii.gz").write_bytes(bytes(flipped))
+    (tmp / "empty.bval").write_text("")
+    (tmp / "folder.bval").mkdir(exist_ok=True)
+
+
+def _bad_case(i: int, name: str, a: dict, message: str, tmp: Path) -> BadCase:
+    out = tmp / f"out-{i}"
+    args = [str(a["dwi"]), "--bvals", str(a["bvals"]), "--bvecs", str(a["bvecs"]),
+            "--model", a["model"], "--out", str(out), "--quiet", *a["extra"]]
+    if a["mask"] is not None:
+        args += ["--mask", str(a["mask"])]
+    return BadCase(name, tuple(args), message, out)
 
 
 @dataclass(frozen=True)
@@ -146,9 +153,8 @@ def real_world_cases(scan: Path, tmp: Path) -> list[RealWorldCase]:
     mask = np.asarray(nib.load(str(scan / "mask.nii.gz")).dataobj) > 0
     dwi, bval, bvec, msk = (scan / "dwi.nii.gz", scan / "dwi.bval", scan / "dwi.bvec",
                             scan / "mask.nii.gz")
-    rng = np.random.default_rng(0)
     dw = b > 50
-    cases: list[tuple] = []
+    cases: list[RealWorldCase] = []
 
     def case(name, tolerance, why, *, dwi_=dwi, bval_=bval, bvec_=bvec, mask_=msk, extra=()):
         grads = ("--grad", str(bval_)) if bvec_ is None else ("--bvals", str(bval_),
@@ -156,31 +162,7 @@ def real_world_cases(scan: Path, tmp: Path) -> list[RealWorldCase]:
         cases.append(RealWorldCase(name, (str(dwi_), *grads, "--mask", str(mask_), *extra),
                                    tolerance, why))
 
-    jitter = np.where(dw, b + rng.integers(-6, 7, b.size), b)
-    case("jittered shells (b ± 6 s/mm²)", 0.02, "each volume's own b is in the physics",
-         bval_=_txt(tmp / "jitter.bval", jitter))
-    b5 = np.where(dw, b, 5.0)
-    case("b0 volumes written as b=5", 0.02, "b=5 is in the physics (S0·e^(-0.005·D))",
-         bval_=_txt(tmp / "b5.bval", b5))
-    case("bvals as one column", SAME, "same values", bval_=_col(tmp / "col.bval", b))
-    case("bvecs as 3 columns", SAME, "same values", bvec_=_col(tmp / "col.bvec", v.T))
-    case("bvecs scaled by the b-value", SAME, "normalised",
-         bvec_=_txt(tmp / "bscaled.bvec", v * np.where(dw, b, 0)))
-    bmax = b.max()
-    case("b-value scaling (one b, norms ≤ 1)", SAME, "b·|g|² = the clean b",
-         bval_=_txt(tmp / "bmax.bval", np.where(dw, bmax, b)),
-         bvec_=_txt(tmp / "normscaled.bvec", v / np.where(dw, np.linalg.norm(v, axis=0), 1)
-                    * np.sqrt(np.where(dw, b, bmax) / bmax), "%.9f"))
-    trace = np.exp(np.log(np.clip(data[..., b == b.max()], 1e-6, None)).mean(-1))
-    case("a trace volume (b>0, zero bvec) appended", SAME, "dropped with a message",
-         dwi_=_nifti(tmp / "trace.nii.gz", np.concatenate([data, trace[..., None]], -1), aff),
-         bval_=_txt(tmp / "trace.bval", np.append(b, bmax)),
-         bvec_=_txt(tmp / "trace.bvec", np.concatenate([v, np.zeros((3, 1))], 1)))
-    oblique = _rotation(aff, 25.0)
-    case("MRtrix .b table (--grad), oblique image", SAME, "scanner directions to image axes",
-         dwi_=_nifti(tmp / "oblique.nii.gz", data, oblique),
-         bval_=_mrtrix(tmp / "dwi.b", b, v, oblique), bvec_=None,
-         mask_=_nifti(tmp / "oblique_mask.nii.gz", mask.astype(np.uint8), oblique))
+    _gradient_variants(case, tmp, data, aff, b, v, mask)
     scale = float(np.abs(data).max()) / 30000
     q = nib.Nifti1Image(np.round(data / scale).astype(np.int16), aff)
     q.header.set_slope_inter(scale, 0.0)
@@ -221,6 +203,38 @@ def real_world_cases(scan: Path, tmp: Path) -> list[RealWorldCase]:
     case("an all-zero volume", 0.02, "dropped with a message (one DW volume fewer)",
          dwi_=_nifti(tmp / "zerovol.nii.gz", zero_vol, aff))
     return cases
+
+
+def _gradient_variants(case, tmp: Path, data: np.ndarray, aff: np.ndarray, b: np.ndarray,
+                       v: np.ndarray, mask: np.ndarray) -> None:
+    """The bval/bvec variants of :func:`real_world_cases`, added with ``case``."""
+    rng = np.random.default_rng(0)
+    dw = b > 50
+    jitter = np.where(dw, b + rng.integers(-6, 7, b.size), b)
+    case("jittered shells (b ± 6 s/mm²)", 0.02, "each volume's own b is in the physics",
+         bval_=_txt(tmp / "jitter.bval", jitter))
+    b5 = np.where(dw, b, 5.0)
+    case("b0 volumes written as b=5", 0.02, "b=5 is in the physics (S0·e^(-0.005·D))",
+         bval_=_txt(tmp / "b5.bval", b5))
+    case("bvals as one column", SAME, "same values", bval_=_col(tmp / "col.bval", b))
+    case("bvecs as 3 columns", SAME, "same values", bvec_=_col(tmp / "col.bvec", v.T))
+    case("bvecs scaled by the b-value", SAME, "normalised",
+         bvec_=_txt(tmp / "bscaled.bvec", v * np.where(dw, b, 0)))
+    bmax = b.max()
+    case("b-value scaling (one b, norms ≤ 1)", SAME, "b·|g|² = the clean b",
+         bval_=_txt(tmp / "bmax.bval", np.where(dw, bmax, b)),
+         bvec_=_txt(tmp / "normscaled.bvec", v / np.where(dw, np.linalg.norm(v, axis=0), 1)
+                    * np.sqrt(np.where(dw, b, bmax) / bmax), "%.9f"))
+    trace = np.exp(np.log(np.clip(data[..., b == b.max()], 1e-6, None)).mean(-1))
+    case("a trace volume (b>0, zero bvec) appended", SAME, "dropped with a message",
+         dwi_=_nifti(tmp / "trace.nii.gz", np.concatenate([data, trace[..., None]], -1), aff),
+         bval_=_txt(tmp / "trace.bval", np.append(b, bmax)),
+         bvec_=_txt(tmp / "trace.bvec", np.concatenate([v, np.zeros((3, 1))], 1)))
+    oblique = _rotation(aff, 25.0)
+    case("MRtrix .b table (--grad), oblique image", SAME, "scanner directions to image axes",
+         dwi_=_nifti(tmp / "oblique.nii.gz", data, oblique),
+         bval_=_mrtrix(tmp / "dwi.b", b, v, oblique), bvec_=None,
+         mask_=_nifti(tmp / "oblique_mask.nii.gz", mask.astype(np.uint8), oblique))
 
 
 def map_difference(maps: Path, clean: Path, params=("D", "K")) -> float:
