@@ -101,22 +101,24 @@ def rician_h(tables: list[RiceTable], y: torch.Tensor | np.ndarray,
 def rician_scale_term(tables: list[RiceTable], hs: list[torch.Tensor], f: torch.Tensor,
                       s0_mean: torch.Tensor, s0_var: torch.Tensor) -> torch.Tensor:
     """log E[exp(H(S0))] (c, G) float64, H(S0) = Σ_b h_b(S0 f_gb), over S0 ~ N(``s0_mean``
-    (c, G), ``s0_var`` (G,)): the Rician factor of the likelihood with S0 integrated out
-    (``hs`` of :func:`rician_h` per shell; f (G, m') the signal at S0 = 1).
+    (c, G), ``s0_var`` (G,) or (c, G)): the Rician factor of the likelihood with S0 integrated
+    out (``hs`` of :func:`rician_h` per shell; f (G, m') the signal at S0 = 1, or (c, G, m')
+    for points of each voxel's own).
 
     Laplace's method with H quadratic: H and H' at the Gaussian's mean m0 and at m1 = m0 +
     v H'(m0) (the mode were H linear), H'' their secant; the integral of the Gaussian times
     exp(that quadratic) is closed, and exact for a linear H."""
-    v = s0_var.float()[None]  # (1, G)
+    v = s0_var.float()
+    v = v[None] if v.dim() == 1 else v  # (1 or c, G)
     m0 = s0_mean.float()
     fb = f.float()
 
     def value_and_slope(s0):
         val, der = torch.zeros_like(s0), torch.zeros_like(s0)
         for b, (table, h) in enumerate(zip(tables, hs, strict=True)):
-            hv, hd = table.lookup(h, s0 * fb[:, b])
+            hv, hd = table.lookup(h, s0 * fb[..., b])
             val += hv
-            der += hd * fb[:, b]
+            der += hd * fb[..., b]
         return val, der
 
     _, g0 = value_and_slope(m0)

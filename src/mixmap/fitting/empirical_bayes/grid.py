@@ -118,6 +118,12 @@ def grid_likelihood(model: SignalModel, prior: MixturePrior, dims: list[int],
                           live.to(dev))
 
 
+def rice_tables(f: torch.Tensor, sigma: float) -> list[RiceTable]:
+    """One :class:`RiceTable` per shell of the unit-scale signal ``f`` (G, m'), spanning its
+    signals S0 f_b for S0 up to 4 (the scan's scale is 1)."""
+    return [RiceTable(float(sigma), 0.0, 4.0 * float(f[:, b].max())) for b in range(f.shape[1])]
+
+
 def tabulate_likelihood(f: torch.Tensor, counts: torch.Tensor, yw: torch.Tensor, sigma: float,
               chunk: int, rician) -> tuple[torch.Tensor, torch.Tensor]:
     """(n, G) float32 likelihood of every voxel at every grid point relative to the voxel's
@@ -126,9 +132,7 @@ def tabulate_likelihood(f: torch.Tensor, counts: torch.Tensor, yw: torch.Tensor,
     A, nf, half_log_a = scale_integral_terms(f, counts)
     n = yw.shape[0]
     if rician is not None:
-        # each shell's table spans its signals S0 f_b for S0 up to 4 (the scan's scale is 1)
-        tables = [RiceTable(float(sigma), 0.0, 4.0 * float(f[:, b].max()))
-                  for b in range(f.shape[1])]
+        tables = rice_tables(f, sigma)
     lik = torch.empty(n, f.shape[0], dtype=torch.float32)
     log_scale = torch.empty(n, dtype=torch.float64)
     for start in range(0, n, chunk):

@@ -17,12 +17,15 @@ import numpy as np
 import torch
 
 from mixmap.fitting.base import Scheme
-from mixmap.fitting.empirical_bayes.grid import tabulate_likelihood
+from mixmap.fitting.empirical_bayes.grid import rice_tables, tabulate_likelihood
 from mixmap.models import SignalModel
 from mixmap.quadrature import (
     cell_centres,
     grid_points,
+    rician_h,
+    rician_scale_term,
     scale_integral_terms,
+    scale_integrated_loglik,
     tabulate_signal,
 )
 
@@ -42,6 +45,18 @@ NPMLE_VOXELS = 20_000
 NEGATIVE_SHARE = 1e-4
 #: Voxels per chunk of the posterior.
 CHUNK = 512
+#: A voxel whose posterior sd along a gridded parameter is below this many grid steps gets its
+#: posterior again on a finer grid of its own: at high SNR the posterior is narrower than a
+#: cell, and the cell centres quantise its mean and understate its sd.
+REFINE_BELOW = 1.0
+#: Points per axis of that grid, over the coarse posterior mean ± REFINE_SDS coarse sds (at
+#: least ± REFINE_MIN_CELLS steps of the grid it refines); the prior between cell centres is
+#: interpolated bilinearly.
+REFINE_POINTS = 17
+REFINE_SDS = 4.0
+REFINE_MIN_CELLS = 1.5
+#: Passes at most: a voxel still narrower than its own grid's step is refined again.
+REFINE_PASSES = 3
 #: The grid weights' name among a trained fitter's tensors.
 STATE_KEY = "grid_prior.weights"
 
@@ -198,28 +213,110 @@ def grid_posterior(prior: GridPrior, model: SignalModel, scheme: Scheme, y: torc
     gridded parameters and of the scale parameter for voxels ``y`` (n, m) under ``prior``.
     S0 given a grid point is Gaussian, N(B/A, σ²/A) (:func:`scale_integrated_loglik`)."""
     names, x = prior.names, prior.x
-    s0 = model.scale_parameter
     keep = prior.P > 0
     xs, P = x[keep], prior.P[keep]
     shells = _shells(model, scheme)
     f = _signal(model, names, xs, shells)
-    A, nf, _ = scale_integral_terms(f, shells.weights)
-    out = {k: [] for k in [*names, s0]}
-    sd = {k: [] for k in [*names, s0]}
+    A, nf, half_log_a = scale_integral_terms(f, shells.weights)
+    tables = rice_tables(_signal(model, names, x, shells), sigma) if prior.rician else None
+    steps = _steps(x)
+    chunks = []
     for start in range(0, y.shape[0], CHUNK):
-        lik, yw = _table(f, shells, y[start:start + CHUNK].cpu(), sigma, prior.rician)
-        w = lik.double() * P[None]
+        yc = y[start:start + CHUNK].cpu()
+        yw = shells.working_signals(yc)[0].double().cpu()
+        ll, B = scale_integrated_loglik(yw, A, nf, half_log_a, sigma)
+        hs = rician_h(tables, yc, shells.groups) if tables is not None else None
+        if tables is not None:
+            ll += rician_scale_term(tables, hs, f, B / A, float(sigma) ** 2 / A)
+        w = (ll - ll.amax(1, keepdim=True)).exp() * P[None]
         w /= w.sum(1, keepdim=True).clamp_min(1e-300)
-        for i, k in enumerate(names):
-            m = w @ xs[:, i]
-            out[k].append(m)
-            sd[k].append((w @ xs[:, i] ** 2 - m * m).clamp_min(0).sqrt())
-        cond = (yw @ nf) / A  # (c, G) S0's conditional mean at each point
-        m = (w * cond).sum(1)
-        out[s0].append(m)
-        sd[s0].append(((w * (cond * cond + sigma**2 / A)).sum(1) - m * m).clamp_min(0).sqrt())
-    return ({k: torch.cat(v).numpy() for k, v in out.items()},
-            {k: torch.cat(v).numpy() for k, v in sd.items()})
+        mean, var = _moments(w, xs, B / A, sigma**2 / A)  # B/A: S0's conditional mean
+        fine = (var[:, :-1].sqrt() < REFINE_BELOW * steps).any(1)
+        step = steps[None].expand(fine.shape[0], -1)
+        for _ in range(REFINE_PASSES):
+            if not fine.any():
+                break
+            hf = [h[fine] for h in hs] if hs is not None else None
+            half = torch.maximum(REFINE_SDS * var[fine, :-1].sqrt(), REFINE_MIN_CELLS * step[fine])
+            mean[fine], var[fine] = _refined(prior, model, shells, yw[fine], hf, tables, sigma,
+                                             mean[fine], var[fine], half)
+            step = step.clone()
+            step[fine] = 2 * half / (REFINE_POINTS - 1)
+            fine = fine & (var[:, :-1].sqrt() < REFINE_BELOW * step).any(1)
+        chunks.append((mean, var))
+    mean = torch.cat([c[0] for c in chunks])
+    sd = torch.cat([c[1] for c in chunks]).clamp_min(0).sqrt()
+    keys = [*names, model.scale_parameter]
+    return ({k: mean[:, i].numpy() for i, k in enumerate(keys)},
+            {k: sd[:, i].numpy() for i, k in enumerate(keys)})
+
+
+def _moments(w: torch.Tensor, x: torch.Tensor, cond: torch.Tensor, cond_var: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior means and variances (c, k + 1) of the gridded parameters and the scale from
+    normalised weights ``w`` (c, G) over points ``x`` (G, k) or (c, G, k), with the scale's
+    conditional mean ``cond`` (c, G) and variance ``cond_var`` (G,) or (c, G) at each point."""
+    xk = x if x.dim() == 3 else x[None].expand(w.shape[0], -1, -1)
+    m = torch.einsum("cg,cgk->ck", w, xk)
+    v = torch.einsum("cg,cgk->ck", w, xk * xk) - m * m
+    ms = (w * cond).sum(1)
+    vs = (w * (cond * cond + cond_var)).sum(1) - ms * ms
+    return torch.cat([m, ms[:, None]], 1), torch.cat([v, vs[:, None]], 1).clamp_min(0)
+
+
+def _steps(x: torch.Tensor) -> torch.Tensor:
+    """(k,) the grid's spacing along each axis."""
+    return torch.stack([torch.unique(x[:, j]).diff()[0] for j in range(x.shape[1])])
+
+
+def _refined(prior: GridPrior, model: SignalModel, shells: Scheme, yw: torch.Tensor, hs,
+             tables, sigma: float, mean: torch.Tensor, var: torch.Tensor, half: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Means and variances (c, k + 1) as :func:`_moments`, for voxels with shell means ``yw``
+    (c, m') on a grid of their own: :data:`REFINE_POINTS` per axis over ``mean`` ± ``half``
+    (c, k), the prior interpolated between cell centres and zero outside the bounds."""
+    c, k = yw.shape[0], len(prior.names)
+    u = torch.linspace(-1.0, 1.0, REFINE_POINTS, dtype=torch.float64)
+    offsets = grid_points([u] * k)  # (S, k)
+    pts = mean[:, None, :k] + offsets[None] * half[:, None]  # (c, S, k)
+    density = _interpolate(prior, pts)
+    f = _signal(model, prior.names, pts.reshape(-1, k), shells).reshape(c, -1, yw.shape[1])
+    n_b = shells.weights.double().cpu()
+    A = (n_b * f * f).sum(-1).clamp_min(1e-300)  # (c, S)
+    B = torch.einsum("cb,csb->cs", yw * n_b, f)
+    ll = B * B / (2.0 * sigma**2 * A) - 0.5 * torch.log(A)
+    if tables is not None:
+        ll = ll + rician_scale_term(tables, hs, f, B / A, float(sigma) ** 2 / A)
+    ll = ll - ll.amax(1, keepdim=True)
+    w = ll.exp() * density
+    total = w.sum(1, keepdim=True)
+    ok = total[:, 0] > 0  # a voxel whose local grid missed the prior keeps the coarse answer
+    w = w / total.clamp_min(1e-300)
+    m, v = _moments(w, pts, B / A, sigma**2 / A)
+    return torch.where(ok[:, None], m, mean), torch.where(ok[:, None], v, var)
+
+
+def _interpolate(prior: GridPrior, pts: torch.Tensor) -> torch.Tensor:
+    """(c, S) the prior's density (weight per cell) at points ``pts`` (c, S, k), bilinear
+    between cell centres, constant out to the bounds, zero beyond them."""
+    axes = [torch.unique(prior.x[:, j]) for j in range(prior.x.shape[1])]
+    shape = [a.numel() for a in axes]
+    P = prior.P.reshape(shape)
+    idx, frac, inside = [], [], torch.ones(pts.shape[:2], dtype=torch.bool)
+    for j, a in enumerate(axes):
+        step = float(a[1] - a[0])
+        q = (pts[..., j] - float(a[0])) / step
+        inside &= (q >= -0.5) & (q <= a.numel() - 0.5)
+        i = q.floor().clamp(0, a.numel() - 2)
+        idx.append(i.long())
+        frac.append((q - i).clamp(0.0, 1.0))
+    if len(axes) == 1:
+        out = P[idx[0]] * (1 - frac[0]) + P[idx[0] + 1] * frac[0]
+    else:
+        i, j, s, t = idx[0], idx[1], frac[0], frac[1]
+        out = ((1 - s) * (1 - t) * P[i, j] + s * (1 - t) * P[i + 1, j]
+               + (1 - s) * t * P[i, j + 1] + s * t * P[i + 1, j + 1])
+    return torch.where(inside, out, 0.0)
 
 
 __all__ = ["GridPrior", "fit_grid_prior", "grid_of", "grid_posterior", "gridded",
