@@ -225,6 +225,55 @@ def load_dwi(
                    time.perf_counter() - t_start, dropped)
 
 
+def dwi_from_array(data: np.ndarray, acquisition: Acquisition, mask: np.ndarray | None = None,
+                   *, affine: np.ndarray | None = None, header=None, source: str = "array"
+                   ) -> DWIData:
+    """A scan held in memory as :class:`DWIData`, by :func:`load_dwi`'s rules: ``data``
+    (x, y, z, m) (or (n, m) rows of voxels); ``mask`` a 3-D array on its grid (voxels > 0,
+    None for every voxel with a positive b=0 signal); empty volumes and NaN/Inf voxels left
+    out. ``affine`` (identity by default) and ``header`` are what saved maps carry; ``source``
+    names the data in messages and sidecars."""
+    data = np.asarray(data)
+    if data.ndim == 2:
+        data = data[:, None, None, :]
+        mask = None if mask is None else np.asarray(mask).reshape(-1, 1, 1)
+    if data.ndim != 4:
+        raise InputError(f"{source}: an array of shape {data.shape}; give (x, y, z, volumes) or "
+                         f"(voxels, volumes)")
+    grid = tuple(int(s) for s in data.shape[:3])
+    if data.shape[3] != acquisition.n:
+        raise InputError(f"{source}: {data.shape[3]} volumes but the acquisition has "
+                         f"{acquisition.n} measurements; give one per volume")
+    if mask is not None:
+        mask = np.asarray(mask)
+        if mask.ndim == 4 and mask.shape[3] == 1:
+            mask = mask[..., 0]
+        if mask.shape != grid:
+            raise InputError(f"{source}: mask of shape {mask.shape} on a DWI grid {grid}; give "
+                             f"a mask on the DWI grid")
+        mask = np.where(np.isfinite(mask), mask, 0) > 0
+        if not mask.any():
+            raise InputError(f"{source}: the mask selects no voxels; give a mask of the brain")
+    aff = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
+    hdr = nib.Nifti1Header() if header is None else header.copy()
+    grads = Gradients(acquisition, np.arange(acquisition.n), acquisition.n, {})
+    sel = mask if mask is not None else _positive_voxels(
+        data, np.flatnonzero(acquisition.b0_mask), grid)
+    signals = _read_rows(data, sel, grid)
+    path = Path(source)
+    signals, acq, dropped = _drop_empty_volumes(signals, grads, path)
+    finite = np.isfinite(signals).all(1)
+    final = sel.copy()
+    final[sel] = finite
+    n_dropped = int((~finite).sum()) if mask is not None else 0
+    if n_dropped:
+        log.warning("%s: %d masked voxels hold NaN or Inf and were left out (NaN in the maps)",
+                    source, n_dropped)
+    signals = signals[finite]
+    _check_signals(signals, acq.b0_mask, path, mask)
+    return DWIData(signals, final, aff, hdr, acq, path, n_dropped, None, dropped)
+
+
 def _drop_empty_volumes(signals: np.ndarray, grads: Gradients, dwi: Path
                         ) -> tuple[np.ndarray, Acquisition, dict[int, str]]:
     """(signals of the kept volumes, their acquisition, ``{file volume: reason}`` of all the
