@@ -90,18 +90,35 @@ class Fit:
             signal = self.model.forward(params, acq).numpy()
         return self.volume(signal)
 
-    def save(self, folder: PathLike, *, force: bool = False, save_model: bool = True
-             ) -> list[Path]:
+    def save(self, folder: PathLike, *, force: bool = False, save_model: bool = True,
+             report: bool = True) -> list[Path]:
         """Write what ``mixmap fit`` writes into ``folder``: every map with the scan's affine
-        and header, the JSON sidecars, ``*_fit.json`` and, for a learned method when
-        ``save_model``, the trained model folder. Returns the map paths; an existing map is
-        refused unless ``force``."""
+        and header, the JSON sidecars, ``*_fit.json``, for a learned method when
+        ``save_model`` the trained model folder, and when ``report`` the HTML report
+        (:mod:`mixmap.report`). Returns the map paths; an existing map is refused unless
+        ``force``."""
+        from mixmap.io.naming import report_name
+        from mixmap.io.nifti import bids_entities
+        from mixmap.report import write_report
+
         folder = Path(folder)
         written = save_maps(self.result, self.data, folder, force=force)
-        if save_model and isinstance(self.fitter, LearnedFitter):
+        learned = save_model and isinstance(self.fitter, LearnedFitter)
+        if learned or report:
             with AtomicOutput(folder, force=force) as w:
-                self.fitter.save(w.path(model_folder(self.result.model, self.result.method)))
+                if learned:
+                    self.fitter.save(w.path(model_folder(self.result.model,
+                                                         self.result.method)))
+                if report:
+                    write_report(self, w.path(report_name(bids_entities(self.data.path),
+                                                          self.result.model)))
         return written
+
+    def report(self, path: PathLike) -> Path:
+        """Write the HTML report of this fit (:mod:`mixmap.report`) to ``path``."""
+        from mixmap.report import write_report
+
+        return write_report(self, path)
 
 
 def fit(data, acquisition=None, *, bvals: PathLike | None = None,

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from mixmap import cohort as co
 from mixmap.acquisition import Acquisition
+from mixmap.api import Fit
 from mixmap.fitting.base import FitResult
 from mixmap.fitting.learned import LearnedFitter, distributed
 from mixmap.io import (
@@ -31,10 +32,11 @@ from mixmap.io import (
     save_maps,
     stage_maps,
 )
-from mixmap.io.naming import COHORT_JSON, checkpoint_name, model_folder
+from mixmap.io.naming import COHORT_JSON, checkpoint_name, model_folder, report_name
 from mixmap.io.nifti import bids_entities
-from mixmap.io.output import phase_seconds
+from mixmap.io.output import command_line, phase_seconds
 from mixmap.models import UnsupportedAcquisition, get_model
+from mixmap.report import write_report
 
 log = logging.getLogger(__name__)
 
@@ -131,11 +133,11 @@ def use_checkpoint(fitter, ckpt: Path, resume: bool) -> None:
 
 def fit_scan(fitter, dwi: Path, bvals: Path, bvecs: Path | None, mask: Path | None, *,
              out: Path, seed: int, force: bool, save_model: bool, resume: bool,
-             mask_threshold: float | None = None, ignore_mask_affine: bool = False
-             ) -> list[Path]:
+             mask_threshold: float | None = None, ignore_mask_affine: bool = False,
+             report: bool = True) -> list[Path]:
     """Load one scan (:func:`~mixmap.io.load_dwi`: ``bvecs`` None for an MRtrix table in
-    ``bvals``; the mask options), fit it, write its maps (and a learned fitter's model) to
-    ``out``.
+    ``bvals``; the mask options), fit it, write its maps (a learned fitter's model, and the
+    HTML report when ``report``) to ``out``.
 
     OUT is checked for this model's maps before the fit, not after it, and held
     (:class:`~mixmap.io.OutputLock`) until the maps are written. Returns the written map
@@ -163,9 +165,13 @@ def fit_scan(fitter, dwi: Path, bvals: Path, bvecs: Path | None, mask: Path | No
                                                    mask=mask)}
         written = save_timed(result, data, out, force=force, extra=extra)
         learned = isinstance(fitter, LearnedFitter)
-        if save_model and learned:
+        if (save_model and learned) or report:
             with AtomicOutput(out, force=force) as w:
-                fitter.save(w.path(model_folder(model, method)))
+                if save_model and learned:
+                    fitter.save(w.path(model_folder(model, method)))
+                if report:
+                    write_report(Fit(result, data, fitter), w.path(
+                        report_name(bids_entities(dwi), model)), command=command_line())
         if learned:
             fitter.finish_checkpoint()
     return written
@@ -382,7 +388,7 @@ def fit_inputs(fitter, inputs: Sequence[Path], *, bvals: Path | None, bvecs: Pat
                mask: Path | None, mask_pattern: str | None, out: Path, seed: int, force: bool,
                save_model: bool, resume: bool, train_voxels: int | None,
                grad: Path | None = None, mask_threshold: float | None = None,
-               ignore_mask_affine: bool = False) -> Written:
+               ignore_mask_affine: bool = False, report: bool = True) -> Written:
     """``mixmap fit``: one DWI file -> :func:`fit_scan`; several, or a BIDS folder ->
     :func:`fit_cohort`. Options that do not apply to the chosen path are refused. ``grad``:
     an MRtrix gradient table instead of ``bvals``/``bvecs``."""
@@ -401,7 +407,8 @@ def fit_inputs(fitter, inputs: Sequence[Path], *, bvals: Path | None, bvecs: Pat
         raise ValueError("--train-voxels is for several scans or a BIDS folder; a single scan "
                          "always trains on all its voxels")
     return Written(fit_scan(fitter, inputs[0], bvals, bvecs, mask, out=out, seed=seed,
-                            force=force, save_model=save_model, resume=resume, **masks))
+                            force=force, save_model=save_model, resume=resume, report=report,
+                            **masks))
 
 
 def apply_inputs(model_file: Path, inputs: Sequence[Path], *, bvals: Path | None,

@@ -62,6 +62,9 @@ def fit(
     force: bool = typer.Option(False, help="Overwrite existing maps."),
     quiet: bool = typer.Option(False, help="No progress bar or messages."),
     save_model: bool = typer.Option(True, help="Learned: save the trained model in --out."),
+    report: bool = typer.Option(
+        True, help="Write the HTML report of a single scan's fit "
+        "(<entities>_model-<m>_report.html: maps, sds, residuals, what each voxel borrowed)."),
     train_voxels: int | None = typer.Option(
         None, help="Cohort: the most voxels held in memory to train the shared model "
         "(default 2,000,000); a larger cohort trains on an equal random share of each scan "
@@ -111,7 +114,7 @@ def fit(
                                   save_model=save_model, resume=resume,
                                   train_voxels=train_voxels, grad=grad,
                                   mask_threshold=mask_threshold,
-                                  ignore_mask_affine=ignore_mask_affine)
+                                  ignore_mask_affine=ignore_mask_affine, report=report)
     if not quiet and written.maps:
         typer.echo(written.summary(out))
 

@@ -65,6 +65,11 @@ def loss_csv_name(entities: str, model: str) -> str:
     return model_prefix(entities, model) + "loss.csv"
 
 
+def report_name(entities: str, model: str) -> str:
+    """``[<entities>_]model-<m>_report.html``: the HTML report of one scan's fit."""
+    return model_prefix(entities, model) + "report.html"
+
+
 def cohort_loss_csv_name(model: str) -> str:
     """``cohort_model-<m>_loss.csv``: the loss curve of a cohort's shared model."""
     return f"cohort_model-{label(model)}_loss.csv"
