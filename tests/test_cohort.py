@@ -70,9 +70,12 @@ def shifted(k: int) -> np.ndarray:
 
 @pytest.fixture()
 def bids(tmp_path):
+    return write_bids_dataset(tmp_path / "bids")
+
+
+def write_bids_dataset(root: Path) -> tuple[Path, dict]:
     """sub-01 (sibling mask), sub-02 (mask in derivatives/), sub-03/ses-1 (no mask, intensities
-    ×50), each with its own affine."""
-    root = tmp_path / "bids"
+    ×50), each with its own affine; returns (root, truth per scan)."""
     truths = {
         "sub-01": write_scan(root / "sub-01/dwi/sub-01_dwi.nii.gz", seed=1, affine=shifted(1),
                              mask=root / "sub-01/dwi/sub-01_desc-brain_mask.nii.gz"),

@@ -239,8 +239,10 @@ def find_scans(
     mask_pattern: str | None = None,
     mask_threshold: float | None = None,
     ignore_mask_affine: bool = False,
+    participants: Sequence[str] | None = None,
 ) -> list[Scan]:
-    """The scans of a cohort: ``inputs`` is one BIDS folder, or DWI files.
+    """The scans of a cohort: ``inputs`` is one BIDS folder, or DWI files; only those of the
+    ``participants`` (labels without ``sub-``) when given, a label without a scan refused.
 
     Every scan needs BIDS entities in its name (``sub-<label>[_ses-<label>]..._dwi.nii.gz``),
     as they name its output folder, and no two scans may have the same. Gradient files are the
@@ -256,6 +258,8 @@ def find_scans(
         )
     root = dirs[0] if dirs else None
     files = discover_bids(root) if root is not None else inputs
+    if participants is not None:
+        files = _of_participants(files, participants, root or files[0].parent)
     if grad is not None and (bvals is not None or bvecs is not None):
         raise ValueError("give --grad (an MRtrix table) or --bvals and --bvecs, not both")
     if (bvals is None) != (bvecs is None):
@@ -294,6 +298,16 @@ def find_scans(
                           find_mask(dwi, root, mask_pattern), entities, mask_threshold,
                           ignore_mask_affine))
     return scans
+
+
+def _of_participants(files: list[Path], labels: Sequence[str], where: Path) -> list[Path]:
+    subject = {f: f.name.split("_")[0].removeprefix("sub-") for f in files}
+    found = sorted(set(subject.values()))
+    unknown = [lab for lab in labels if lab not in found]
+    if unknown:
+        raise InputError(f"{where}: no DWI scan of participant(s) {', '.join(unknown)}; it "
+                         f"has {', '.join(found)}")
+    return [f for f in files if subject[f] in labels]
 
 
 def check_acquisitions(scans: Sequence[Scan]) -> Acquisition:

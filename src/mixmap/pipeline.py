@@ -134,10 +134,11 @@ def use_checkpoint(fitter, ckpt: Path, resume: bool) -> None:
 def fit_scan(fitter, dwi: Path, bvals: Path, bvecs: Path | None, mask: Path | None, *,
              out: Path, seed: int, force: bool, save_model: bool, resume: bool,
              mask_threshold: float | None = None, ignore_mask_affine: bool = False,
-             report: bool = True) -> list[Path]:
+             report: bool = True, work: Path | None = None) -> list[Path]:
     """Load one scan (:func:`~mixmap.io.load_dwi`: ``bvecs`` None for an MRtrix table in
     ``bvals``; the mask options), fit it, write its maps (a learned fitter's model, and the
-    HTML report when ``report``) to ``out``.
+    HTML report when ``report``) to ``out``; a learned fitter's training checkpoint goes to
+    ``work`` (default ``out``).
 
     OUT is checked for this model's maps before the fit, not after it, and held
     (:class:`~mixmap.io.OutputLock`) until the maps are written. Returns the written map
@@ -156,7 +157,8 @@ def fit_scan(fitter, dwi: Path, bvals: Path, bvecs: Path | None, mask: Path | No
     log.info("%s: %d voxels × %d measurements", dwi, *data.signals.shape)
     scope = bids_entities(dwi) or "scan"
     with OutputLock(out, enabled=distributed.is_main()):
-        use_checkpoint(fitter, out / checkpoint_name(scope, model, method), resume)
+        use_checkpoint(fitter, Path(work or out) / checkpoint_name(scope, model, method),
+                       resume)
         result = fitter.fit(data.signals, data.acquisition)
         if not distributed.is_main():
             return []
@@ -295,15 +297,16 @@ def _fit_streamed(run: _CohortRun, out: Path, force: bool, budget: int) -> list[
 def fit_cohort(fitter, inputs: Sequence[Path], bvals: Path | None, bvecs: Path | None,
                mask_pattern: str | None, *, out: Path, seed: int, force: bool,
                save_model: bool, resume: bool, train_voxels: int | None = None,
-               **scan_options) -> tuple[list[str], int]:
+               work: Path | None = None, **scan_options) -> tuple[list[str], int]:
     """Fit one shared model to a cohort (see :mod:`mixmap.cohort`) and write every subject's
     maps, the model and ``cohort.json`` in one atomic step.
 
     Every input is found and checked, and OUT checked, before the (long) fit. A cohort of more
     than ``train_voxels`` voxels (default :data:`mixmap.cohort.TRAIN_VOXELS`) is streamed.
     ``scan_options``: ``grad``, ``mask_threshold``, ``ignore_mask_affine`` of
-    :func:`mixmap.cohort.find_scans`. Returns (map paths relative to ``out``, number of
-    scans); no maps on a non-main process.
+    :func:`mixmap.cohort.find_scans`; ``work``: where the training checkpoint goes (default
+    ``out``). Returns (map paths relative to ``out``, number of scans); no maps on a non-main
+    process.
     """
     model, method = fitter.model.name, fitter.name
     scans = co.find_scans(inputs, bvals=bvals, bvecs=bvecs, mask_pattern=mask_pattern,
@@ -319,7 +322,8 @@ def fit_cohort(fitter, inputs: Sequence[Path], bvals: Path | None, bvecs: Path |
         raise ValueError(f"--train-voxels {train_voxels}: give a positive number of voxels")
     streamed = co.estimated_voxels(scans) > budget
     with OutputLock(out, enabled=distributed.is_main()):
-        use_checkpoint(fitter, out / checkpoint_name("cohort", model, method), resume)
+        use_checkpoint(fitter, Path(work or out) / checkpoint_name("cohort", model, method),
+                       resume)
         run = _CohortRun(fitter, scans, acq, seed, model_dir)
         written = (_fit_streamed(run, out, force, budget) if streamed
                    else _fit_pooled(run, out, force))

@@ -10,6 +10,7 @@ import typer
 
 from mixmap import __version__
 from mixmap.cli.apply import apply
+from mixmap.cli.bids import bids
 from mixmap.cli.check import check
 from mixmap.cli.datasets import datasets_app
 from mixmap.cli.demo import demo
@@ -42,7 +43,7 @@ def main(
     least squares, and write BIDS-derivative maps with uncertainty."""
 
 
-for _command in (models, simulate, fit, apply, check, evaluate, reproduce, demo):
+for _command in (models, simulate, fit, apply, check, evaluate, reproduce, demo, bids):
     app.command()(_command)
 app.add_typer(datasets_app, name="datasets")
 
