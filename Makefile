@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mixmap-installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench docs clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,8 +28,11 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks
 
+docs: install
+	$(VENV)/bin/mkdocs build --strict
+
 bench: install
 	$(PY) benchmarks/lsq.py
 
 clean:
-	rm -rf demo_output .pytest_cache
+	rm -rf demo_output .pytest_cache site

@@ -7,7 +7,7 @@
                      model="msdki", method="vae-gmm")
     fit.maps["D"]          # (x, y, z) µm²/ms, NaN outside the mask
     fit.std["D"]           # its posterior standard deviation
-    fit.save("maps/")      # the maps, sidecars and fit.json of `mixmap fit`, and the model
+    fit.save("maps/")      # what `mixmap fit` writes: maps, sidecars, report, the model
 
 The command line loads, fits and writes through the same functions
 (:func:`mixmap.io.load_dwi`, the fitters, :func:`mixmap.io.save_maps`).
