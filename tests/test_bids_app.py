@@ -42,6 +42,8 @@ def test_group_level_trains_one_model_for_every_participant(dataset, tmp_path):
     assert r.exit_code == 0, r.output
     for entities in ("sub-01", "sub-02", "sub-03_ses-1"):
         assert map_path(out, entities, "D").exists(), entities
+        report = map_path(out, entities, "D").with_name(f"{entities}_model-msdki_report.html")
+        assert "Learned mixture" in report.read_text(encoding="utf-8"), entities
     cohort = json.loads((out / "cohort.json").read_text())
     assert len(cohort["Subjects"]) == 3 and cohort["TrainedModel"]
     assert (out / "dataset_description.json").exists()

@@ -221,14 +221,20 @@ class _CohortRun:
     acquisition: Acquisition
     seed: int
     model_dir: str | None
+    report: bool = True
 
     def stage(self, w: AtomicOutput, scan: co.Scan, data: DWIData, result: FitResult,
               scale: float) -> list[str]:
+        """Stage one subject's maps (and its report) in its folder."""
         extra = {**dropped_record(data), "Seed": self.seed, "CohortSignalScale": scale,
                  "Cohort": COHORT_JSON, "TrainedModel": self.model_dir,
                  "InputChecksums": input_checksums(dwi=scan.dwi, bvals=scan.bvals,
                                                    bvecs=scan.bvecs, mask=scan.mask)}
-        return stage_maps(w, result, data, scan.folder, extra=extra)
+        written = stage_maps(w, result, data, scan.folder, extra=extra)
+        if self.report:
+            name = f"{scan.folder}/{report_name(scan.entities, result.model)}"
+            write_report(Fit(result, data, self.fitter), w.path(name), command=command_line())
+        return written
 
     def finish(self, w: AtomicOutput, infos: Sequence[co.ScanInfo], pooled: FitResult, *,
                trained_on: int | None, streamed: bool) -> None:
@@ -297,7 +303,8 @@ def _fit_streamed(run: _CohortRun, out: Path, force: bool, budget: int) -> list[
 def fit_cohort(fitter, inputs: Sequence[Path], bvals: Path | None, bvecs: Path | None,
                mask_pattern: str | None, *, out: Path, seed: int, force: bool,
                save_model: bool, resume: bool, train_voxels: int | None = None,
-               work: Path | None = None, **scan_options) -> tuple[list[str], int]:
+               work: Path | None = None, report: bool = True, **scan_options
+               ) -> tuple[list[str], int]:
     """Fit one shared model to a cohort (see :mod:`mixmap.cohort`) and write every subject's
     maps, the model and ``cohort.json`` in one atomic step.
 
@@ -324,7 +331,7 @@ def fit_cohort(fitter, inputs: Sequence[Path], bvals: Path | None, bvecs: Path |
     with OutputLock(out, enabled=distributed.is_main()):
         use_checkpoint(fitter, Path(work or out) / checkpoint_name("cohort", model, method),
                        resume)
-        run = _CohortRun(fitter, scans, acq, seed, model_dir)
+        run = _CohortRun(fitter, scans, acq, seed, model_dir, report)
         written = (_fit_streamed(run, out, force, budget) if streamed
                    else _fit_pooled(run, out, force))
         if written is None:
@@ -405,7 +412,7 @@ def fit_inputs(fitter, inputs: Sequence[Path], *, bvals: Path | None, bvecs: Pat
         maps, n_scans = fit_cohort(fitter, inputs, bvals, bvecs, mask_pattern, out=out,
                                    seed=seed, force=force, save_model=save_model,
                                    resume=resume, train_voxels=train_voxels, grad=grad,
-                                   **masks)
+                                   report=report, **masks)
         return Written(maps, n_scans)
     if train_voxels is not None:
         raise ValueError("--train-voxels is for several scans or a BIDS folder; a single scan "

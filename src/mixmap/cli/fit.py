@@ -63,8 +63,8 @@ def fit(
     quiet: bool = typer.Option(False, help="No progress bar or messages."),
     save_model: bool = typer.Option(True, help="Learned: save the trained model in --out."),
     report: bool = typer.Option(
-        True, help="Write the HTML report of a single scan's fit "
-        "(<entities>_model-<m>_report.html: maps, sds, residuals, what each voxel borrowed)."),
+        True, help="Write an HTML report per scan (<entities>_model-<m>_report.html: maps, "
+        "sds, residuals, what each voxel borrowed from the others)."),
     train_voxels: int | None = typer.Option(
         None, help="Cohort: the most voxels held in memory to train the shared model "
         "(default 2,000,000); a larger cohort trains on an equal random share of each scan "
