@@ -1,11 +1,6 @@
 """mixmap: quantitative MRI parameter maps from a latent space shared by all voxels."""
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("mixmap")
-except PackageNotFoundError:  # running from a source tree without installation
-    __version__ = "0.0.0+unknown"
+from mixmap._version import __version__
 
 #: The Python API (:mod:`mixmap.api`), imported on first use so that ``import mixmap`` stays
 #: light: ``mixmap.fit``, ``mixmap.apply``, ``mixmap.load_model``, ``mixmap.Fit``.

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from mixmap import __version__
 from mixmap import cohort as co
+from mixmap._version import __version__
 from mixmap.io import AtomicOutput, InputError
 
 log = logging.getLogger("mixmap")

@@ -48,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mixmap import __version__
+from mixmap._version import __version__
 from mixmap.acquisition import Acquisition
 from mixmap.fitting.base import FitResult, noise_sigma_from_repeats, signal_scale
 from mixmap.io import (

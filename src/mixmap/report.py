@@ -22,7 +22,7 @@ import nibabel as nib
 import numpy as np
 from matplotlib.figure import Figure
 
-from mixmap import __version__
+from mixmap._version import __version__
 from mixmap.plots import CLUSTER_COLOURS, loss_curves
 
 #: Axial slices per montage, evenly spaced over the fitted voxels' extent.

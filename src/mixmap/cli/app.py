@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from mixmap import __version__
+from mixmap._version import __version__
 from mixmap.cli.apply import apply
 from mixmap.cli.bids import bids
 from mixmap.cli.check import check

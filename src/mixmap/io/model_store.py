@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from mixmap import __version__
+from mixmap._version import __version__
 
 FORMAT = "mixmap-learned-fitter"
 FORMAT_VERSION = 1

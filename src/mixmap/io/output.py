@@ -15,7 +15,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from mixmap import __version__
+from mixmap._version import __version__
 from mixmap.io.naming import (
     fit_json_name,
     loss_csv_name,
