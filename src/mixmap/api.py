@@ -15,7 +15,6 @@ The command line loads, fits and writes through the same functions
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 
 from mixmap.acquisition import Acquisition
-from mixmap.fitting import FITTERS, get_fitter, load_fitter
+from mixmap.fitting import fitter_options, get_fitter, load_fitter
 from mixmap.fitting.base import FitResult, Fitter
 from mixmap.fitting.learned import LearnedFitter
 from mixmap.io import AtomicOutput, DWIData, load_dwi, save_maps
@@ -80,15 +79,19 @@ class Fit:
         c = self.result.clusters
         return None if c is None else self.volume(c.astype(np.float32))
 
-    def predict(self, acquisition: Acquisition | None = None) -> np.ndarray:
-        """(x, y, z, m) float32 signal of the model at the fitted maps, for ``acquisition``
-        (default: the fitted one), NaN outside the fitted voxels."""
+    def predicted_signals(self, acquisition: Acquisition | None = None) -> np.ndarray:
+        """(n_voxels, m) float64 signal of the model at each fitted voxel's estimates, for
+        ``acquisition`` (default: the fitted one)."""
         acq = self.data.acquisition if acquisition is None else acquisition
         params = {k: torch.as_tensor(np.asarray(v, dtype=np.float64))
                   for k, v in self.result.params.items()}
         with torch.no_grad():
-            signal = self.model.forward(params, acq).numpy()
-        return self.volume(signal)
+            return self.model.forward(params, acq).numpy()
+
+    def predict(self, acquisition: Acquisition | None = None) -> np.ndarray:
+        """(x, y, z, m) float32 signal of the model at the fitted maps, for ``acquisition``
+        (default: the fitted one), NaN outside the fitted voxels."""
+        return self.volume(self.predicted_signals(acquisition))
 
     def save(self, folder: PathLike, *, force: bool = False, save_model: bool = True,
              report: bool = True) -> list[Path]:
@@ -97,22 +100,29 @@ class Fit:
         ``save_model`` the trained model folder, and when ``report`` the HTML report
         (:mod:`mixmap.report`). Returns the map paths; an existing map is refused unless
         ``force``."""
+        folder = Path(folder)
+        written = save_maps(self.result, self.data, folder, force=force)
+        self.save_extras(folder, force=force, save_model=save_model, report=report)
+        return written
+
+    def save_extras(self, folder: PathLike, *, force: bool = False, save_model: bool = True,
+                    report: bool = True, command: str = "") -> None:
+        """What a fit writes beside its maps, in one atomic step: a learned method's trained
+        model (``save_model``) and the HTML report (``report``; ``command`` is the command
+        line it shows)."""
         from mixmap.io.naming import report_name
         from mixmap.io.nifti import bids_entities
         from mixmap.report import write_report
 
-        folder = Path(folder)
-        written = save_maps(self.result, self.data, folder, force=force)
         learned = save_model and isinstance(self.fitter, LearnedFitter)
-        if learned or report:
-            with AtomicOutput(folder, force=force) as w:
-                if learned:
-                    self.fitter.save(w.path(model_folder(self.result.model,
-                                                         self.result.method)))
-                if report:
-                    write_report(self, w.path(report_name(bids_entities(self.data.path),
-                                                          self.result.model)))
-        return written
+        if not (learned or report):
+            return
+        with AtomicOutput(Path(folder), force=force) as w:
+            if learned:
+                self.fitter.save(w.path(model_folder(self.result.model, self.result.method)))
+            if report:
+                write_report(self, w.path(report_name(bids_entities(self.data.path),
+                                                      self.result.model)), command=command)
 
     def report(self, path: PathLike) -> Path:
         """Write the HTML report of this fit (:mod:`mixmap.report`) to ``path``."""
@@ -218,12 +228,9 @@ def _mask_array(mask) -> np.ndarray | None:
 
 def _fitter(method: str, model, **options) -> Fitter:
     """:func:`~mixmap.fitting.get_fitter`, with an unknown option named with the valid ones."""
-    if method not in FITTERS:
-        raise ValueError(f"unknown method {method!r}; choose one of: {', '.join(FITTERS)}")
-    params = inspect.signature(FITTERS[method].__init__).parameters
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):  # the fitter checks its own
+    accepted, checks_own = fitter_options(method)
+    if checks_own:
         return get_fitter(method, model, **options)
-    accepted = [k for k in params if k not in ("self", "model")]
     wrong = [k for k in options if k not in accepted]
     if wrong:
         raise ValueError(f"{', '.join(wrong)}: not an option of method {method}; it takes "

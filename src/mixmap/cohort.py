@@ -60,7 +60,7 @@ from mixmap.io import (
     load_dwi,
     load_image,
 )
-from mixmap.io.gradients import read_gradients
+from mixmap.io.gradients import gradient_files, read_gradients
 from mixmap.io.naming import COHORT_JSON, cohort_loss_csv_name, model_folder
 from mixmap.io.output import command_line, loss_csv
 
@@ -260,8 +260,7 @@ def find_scans(
     files = discover_bids(root) if root is not None else inputs
     if participants is not None:
         files = _of_participants(files, participants, root or files[0].parent)
-    if grad is not None and (bvals is not None or bvecs is not None):
-        raise ValueError("give --grad (an MRtrix table) or --bvals and --bvecs, not both")
+    shared_bvals, shared_bvecs = gradient_files(bvals, bvecs, grad)
     if (bvals is None) != (bvecs is None):
         raise ValueError("give both --bvals and --bvecs (used for every scan), or neither (each "
                          "scan's sibling .bval/.bvec are used)")
@@ -282,10 +281,8 @@ def find_scans(
                 f"needs its own sub-/ses-/run- labels"
             )
         seen[entities] = dwi
-        if grad is not None:
-            bval, bvec = grad, None
-        elif bvals is not None:
-            bval, bvec = bvals, bvecs
+        if shared_bvals is not None:
+            bval, bvec = shared_bvals, shared_bvecs
         else:
             bval, bvec = gradient_siblings(dwi)
             for f, opt in ((bval, "--bvals"), (bvec, "--bvecs")):

@@ -32,6 +32,7 @@ from mixmap.io import (
     save_maps,
     stage_maps,
 )
+from mixmap.io.gradients import gradient_files
 from mixmap.io.naming import COHORT_JSON, checkpoint_name, model_folder, report_name
 from mixmap.io.nifti import bids_entities
 from mixmap.io.output import command_line, phase_seconds
@@ -166,15 +167,9 @@ def fit_scan(fitter, dwi: Path, bvals: Path, bvecs: Path | None, mask: Path | No
                  "InputChecksums": input_checksums(dwi=dwi, bvals=bvals, bvecs=bvecs,
                                                    mask=mask)}
         written = save_timed(result, data, out, force=force, extra=extra)
-        learned = isinstance(fitter, LearnedFitter)
-        if (save_model and learned) or report:
-            with AtomicOutput(out, force=force) as w:
-                if save_model and learned:
-                    fitter.save(w.path(model_folder(model, method)))
-                if report:
-                    write_report(Fit(result, data, fitter), w.path(
-                        report_name(bids_entities(dwi), model)), command=command_line())
-        if learned:
+        Fit(result, data, fitter).save_extras(out, force=force, save_model=save_model,
+                                              report=report, command=command_line())
+        if isinstance(fitter, LearnedFitter):
             fitter.finish_checkpoint()
     return written
 
@@ -384,15 +379,12 @@ def _gradient_files(inputs: Sequence[Path], bvals: Path | None, bvecs: Path | No
                     ) -> tuple[Path | None, Path | None]:
     """(bvals, bvecs) for one scan (an MRtrix ``grad`` table as bvals, bvecs None), checked;
     a cohort's gradient files are found per scan (:func:`mixmap.cohort.find_scans`)."""
-    if grad is not None and (bvals is not None or bvecs is not None):
-        raise ValueError("give --grad (an MRtrix table) or --bvals and --bvecs, not both")
+    table, vecs = gradient_files(bvals, bvecs, grad)
     if is_cohort(inputs):
         return bvals, bvecs
-    if grad is not None:
-        _single_scan_gradients(grad, grad, mask_pattern)  # only the --mask-pattern check
-        return grad, None
-    _single_scan_gradients(bvals, bvecs, mask_pattern)
-    return bvals, bvecs
+    # an MRtrix table needs no bvecs: only the --mask-pattern check then
+    _single_scan_gradients(table, vecs if grad is None else table, mask_pattern)
+    return table, vecs
 
 
 def fit_inputs(fitter, inputs: Sequence[Path], *, bvals: Path | None, bvecs: Path | None,

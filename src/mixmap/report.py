@@ -109,12 +109,7 @@ def _figure(title: str, fig: Figure, note: str = "") -> str:
 
 def residual_ratio(fit) -> np.ndarray:
     """(n,) per-voxel RMS over measurements of (signal − model signal at the maps) / σ."""
-    import torch
-
-    params = {k: torch.as_tensor(np.asarray(v, dtype=np.float64))
-              for k, v in fit.result.params.items()}
-    with torch.no_grad():
-        pred = fit.model.forward(params, fit.data.acquisition).numpy()
+    pred = fit.predicted_signals()
     sigma = fit.noise_sigma or float(np.std(fit.data.signals - pred))
     return np.sqrt(np.mean((fit.data.signals - pred) ** 2, axis=1)) / sigma
 

@@ -32,18 +32,17 @@ def check(
     Example: mixmap check dwi.nii.gz --bvals dwi.bval --bvecs dwi.bvec --mask mask.nii.gz
     """
     from mixmap.check import check_dataset
+    from mixmap.io.gradients import gradient_files
     from mixmap.models import get_model
 
     setup_logging(True)
     if model:
         get_model(model)
-    if grad is not None and (bvals is not None or bvecs is not None):
-        raise ValueError("give --grad (an MRtrix table) or --bvals and --bvecs, not both")
+    table, vecs = gradient_files(bvals, bvecs, grad)
     if grad is None and (bvals is None or bvecs is None):
         raise ValueError("give --bvals and --bvecs, or an MRtrix --grad table")
-    report = check_dataset(dwi, grad if grad is not None else bvals,
-                           None if grad is not None else bvecs, mask, model,
-                           mask_threshold=mask_threshold, ignore_mask_affine=ignore_mask_affine)
+    report = check_dataset(dwi, table, vecs, mask, model, mask_threshold=mask_threshold,
+                           ignore_mask_affine=ignore_mask_affine)
     typer.echo(report.text())
     if not report.ok:
         raise typer.Exit(1)

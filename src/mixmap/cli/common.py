@@ -4,7 +4,6 @@ options, and turning user-fixable errors into one line on stderr with exit statu
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
 import sys
 from enum import Enum
@@ -92,11 +91,9 @@ def split_list(text: str) -> list[str]:
 def build_fitter(method: str, model: str, options: dict):
     """A fitter with only the options the user set; an option the method does not take is an
     error rather than silently ignored."""
-    from mixmap.fitting import FITTERS, get_fitter
+    from mixmap.fitting import fitter_options, get_fitter
 
-    if method not in FITTERS:
-        raise ValueError(f"unknown method {method!r}; choose one of: {', '.join(FITTERS)}")
-    accepted = inspect.signature(FITTERS[method].__init__).parameters
+    accepted, _ = fitter_options(method)
     given = {k: v for k, v in options.items() if v is not None}
     wrong = [k for k in given if k not in accepted]
     if wrong:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 from mixmap.fitting.base import FitResult, Fitter, resolve_device
@@ -25,6 +26,17 @@ def get_fitter(method: str, model, **options) -> Fitter:
         choices = ", ".join(FITTERS)
         raise ValueError(f"unknown method {method!r}; choose one of: {choices}") from None
     return cls(model, **options)
+
+
+def fitter_options(method: str) -> tuple[list[str], bool]:
+    """(the keyword options fitter ``method`` takes, whether it also takes more that it checks
+    itself); an unknown method is a ValueError listing the valid ones."""
+    if method not in FITTERS:
+        raise ValueError(f"unknown method {method!r}; choose one of: {', '.join(FITTERS)}")
+    params = inspect.signature(FITTERS[method].__init__).parameters
+    named = [k for k, p in params.items() if k not in ("self", "model")
+             and p.kind is not p.VAR_KEYWORD]
+    return named, any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 def load_fitter(path: str | Path, *, device: str = "cpu") -> LearnedFitter:

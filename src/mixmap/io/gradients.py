@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from mixmap.acquisition import B0_THRESHOLD, Acquisition, AcquisitionError
-from mixmap.acquisition.core import read_bvec_table, read_table
+from mixmap.acquisition.core import MS_UM2_THRESHOLD, read_bvec_table, read_table
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,15 @@ def fsl_to_mrtrix(bvecs: np.ndarray, affine: np.ndarray) -> np.ndarray:
     return vecs @ (u @ vt).T
 
 
+def gradient_files(bvals: Path | None, bvecs: Path | None, grad: Path | None
+                   ) -> tuple[Path | None, Path | None]:
+    """(bvals, bvecs) as :func:`read_gradients` takes them: an MRtrix ``grad`` table in place
+    of bvals (bvecs None), or the FSL files; both kinds at once are refused."""
+    if grad is not None and (bvals is not None or bvecs is not None):
+        raise ValueError("give --grad (an MRtrix table) or --bvals and --bvecs, not both")
+    return (grad, None) if grad is not None else (bvals, bvecs)
+
+
 def read_gradients(bvals: str | Path, bvecs: str | Path | None,
                    affine: np.ndarray | None = None) -> Gradients:
     """Read a scan's gradient files.
@@ -106,7 +115,8 @@ def read_gradients(bvals: str | Path, bvecs: str | Path | None,
     keep = np.ones(b.size, dtype=bool)
     dropped: dict[int, str] = {}
     if vecs is not None and vecs.ndim == 2 and vecs.shape == (b.size, 3):
-        scale = 1.0 if b.max(initial=0) < 50 else 1000.0  # the b=0 threshold in the file's unit
+        # the b=0 threshold in the file's unit (ms/µm² detected as Acquisition does)
+        scale = 1.0 if b.max(initial=0) < MS_UM2_THRESHOLD else 1000.0
         trace = (b > B0_THRESHOLD * scale) & (np.linalg.norm(vecs, axis=1) < TRACE_NORM)
         if trace.any() and trace.sum() == (b > B0_THRESHOLD * scale).sum():
             raise AcquisitionError(f"{vec_source or source}: no volume at b > 0 has a gradient "

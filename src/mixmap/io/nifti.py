@@ -75,8 +75,9 @@ def load_image(path: str | Path, what: str = "image", *, keep_open: bool = False
         raise InputError(f"{path}: cannot be read ({exc.strerror}); check the {what}'s "
                          f"permissions") from None
     except Exception as exc:  # nibabel raises several types for unreadable files
-        if path.name.endswith(".gz") and _broken_gzip(path):
-            raise InputError(f"{path}: {_broken_gzip(path)}: the file is truncated or corrupt; "
+        broken = _broken_gzip(path) if path.name.endswith(".gz") else ""
+        if broken:
+            raise InputError(f"{path}: {broken}: the file is truncated or corrupt; "
                              f"download or copy the {what} again") from None
         raise InputError(
             f"{path}: not a readable NIfTI image ({type(exc).__name__}); give a .nii or .nii.gz "
@@ -208,21 +209,30 @@ def load_dwi(
                     else _positive_voxels(img.dataobj, b0_vols, grid))
         signals = _read_rows(img.dataobj, sel_mask, grid)
         _read_to_end(img.dataobj)
-    signals, acq, dropped = _drop_empty_volumes(signals, grads, dwi)
+    data = _kept(signals, sel_mask, grads, dwi, affine, header, masked=given_mask is not None)
+    data.load_seconds = time.perf_counter() - t_start
+    return data
+
+
+def _kept(signals: np.ndarray, sel_mask: np.ndarray, grads: Gradients, path: Path,
+          affine: np.ndarray, header, *, masked: bool) -> DWIData:
+    """The :class:`DWIData` of rows ``signals`` (every volume of the file) of the voxels
+    ``sel_mask``: empty volumes left out (:func:`_drop_empty_volumes`), then voxels with NaN or
+    Inf (counted and warned about when ``masked``: without a mask they are background), and a
+    scan with nothing left to fit refused."""
+    signals, acq, dropped = _drop_empty_volumes(signals, grads, path)
     finite_rows = np.isfinite(signals).all(1)
     final_mask = sel_mask.copy()
     n_bad = int((~finite_rows).sum())
     if n_bad:
         signals = signals[finite_rows]
         final_mask[sel_mask] = finite_rows
-    # Without a mask, voxels with NaN/Inf are background: left out without a warning.
-    n_dropped = n_bad if given_mask is not None else 0
+    n_dropped = n_bad if masked else 0
     if n_dropped:
         log.warning("%s: %d masked voxels hold NaN or Inf and were left out (NaN in the maps)",
-                    dwi, n_dropped)
-    _check_signals(signals, acq.b0_mask, dwi, mask)
-    return DWIData(signals, final_mask, affine, header, acq, dwi, n_dropped,
-                   time.perf_counter() - t_start, dropped)
+                    path, n_dropped)
+    _check_signals(signals, acq.b0_mask, path, masked)
+    return DWIData(signals, final_mask, affine, header, acq, path, n_dropped, None, dropped)
 
 
 def dwi_from_array(data: np.ndarray, acquisition: Acquisition, mask: np.ndarray | None = None,
@@ -259,19 +269,8 @@ def dwi_from_array(data: np.ndarray, acquisition: Acquisition, mask: np.ndarray 
     grads = Gradients(acquisition, np.arange(acquisition.n), acquisition.n, {})
     sel = mask if mask is not None else _positive_voxels(
         data, np.flatnonzero(acquisition.b0_mask), grid)
-    signals = _read_rows(data, sel, grid)
-    path = Path(source)
-    signals, acq, dropped = _drop_empty_volumes(signals, grads, path)
-    finite = np.isfinite(signals).all(1)
-    final = sel.copy()
-    final[sel] = finite
-    n_dropped = int((~finite).sum()) if mask is not None else 0
-    if n_dropped:
-        log.warning("%s: %d masked voxels hold NaN or Inf and were left out (NaN in the maps)",
-                    source, n_dropped)
-    signals = signals[finite]
-    _check_signals(signals, acq.b0_mask, path, mask)
-    return DWIData(signals, final, aff, hdr, acq, path, n_dropped, None, dropped)
+    return _kept(_read_rows(data, sel, grid), sel, grads, Path(source), aff, hdr,
+                 masked=mask is not None)
 
 
 def _drop_empty_volumes(signals: np.ndarray, grads: Gradients, dwi: Path
@@ -380,13 +379,12 @@ def _read_rows(proxy, sel_mask: np.ndarray, grid: tuple[int, ...]) -> np.ndarray
     return signals
 
 
-def _check_signals(signals: np.ndarray, b0: np.ndarray, dwi: Path,
-                   mask: str | Path | None) -> None:
+def _check_signals(signals: np.ndarray, b0: np.ndarray, dwi: Path, masked: bool) -> None:
     """Refuse a scan with no voxel left to fit, or no positive signal in any of them."""
     if signals.shape[0] == 0:
         raise InputError(
             f"{dwi}: no voxel to fit (no finite voxel with positive signal"
-            f"{' inside the mask' if mask is not None else ''}); check the image and mask"
+            f"{' inside the mask' if masked else ''}); check the image and mask"
         )
     ref = signals[:, b0].mean(1) if b0.any() else signals.mean(1)
     if np.all(ref <= 0):
