@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import settings
 
 from mixmap.simulation import simulate, write_simulation
 
 torch.set_num_threads(2)
+
+# CI draws the same examples every run (a failure there is reproducible, not a coin toss);
+# a developer's run keeps drawing new ones.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 
 @pytest.fixture(scope="session")

@@ -175,10 +175,24 @@ def test_other_schemes_are_not_the_same(scheme, data):
     i = weighted[data.draw(st.integers(0, weighted.size - 1))]
     shifted = scheme.bvals.copy()  # one volume's b moved by more than 1 s/mm²
     shifted[i] += data.draw(st.sampled_from([-1, 1])) * data.draw(st.floats(1.5, 90))
-    assert not Acquisition.from_arrays(shifted, scheme.bvecs.T).same_scheme(acq)
-    assert not Acquisition.from_arrays(scheme.bvals[:-1], scheme.bvecs[:-1].T).same_scheme(acq)
-    flipped = Acquisition.from_arrays(scheme.bvals, -scheme.bvecs.T)
+    # units stated: the shortened table may hold only b=0-like values (e.g. b=1 s/mm²),
+    # which the unit detection would rightly read as ms/µm²
+    unit = {"units": "s/mm2"}
+    assert not Acquisition.from_arrays(shifted, scheme.bvecs.T, **unit).same_scheme(acq)
+    shorter = Acquisition.from_arrays(scheme.bvals[:-1], scheme.bvecs[:-1].T, **unit)
+    assert not shorter.same_scheme(acq)
+    flipped = Acquisition.from_arrays(scheme.bvals, -scheme.bvecs.T, **unit)
     assert flipped.same_scheme(acq)  # a direction's sign does not change the measurement
+
+
+def test_shortened_table_of_b0_like_values_keeps_its_stated_units():
+    # the case hypothesis found: [1, 200] s/mm² cut to [1] is b=0 in s/mm², not 1 ms/µm²
+    bvecs = np.array([[0.0, 0.0, 0.0], [0.16021416, -0.81812893, 0.55226487]])
+    full = Acquisition.from_arrays(np.array([1.0, 200.0]), bvecs.T)
+    short = Acquisition.from_arrays(np.array([1.0]), bvecs[:1].T, units="s/mm2")
+    assert short.n_b0 == 1 and not short.same_scheme(full)
+    # without units, a lone b=1 reads as ms/µm², and a zero direction there is refused
+    assert "norm 0" in refusal(np.array([1.0]), bvecs[:1].T)
 
 
 @settings(max_examples=5, deadline=None)
