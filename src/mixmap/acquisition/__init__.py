@@ -1,12 +1,14 @@
 """Acquisition schemes: what was measured in each volume, validated once."""
 
-from mixmap.acquisition.core import (
+from mixmap.acquisition.base import (
     B0_THRESHOLD,
-    FIELDS,
     SHELL_RELATIVE_TOLERANCE,
     SHELL_TOLERANCE,
-    Acquisition,
     AcquisitionError,
+)
+from mixmap.acquisition.core import (
+    FIELDS,
+    Acquisition,
     Field,
     Shell,
     VolumeGroup,

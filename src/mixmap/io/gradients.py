@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from mixmap.acquisition import B0_THRESHOLD, Acquisition, AcquisitionError
-from mixmap.acquisition.core import MS_UM2_THRESHOLD, read_bvec_table, read_table
+from mixmap.acquisition.base import MS_UM2_THRESHOLD
+from mixmap.acquisition.tables import read_bvec_table, read_table
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ class DiffusionModel(SignalModel):
         return acquisition.b0_mask
 
     def volume_groups(self, acquisition: Acquisition, exact: bool = False) -> list[Shell]:
-        """Shells within :data:`~mixmap.acquisition.core.SHELL_TOLERANCE`; ``exact``: equal
+        """Shells within :data:`~mixmap.acquisition.base.SHELL_TOLERANCE`; ``exact``: equal
         b-values only."""
         if exact:
             return acquisition.shells(tolerance=EXACT_SHELL_TOLERANCE, relative=0.0)
