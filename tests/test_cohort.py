@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from mixmap.acquisition import Acquisition
 from mixmap.cli import app
-from mixmap.cohort import find_scans
+from mixmap.io.discovery import find_scans
 from mixmap.simulation import simulate
 
 runner = CliRunner()

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from mixmap import cohort as co
 from mixmap._version import __version__
 from mixmap.io import AtomicOutput, InputError
+from mixmap.io.discovery import find_scans
 
 log = logging.getLogger("mixmap")
 
@@ -99,7 +99,7 @@ def run(fitter_factory, bids_dir: Path, output_dir: Path, level: str, *,
                                          save_model=save_model, resume=False, work=work_dir,
                                          participants=labels)
     else:
-        scans = co.find_scans([bids_dir], participants=labels)
+        scans = find_scans([bids_dir], participants=labels)
         for scan in scans:
             log.info("%s: fitting", scan.dwi)
             out = output_dir / scan.folder

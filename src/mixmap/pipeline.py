@@ -32,6 +32,7 @@ from mixmap.io import (
     save_maps,
     stage_maps,
 )
+from mixmap.io.discovery import Scan, find_scans
 from mixmap.io.gradients import gradient_files
 from mixmap.io.naming import COHORT_JSON, checkpoint_name, model_folder, report_name
 from mixmap.io.nifti import bids_entities
@@ -212,13 +213,13 @@ class _CohortRun:
     """What every written piece of one cohort fit shares."""
 
     fitter: object
-    scans: list[co.Scan]
+    scans: list[Scan]
     acquisition: Acquisition
     seed: int
     model_dir: str | None
     report: bool = True
 
-    def stage(self, w: AtomicOutput, scan: co.Scan, data: DWIData, result: FitResult,
+    def stage(self, w: AtomicOutput, scan: Scan, data: DWIData, result: FitResult,
               scale: float) -> list[str]:
         """Stage one subject's maps (and its report) in its folder."""
         extra = {**dropped_record(data), "Seed": self.seed, "CohortSignalScale": scale,
@@ -306,13 +307,13 @@ def fit_cohort(fitter, inputs: Sequence[Path], bvals: Path | None, bvecs: Path |
     Every input is found and checked, and OUT checked, before the (long) fit. A cohort of more
     than ``train_voxels`` voxels (default :data:`mixmap.cohort.TRAIN_VOXELS`) is streamed.
     ``scan_options``: ``grad``, ``mask_threshold``, ``ignore_mask_affine`` of
-    :func:`mixmap.cohort.find_scans`; ``work``: where the training checkpoint goes (default
+    :func:`mixmap.io.discovery.find_scans`; ``work``: where the training checkpoint goes (default
     ``out``). Returns (map paths relative to ``out``, number of scans); no maps on a non-main
     process.
     """
     model, method = fitter.model.name, fitter.name
-    scans = co.find_scans(inputs, bvals=bvals, bvecs=bvecs, mask_pattern=mask_pattern,
-                          **scan_options)
+    scans = find_scans(inputs, bvals=bvals, bvecs=bvecs, mask_pattern=mask_pattern,
+                       **scan_options)
     acq = co.check_acquisitions(scans)
     check_supported(model, acq, scans[0].bvals)
     learned = isinstance(fitter, LearnedFitter)
@@ -347,8 +348,8 @@ def apply_cohort(model_file: Path, inputs: Sequence[Path], bvals: Path | None,
     from mixmap.fitting import load_fitter
 
     fitter = load_fitter(model_file, device=device)
-    scans = co.find_scans(inputs, bvals=bvals, bvecs=bvecs, mask_pattern=mask_pattern,
-                          **scan_options)
+    scans = find_scans(inputs, bvals=bvals, bvecs=bvecs, mask_pattern=mask_pattern,
+                       **scan_options)
     for scan in scans:
         acq = scan.acquisition()
         check_supported(fitter.model.name, acq, scan.bvals)
@@ -378,7 +379,7 @@ def _gradient_files(inputs: Sequence[Path], bvals: Path | None, bvecs: Path | No
                     grad: Path | None, mask_pattern: str | None
                     ) -> tuple[Path | None, Path | None]:
     """(bvals, bvecs) for one scan (an MRtrix ``grad`` table as bvals, bvecs None), checked;
-    a cohort's gradient files are found per scan (:func:`mixmap.cohort.find_scans`)."""
+    a cohort's gradient files are found per scan (:func:`mixmap.io.discovery.find_scans`)."""
     table, vecs = gradient_files(bvals, bvecs, grad)
     if is_cohort(inputs):
         return bvals, bvecs
