@@ -23,6 +23,15 @@ def _figure(nrows: int, ncols: int, size: tuple[float, float]) -> tuple[Figure, 
     return fig, axes
 
 
+def to_ras(vol: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """``vol`` (x, y, z[, k]) with its first three axes reoriented to RAS by ``affine``, so
+    that an axial slice shown with ``origin="lower"`` and the first axis across is in
+    neurological orientation (the subject's right on the right, anterior up)."""
+    import nibabel as nib
+
+    return nib.orientations.apply_orientation(vol, nib.orientations.io_orientation(affine))
+
+
 def _colour(i: int) -> str:
     return CLUSTER_COLOURS[i % len(CLUSTER_COLOURS)]
 

@@ -18,12 +18,11 @@ import io
 import platform
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from matplotlib.figure import Figure
 
 from mixmap._version import __version__
-from mixmap.plots import CLUSTER_COLOURS, loss_curves
+from mixmap.plots import CLUSTER_COLOURS, loss_curves, to_ras
 
 #: Axial slices per montage, evenly spaced over the fitted voxels' extent.
 N_SLICES = 6
@@ -35,12 +34,6 @@ def _png(fig: Figure) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=80)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def _ras(vol: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """``vol`` (x, y, z[, k]) with its first three axes reoriented to RAS."""
-    ornt = nib.orientations.io_orientation(affine)
-    return nib.orientations.apply_orientation(vol, ornt)
 
 
 def _slices(mask: np.ndarray) -> list[int]:
@@ -218,7 +211,7 @@ def report_html(fit, *, lsq=None, command: str = "", settings: dict | None = Non
     least-squares :class:`~mixmap.fitting.FitResult` of the same voxels, for the section on
     what a learned fit borrowed (None leaves it out)."""
     affine = fit.data.affine
-    ras = lambda v: _ras(v, affine)  # noqa: E731
+    ras = lambda v: to_ras(v, affine)  # noqa: E731
     mask = ras(fit.data.mask.astype(np.uint8)) > 0
     ratio = residual_ratio(fit)
     resid = _figure("RMS residual / σ per voxel (1: the model explains the signal to the "

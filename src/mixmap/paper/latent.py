@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from mixmap.paper.run import Run, placeholder, pyplot
-from mixmap.paper.scan import Scan, slice_image
+from mixmap.paper.scan import ORIENTATION, Scan, slice_image
 
 #: Display coordinates of the latent figure per model (None: principal components) and
 #: their axis labels (None: the projection's own).
@@ -53,7 +53,7 @@ def adjusted_rand(a: np.ndarray, b: np.ndarray) -> float:
 def _cluster_maps(run: Run, scan: Scan, fits: dict) -> None:
     """repro_real_clusters.png: argmax q(y|x) of vae-gmm per model on the shown slice."""
     plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(7, 3.4))
+    fig, axes = plt.subplots(1, 2, figsize=(5.2, 3.4), layout="constrained")
     for ax, model in zip(axes, ("ball-stick", "msdki"), strict=True):
         probs = fits[model]["vae-gmm"].cluster_probs
         ax.set_xticks([])
@@ -67,7 +67,7 @@ def _cluster_maps(run: Run, scan: Scan, fits: dict) -> None:
         used = np.unique(probs.argmax(1)).size
         ax.set_title(f"{model}: vae-gmm argmax q(y|x)\n{used} of {k} components used",
                      fontsize=9)
-    fig.tight_layout()
+    fig.suptitle(f"most probable mixture component ({ORIENTATION})", fontsize=9)
     run.figure("repro_real_clusters.png", fig)
 
 

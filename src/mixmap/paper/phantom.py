@@ -11,7 +11,14 @@ from mixmap.models import get_model
 from mixmap.paper.ranking import rank_sentences
 from mixmap.paper.report import markdown_table
 from mixmap.paper.run import Run, fit
-from mixmap.paper.scan import Scan, edges, map_grid, smooth_directions, smooth_in_mask
+from mixmap.paper.scan import (
+    Scan,
+    edges,
+    map_grid,
+    param_unit,
+    smooth_directions,
+    smooth_in_mask,
+)
 from mixmap.paper.settings import DISPLAY_RANGE, REAL_PARAMS
 
 MODELS = ("ball-stick", "msdki")
@@ -78,7 +85,7 @@ def _figure(run: Run, scan: Scan, truths: dict, ests: dict, sd: float) -> None:
 
     map_grid(run, scan, rows_fig, list(ranges), get, ranges,
              f"phantom: smoothed lsq maps (Gaussian sd {sd:g} voxel) as truth, scan's σ",
-             "repro_phantom.png")
+             "repro_phantom.png", {c: param_unit(*c.split(" ")) for c in ranges})
 
 
 def _section(run: Run, scan: Scan, out: dict, rows: list, sd: float) -> None:

@@ -12,7 +12,7 @@ from mixmap.paper.phantom import reproduce_phantom
 from mixmap.paper.repeatability import reproduce_repeatability
 from mixmap.paper.report import markdown_table
 from mixmap.paper.run import Run, fit, placeholder
-from mixmap.paper.scan import Scan, load_scan, map_grid
+from mixmap.paper.scan import Scan, load_scan, map_grid, param_unit
 from mixmap.paper.settings import DISPLAY_RANGE, REAL_PARAMS
 
 MODELS = ("ball-stick", "msdki")
@@ -64,7 +64,8 @@ def _map_figures(run: Run, scan: Scan, fits: dict) -> dict:
         map_grid(run, scan, run.methods, cols,
                  lambda r, c, model=model: fits[model][r].params[c],
                  DISPLAY_RANGE, f"{model} on {run.s.dataset} (slice z={scan.slice_z}), "
-                 f"posterior mean / estimate, one colour scale per column", name)
+                 f"posterior mean / estimate", name,
+                 {c: param_unit(model, c) for c in cols})
     std_ranges = {}
     for model in MODELS:
         for p in REAL_PARAMS[model]:
@@ -80,8 +81,8 @@ def _map_figures(run: Run, scan: Scan, fits: dict) -> dict:
         return None if v is None else np.where(np.isfinite(v), v, np.nan)
 
     map_grid(run, scan, run.methods, list(std_ranges), get_std, std_ranges,
-             "posterior std (learned) / asymptotic std (lsq), one colour scale per column",
-             "repro_real_std.png", cmap="magma")
+             "posterior std (learned) / asymptotic std (lsq)", "repro_real_std.png",
+             {c: param_unit(*c.split(" ")) for c in std_ranges}, cmap="magma")
     return std_ranges
 
 

@@ -13,6 +13,7 @@ from mixmap.acquisition import Acquisition
 from mixmap.fitting.base import FitResult, noise_sigma_from_repeats
 from mixmap.models import get_model
 from mixmap.paper.run import Run, pyplot
+from mixmap.plots import to_ras
 
 
 @dataclass
@@ -26,6 +27,7 @@ class Scan:
     slice_z: int
     sigma: float
     note: str
+    affine: np.ndarray  # (4, 4) voxel -> scanner mm
 
 
 def row_coords(data, dwi_path: Path) -> np.ndarray:
@@ -73,44 +75,76 @@ def load_scan(run: Run) -> Scan:
     mask[tuple(coords[keep].T)] = True
     signals = data.signals[keep]
     sigma = noise_sigma_from_repeats(signals, data.acquisition)
-    return Scan(signals, data.acquisition, mask, coords[keep], z, float(sigma), note)
+    return Scan(signals, data.acquisition, mask, coords[keep], z, float(sigma), note,
+                np.asarray(data.affine, dtype=np.float64))
+
+
+#: How the map figures are shown, said in their titles.
+ORIENTATION = "axial, neurological: subject's right on the right, anterior up"
 
 
 def slice_image(scan: Scan, values: np.ndarray) -> np.ndarray:
-    """(n,) -> 2-D slice (NaN outside), cropped to the fitted voxels' bounding box."""
+    """(n,) -> the axial slice ``scan.slice_z`` (NaN outside the mask) in RAS, cropped to the
+    fitted voxels' bounding box, rows = anterior-posterior for ``imshow(origin="lower")``."""
+    import nibabel as nib
+
     vol = np.full(scan.mask.shape, np.nan, dtype=np.float32)
     vol[tuple(scan.coords.T)] = values
-    img = vol[:, :, scan.slice_z]
-    m = scan.mask[:, :, scan.slice_z]
+    ornt = nib.orientations.io_orientation(scan.affine)
+    z = scan.slice_z
+    out_axis, flip = int(ornt[2, 0]), ornt[2, 1]
+    vol, mask = to_ras(vol, scan.affine), to_ras(scan.mask, scan.affine)
+    if out_axis == 2:  # the slice axis stays the axial axis: the same slice, maybe flipped
+        z = z if flip > 0 else vol.shape[2] - 1 - z
+    else:  # an acquisition in another plane: the fullest axial slice
+        z = int(np.argmax(mask.sum((0, 1))))
+    img, m = vol[:, :, z], mask[:, :, z]
     xs, ys = np.flatnonzero(m.any(1)), np.flatnonzero(m.any(0))
-    return img[xs[0]: xs[-1] + 1, ys[0]: ys[-1] + 1].T  # rows = y, for imshow
+    return img[xs[0]: xs[-1] + 1, ys[0]: ys[-1] + 1].T
+
+
+def param_unit(model: str, name: str) -> str:
+    """The declared unit of ``model``'s parameter ``name`` for a colour bar ("1" reads as
+    "unitless")."""
+    unit = next(p.unit for p in get_model(model).parameters if p.name == name)
+    return "unitless" if unit == "1" else unit
 
 
 def map_grid(run: Run, scan: Scan, rows: list[str], cols: list[str], get, ranges, title,
-             name, cmap="gray") -> Path:
+             name, units: dict[str, str], cmap="gray") -> Path:
     """Figure ``name``: the shown slice of ``get(row, col)`` ((n,) values, or None for "n/a")
-    per row and column, one colour scale ``ranges[col]`` = (vmin, vmax) per column."""
+    per row and column, one colour scale ``ranges[col]`` = (vmin, vmax) per column with its
+    colour bar labelled ``units[col]``; panels sized to the slice, no empty margins."""
     plt = pyplot()
-    fig, axes = plt.subplots(len(rows), len(cols), squeeze=False,
-                             figsize=(2.4 * len(cols) + 0.6, 2.4 * len(rows)))
+    first = slice_image(scan, np.zeros(len(scan.coords), dtype=np.float32))
+    panel = 1.6  # inches across one map
+    height = panel * first.shape[0] / first.shape[1]
+    fig, axes = plt.subplots(len(rows), len(cols), squeeze=False, layout="constrained",
+                             figsize=(panel * len(cols) + 0.5, height * len(rows) + 0.9))
+    fig.get_layout_engine().set(w_pad=0.01, h_pad=0.01, wspace=0.01, hspace=0.01)
     for j, c in enumerate(cols):
         vmin, vmax = ranges[c]
+        im = None
         for i, r in enumerate(rows):
             ax = axes[i, j]
             v = get(r, c)
             ax.set_xticks([])
             ax.set_yticks([])
+            if i == 0:
+                ax.set_title(c, fontsize=9)
+            if j == 0:
+                ax.set_ylabel(r, fontsize=9)
             if v is None:
                 ax.text(0.5, 0.5, "n/a", ha="center", va="center", transform=ax.transAxes)
                 continue
             im = ax.imshow(slice_image(scan, v), origin="lower", cmap=cmap, vmin=vmin,
                            vmax=vmax, interpolation="nearest")
-            if i == 0:
-                ax.set_title(c, fontsize=9)
-            if j == 0:
-                ax.set_ylabel(r, fontsize=9)
-        fig.colorbar(im, ax=axes[:, j].tolist(), shrink=0.6, location="bottom", pad=0.02)
-    fig.suptitle(title, fontsize=10)
+        if im is not None:
+            bar = fig.colorbar(im, ax=axes[:, j].tolist(), location="bottom", shrink=0.9,
+                               aspect=12)
+            bar.set_label(units[c], fontsize=8)
+            bar.ax.tick_params(labelsize=7)
+    fig.suptitle(f"{title}\n({ORIENTATION})", fontsize=9)
     return run.figure(name, fig)
 
 
@@ -166,5 +200,6 @@ def edges(scan: Scan, values: np.ndarray, frac: float = 0.2) -> np.ndarray:
     return inner & (g >= thr)
 
 
-__all__ = ["Scan", "edges", "load_scan", "map_grid", "predicted", "row_coords",
+__all__ = ["ORIENTATION", "Scan", "edges", "load_scan", "map_grid", "param_unit", "predicted",
+           "row_coords",
            "scalar_params", "slice_image", "smooth_directions", "smooth_in_mask"]
