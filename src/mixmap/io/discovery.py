@@ -159,15 +159,7 @@ def find_scans(
     siblings unless ``bvals`` and ``bvecs``, or an MRtrix table ``grad``, are given (then they
     serve every scan, each in its own image's space).
     """
-    inputs = [Path(p) for p in inputs]
-    dirs = [p for p in inputs if p.is_dir()]
-    if dirs and len(inputs) > 1:
-        raise ValueError(
-            f"{dirs[0]}: a folder among several inputs; give one BIDS dataset folder, or DWI "
-            f"files only"
-        )
-    root = dirs[0] if dirs else None
-    files = discover_bids(root) if root is not None else inputs
+    root, files = _dwi_files([Path(p) for p in inputs])
     if participants is not None:
         files = _of_participants(files, participants, root or files[0].parent)
     shared_bvals, shared_bvecs = gradient_files(bvals, bvecs, grad)
@@ -177,34 +169,59 @@ def find_scans(
     scans: list[Scan] = []
     seen: dict[str, Path] = {}
     for dwi in files:
-        if not dwi.exists():
-            raise InputError(f"{dwi}: file not found; check the DWI path")
-        entities = bids_entities(dwi)
-        if not entities:
-            raise InputError(
-                f"{dwi}: not a BIDS name; a cohort writes each scan to its sub-<label>/ folder, "
-                f"so name it sub-<label>[_ses-<label>]_dwi.nii.gz"
-            )
-        if entities in seen:
-            raise InputError(
-                f"{dwi}: same entities ({entities}) as {seen[entities]}; each scan of a cohort "
-                f"needs its own sub-/ses-/run- labels"
-            )
-        seen[entities] = dwi
+        entities = _unique_entities(dwi, seen)
         if shared_bvals is not None:
             bval, bvec = shared_bvals, shared_bvecs
         else:
-            bval, bvec = gradient_siblings(dwi)
-            for f, opt in ((bval, "--bvals"), (bvec, "--bvecs")):
-                if not f.exists():
-                    raise InputError(
-                        f"{f}: not found beside {dwi.name}; put {f.name} next to it, or give "
-                        f"{opt} (one file for all scans)"
-                    )
+            bval, bvec = _existing_siblings(dwi)
         scans.append(Scan(dwi, Path(bval), None if bvec is None else Path(bvec),
                           find_mask(dwi, root, mask_pattern), entities, mask_threshold,
                           ignore_mask_affine))
     return scans
+
+
+def _dwi_files(inputs: list[Path]) -> tuple[Path | None, list[Path]]:
+    """(the BIDS folder or None, the DWI files): one folder is searched, files are kept."""
+    dirs = [p for p in inputs if p.is_dir()]
+    if dirs and len(inputs) > 1:
+        raise ValueError(
+            f"{dirs[0]}: a folder among several inputs; give one BIDS dataset folder, or DWI "
+            f"files only"
+        )
+    root = dirs[0] if dirs else None
+    return root, discover_bids(root) if root is not None else inputs
+
+
+def _unique_entities(dwi: Path, seen: dict[str, Path]) -> str:
+    """The BIDS entities of an existing ``dwi``, refused when missing or already in ``seen``
+    (entities -> DWI, updated here): they name the scan's output folder."""
+    if not dwi.exists():
+        raise InputError(f"{dwi}: file not found; check the DWI path")
+    entities = bids_entities(dwi)
+    if not entities:
+        raise InputError(
+            f"{dwi}: not a BIDS name; a cohort writes each scan to its sub-<label>/ folder, "
+            f"so name it sub-<label>[_ses-<label>]_dwi.nii.gz"
+        )
+    if entities in seen:
+        raise InputError(
+            f"{dwi}: same entities ({entities}) as {seen[entities]}; each scan of a cohort "
+            f"needs its own sub-/ses-/run- labels"
+        )
+    seen[entities] = dwi
+    return entities
+
+
+def _existing_siblings(dwi: Path) -> tuple[Path, Path]:
+    """:func:`gradient_siblings` of ``dwi``, refused when either is missing."""
+    bval, bvec = gradient_siblings(dwi)
+    for f, opt in ((bval, "--bvals"), (bvec, "--bvecs")):
+        if not f.exists():
+            raise InputError(
+                f"{f}: not found beside {dwi.name}; put {f.name} next to it, or give "
+                f"{opt} (one file for all scans)"
+            )
+    return bval, bvec
 
 
 def _of_participants(files: list[Path], labels: Sequence[str], where: Path) -> list[Path]:
