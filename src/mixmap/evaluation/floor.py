@@ -187,19 +187,10 @@ def empirical_floor(signals: np.ndarray, acquisition: Acquisition, model: str | 
     with ``return_std``, and ``ess`` (n,) the effective number of atoms each voxel's mean
     rests on (1 / Σ w²; a few means the floor is resolved coarsely there).
     """
-    model = get_model(model) if isinstance(model, str) else model
-    if noise not in ("gaussian", "rician"):
-        raise ValueError(f"unknown noise {noise!r}; choose gaussian or rician")
-    missing = [p.name for p in model.parameters if p.name not in truth]
-    if missing:
-        raise ValueError(f"truth lacks parameter(s) {', '.join(missing)} of {model.name}")
+    model = _checked_model(model, truth, noise)
     n = signals.shape[0]
     rng = np.random.default_rng(seed)
-    idx = np.arange(n)
-    if max_atoms is None and noise == "rician" and not model.direction_independent:
-        max_atoms = SEPARABLE_ATOMS
-    if max_atoms is not None and max_atoms < n:
-        idx = np.sort(rng.choice(n, size=max_atoms, replace=False))
+    idx = _atom_rows(n, model, noise, max_atoms, rng)
     atoms = {p.name: np.asarray(truth[p.name], dtype=np.float64)[idx] for p in model.parameters}
     if copies > 1:
         atoms = smoothed_atoms(atoms, model, copies, neighbour, rng)
@@ -223,20 +214,51 @@ def empirical_floor(signals: np.ndarray, acquisition: Acquisition, model: str | 
         ll = _log_weights(x_all[start:stop], S, S2, float(sigma), rician)
         mine = torch.arange(start, stop)[:, None] == atom_row[None]
         ll.masked_fill_(mine, -torch.inf)  # leave the voxel's own truth out
-        w = torch.softmax(ll, 1)
-        mean = w @ theta
-        var = (w @ theta**2 - mean**2).clamp_min(0.0)
-        for j, k in enumerate(scalars):
-            out[k][start:stop] = mean[:, j].numpy()
-            out[f"{k}:std"][start:stop] = var[:, j].sqrt().numpy()
-        for k in dirs:
-            _, vec = torch.linalg.eigh((w @ dyads[k]).reshape(-1, 3, 3))
-            out[k][start:stop] = vec[:, :, -1].numpy()
-        out["ess"][start:stop] = (1.0 / (w * w).sum(1)).numpy()
+        _store_posterior(out, slice(start, stop), torch.softmax(ll, 1), theta, scalars, dyads)
     if not return_std:
         for k in scalars:
             del out[f"{k}:std"]
     return out
+
+
+def _checked_model(model: str | SignalModel, truth: dict[str, np.ndarray], noise: str
+                   ) -> SignalModel:
+    """The model of :func:`empirical_floor`, once its noise and truth are known to fit it."""
+    model = get_model(model) if isinstance(model, str) else model
+    if noise not in ("gaussian", "rician"):
+        raise ValueError(f"unknown noise {noise!r}; choose gaussian or rician")
+    missing = [p.name for p in model.parameters if p.name not in truth]
+    if missing:
+        raise ValueError(f"truth lacks parameter(s) {', '.join(missing)} of {model.name}")
+    return model
+
+
+def _atom_rows(n: int, model: SignalModel, noise: str, max_atoms: int | None,
+               rng: np.random.Generator) -> np.ndarray:
+    """The rows whose truth is the prior's atoms, sorted: all ``n``, or ``max_atoms`` drawn
+    (by default at most :data:`SEPARABLE_ATOMS` where the Rician term cannot be tabulated)."""
+    if max_atoms is None and noise == "rician" and not model.direction_independent:
+        max_atoms = SEPARABLE_ATOMS
+    if max_atoms is not None and max_atoms < n:
+        return np.sort(rng.choice(n, size=max_atoms, replace=False))
+    return np.arange(n)
+
+
+def _store_posterior(out: dict[str, np.ndarray], rows: slice, w: torch.Tensor,
+                     theta: torch.Tensor, scalars: list[str], dyads: dict[str, torch.Tensor]
+                     ) -> None:
+    """Write the ``rows`` of ``out`` from their (rows, A) weights ``w`` over the atoms: each
+    scalar's mean and std over ``theta`` (A, P), each direction's principal eigenvector of
+    the weighted mean dyad, and the effective number of atoms."""
+    mean = w @ theta
+    var = (w @ theta**2 - mean**2).clamp_min(0.0)
+    for j, k in enumerate(scalars):
+        out[k][rows] = mean[:, j].numpy()
+        out[f"{k}:std"][rows] = var[:, j].sqrt().numpy()
+    for k, dyad in dyads.items():
+        _, vec = torch.linalg.eigh((w @ dyad).reshape(-1, 3, 3))
+        out[k][rows] = vec[:, :, -1].numpy()
+    out["ess"][rows] = (1.0 / (w * w).sum(1)).numpy()
 
 
 __all__ = ["empirical_floor"]
