@@ -127,18 +127,13 @@ def evaluate_dirs(fit_dir: str | Path, sim_dir: str | Path, *, bayes: bool = Tru
     ``bayes_reference`` (metrics of the reference, or None) with ``bayes_seconds``, and
     ``empirical_floor`` (metrics, or None) with ``floor_seconds`` and ``floor_ess``.
     """
-    from mixmap.io import load_image
-
     fit_dir, sim_dir = Path(fit_dir), Path(sim_dir)
     if not fit_dir.is_dir():
         raise FileNotFoundError(f"{fit_dir}: not a folder; give the --out folder of `mixmap fit`")
     info = read_simulation_info(sim_dir)
     preset = preset_from_info(info)
     model = get_model(preset.model if preset is not None else info["model"])
-    mask = np.asarray(load_image(sim_dir / "mask.nii.gz", "mask").dataobj) > 0
-    truth = {p.name: _read_masked(sim_dir / "truth" / f"param-{p.name}.nii.gz", mask)
-             for p in model.parameters if (sim_dir / "truth" / f"param-{p.name}.nii.gz").exists()}
-    labels = _read_masked(sim_dir / "truth" / "param-cluster.nii.gz", mask).astype(np.int64)
+    mask, truth, labels = _read_truth(sim_dir, model)
     cluster_names = info.get("cluster_names") or [c.name for c in preset.clusters]
     source = preset.name if preset is not None else f"phantom of {info.get('source') or '?'}"
     estimate, std = _read_maps(fit_dir, model, mask)
@@ -162,19 +157,37 @@ def evaluate_dirs(fit_dir: str | Path, sim_dir: str | Path, *, bayes: bool = Tru
                                     max_atoms=floor_atoms),
             params, truth, labels, cluster_names)
         report["floor_ess"] = float(np.median(ref["ess"]))
-    if bayes and preset is not None:
-        try:
-            check_preset(preset, model)
-        except ValueError as exc:
-            log.info("%s", exc)
-        else:
-            scan = scan or _simulated_scan(sim_dir, mask)
-            report["bayes_reference"], report["bayes_seconds"], _ = _reference_metrics(
-                lambda: bayes_reference(scan.signals, scan.acquisition, preset,
-                                        float(info["sigma"]), info.get("noise", "gaussian"),
-                                        return_std=True),
-                params, truth, labels, cluster_names)
+    if bayes and preset is not None and _bayes_reference_applies(preset, model):
+        scan = scan or _simulated_scan(sim_dir, mask)
+        report["bayes_reference"], report["bayes_seconds"], _ = _reference_metrics(
+            lambda: bayes_reference(scan.signals, scan.acquisition, preset,
+                                    float(info["sigma"]), info.get("noise", "gaussian"),
+                                    return_std=True),
+            params, truth, labels, cluster_names)
     return report
+
+
+def _read_truth(sim_dir: Path, model) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
+    """The simulation's mask (3-D bool), its truth maps on disk (name -> (n,) inside the
+    mask) and its (n,) int64 cluster labels."""
+    from mixmap.io import load_image
+
+    mask = np.asarray(load_image(sim_dir / "mask.nii.gz", "mask").dataobj) > 0
+    truth = {p.name: _read_masked(sim_dir / "truth" / f"param-{p.name}.nii.gz", mask)
+             for p in model.parameters if (sim_dir / "truth" / f"param-{p.name}.nii.gz").exists()}
+    labels = _read_masked(sim_dir / "truth" / "param-cluster.nii.gz", mask).astype(np.int64)
+    return mask, truth, labels
+
+
+def _bayes_reference_applies(preset, model) -> bool:
+    """Whether the Bayes reference applies to ``preset`` and ``model`` (:func:`check_preset`);
+    why not is logged."""
+    try:
+        check_preset(preset, model)
+    except ValueError as exc:
+        log.info("%s", exc)
+        return False
+    return True
 
 
 def _ref_cells(ref: dict, name: str, cname: str, with_sd: bool) -> list:
