@@ -37,21 +37,29 @@ def bad_input_cases(scan: Path, tmp: Path) -> list[BadCase]:
     """
     scan, tmp = Path(scan), Path(tmp)
     img = nib.load(str(scan / "dwi.nii.gz"))
-    data = np.asarray(img.dataobj)
-    aff = img.affine
-    b = np.loadtxt(scan / "dwi.bval")
-    v = np.loadtxt(scan / "dwi.bvec")
-    n = b.size
     good = {"dwi": scan / "dwi.nii.gz", "bvals": scan / "dwi.bval", "bvecs": scan / "dwi.bvec",
             "mask": scan / "mask.nii.gz", "model": "msdki", "extra": ()}
     _write_damaged_files(scan / "dwi.nii.gz", tmp)
+    specs = _damaged_input_specs(tmp, np.asarray(img.dataobj), img.affine,
+                                 np.loadtxt(scan / "dwi.bval"), np.loadtxt(scan / "dwi.bvec"))
+    specs += _bad_option_specs()
+    return [_bad_case(i, name, {**good, **changes}, message, tmp)
+            for i, (name, changes, message) in enumerate(specs)]
+
+
+def _damaged_input_specs(tmp: Path, data: np.ndarray, aff: np.ndarray, b: np.ndarray,
+                         v: np.ndarray) -> list[tuple[str, dict, str]]:
+    """(name, files replacing the good ones, message) of each damaged image, gradient table
+    or mask, made in ``tmp`` from the good scan's ``data``, affine ``aff``, bvals ``b`` and
+    bvecs ``v`` (3, n); the files :func:`_write_damaged_files` wrote are only named here."""
+    n = b.size
     neg_b = b.copy()
     neg_b[1] = -1000
     moved = aff.copy()
     moved[:3, 3] += 40
     one_shell = b.copy()
     one_shell[one_shell > 1500] = 1000
-    specs = [
+    return [
         ("missing file", {"dwi": tmp / "nope.nii.gz"}, "nope.nii.gz: file not found"),
         ("not a NIfTI", {"dwi": tmp / "text.nii.gz"}, "not a readable NIfTI"),
         ("3-D instead of 4-D", {"dwi": _nifti(tmp / "3d.nii.gz", data[..., 0], aff)},
@@ -89,6 +97,12 @@ def bad_input_cases(scan: Path, tmp: Path) -> list[BadCase]:
             data.shape[:3], np.uint8), moved)}, "far.nii.gz: its affine puts voxels up to"),
         ("MSDKI with one shell", {"bvals": _txt(tmp / "one.bval", one_shell)},
          "one.bval: MSDKI needs at least 2"),
+    ]
+
+
+def _bad_option_specs() -> list[tuple[str, dict, str]]:
+    """(name, changed options, message) of each bad option given with the good scan."""
+    return [
         ("unknown model", {"model": "dti9"}, "unknown model 'dti9'"),
         ("option of another method", {"extra": ("--epochs", "3")},
          "--epochs does not apply to --method lsq"),
@@ -97,8 +111,6 @@ def bad_input_cases(scan: Path, tmp: Path) -> list[BadCase]:
         ("bounds outside the declared range", {"extra": ("--bounds", "K=-1,4")},
          "bounds K=-1,4: give lower < upper inside K's declared range [-0.5, 4]"),
     ]
-    return [_bad_case(i, name, {**good, **changes}, message, tmp)
-            for i, (name, changes, message) in enumerate(specs)]
 
 
 def _write_damaged_files(dwi: Path, tmp: Path) -> None:
