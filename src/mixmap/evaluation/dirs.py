@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 from pathlib import Path
 
@@ -15,13 +14,11 @@ import numpy as np
 from mixmap.evaluation.bayes import bayes_reference, check_preset
 from mixmap.evaluation.scores import metrics
 from mixmap.io.naming import label as _label
+from mixmap.io.naming import parse_map_name
 from mixmap.models import get_model
 from mixmap.simulation import preset_from_info, read_simulation_info
 
 log = logging.getLogger(__name__)
-
-_MAP_RE = r"(?:^|_)model-{model}_param-([A-Za-z0-9]+)_{suffix}\.nii\.gz$"
-_STD_RE = r"(?:^|_)model-{model}_param-([A-Za-z0-9]+)_desc-std_{suffix}\.nii\.gz$"
 
 
 def _read_masked(path: Path, mask: np.ndarray) -> np.ndarray:
@@ -44,14 +41,13 @@ def _read_maps(fit_dir: Path, model, mask: np.ndarray):
     by_label = {_label(p.name): p.name for p in model.parameters}
     estimate: dict[str, np.ndarray] = {}
     std: dict[str, np.ndarray] = {}
-    for regex, found, what in ((_MAP_RE, estimate, "map"), (_STD_RE, std, "std map")):
-        pattern = re.compile(regex.format(model=re.escape(_label(model.name)),
-                                          suffix=re.escape(model.output_suffix)))
+    for desc, found, what in ((None, estimate, "map"), ("std", std, "std map")):
         for path in sorted(fit_dir.iterdir()):
-            m = pattern.search(path.name)
-            if not m or m.group(1) not in by_label:
+            parts = parse_map_name(path.name)
+            if (parts is None or parts.model != _label(model.name) or parts.desc != desc
+                    or parts.suffix != model.output_suffix or parts.param not in by_label):
                 continue
-            name = by_label[m.group(1)]
+            name = by_label[parts.param]
             if name in found:
                 raise ValueError(
                     f"{fit_dir}: more than one {what} of {name} for model {model.name}; keep "
