@@ -8,9 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
+from mixmap.api import Fit
 from mixmap.fitting import FITTERS, get_fitter
 from mixmap.fitting.learned import LearnedFitter
-from mixmap.io import AtomicOutput, DWIData, save_maps
+from mixmap.io import AtomicOutput, DWIData
 from mixmap.paper.report import machine_description, markdown_table
 from mixmap.simulation import grid_shape, simulate, write_simulation
 
@@ -29,7 +30,7 @@ def dipy_msdki(signals: np.ndarray, acquisition) -> dict[str, np.ndarray] | None
 
 
 def _as_scan(sim, path: Path):
-    """The simulation as a DWIData on a small grid (2 mm voxels), so save_maps can write it."""
+    """The simulation as a DWIData on a small grid (2 mm voxels), so its maps can be written."""
     import nibabel as nib
 
     mask = np.zeros(grid_shape(sim.signals.shape[0]), dtype=bool)
@@ -112,7 +113,8 @@ def run_demo(
         result = fitter.fit(sim.signals, sim.acquisition)
         timings[method] = time.perf_counter() - t
         estimates[method] = result.params
-        save_maps(result, scan, out / f"maps-{method}", force=force)
+        Fit(result, scan, fitter).save(out / f"maps-{method}", force=force, save_model=False,
+                                       report=False)
 
     report = {m: metrics(est, sim.truth, sim.labels, names, params=["D", "K"])
               for m, est in estimates.items()}
