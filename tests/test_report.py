@@ -77,3 +77,26 @@ def test_report_renders_in_a_real_browser(reports, tmp_path):
         assert verdict, dom[-500:]
         images, broken, errors = map(int, verdict.groups())
         assert images >= 7 and broken == 0 and errors == 0, verdict.group(0)
+
+
+def test_voxels_at_a_bound_are_counted_in_the_maps_units(tiny_msdki_dir):
+    """S0's bounds are declared relative to the scan's signal scale: the report compares the
+    S0 map (input units) with them times that scale, so a plain fit has no S0 at a bound."""
+    import numpy as np
+
+    import mixmap
+    from mixmap.report import _bounds_rows
+
+    d = tiny_msdki_dir
+    fit = mixmap.fit(d / "dwi.nii.gz", bvals=d / "dwi.bval", bvecs=d / "dwi.bvec",
+                     mask=d / "mask.nii.gz", model="msdki", method="lsq")
+    scale = fit.result.settings["signal_scale"]
+    rows = {r[0]: r for r in _bounds_rows(fit)}
+    assert rows["S0"][1] == f"[0, {4 * scale:.4g}] a.u." and rows["S0"][3] == "0.00%"
+    d_map = fit.result.params["D"]
+    before = np.mean(d_map[: d_map.size // 4] >= 4.0 - 4e-4)
+    d_map[: d_map.size // 4] = 4.0  # a quarter of the voxels at D's upper bound
+    row = _bounds_rows(fit)[1]
+    assert row[0] == "D" and row[1] == "[0, 4] µm²/ms"
+    share = float(rows["D"][3].rstrip("%")) / 100 + 0.25 * (1 - before)
+    assert row[3] == f"{share:.2%}"

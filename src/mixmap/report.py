@@ -146,13 +146,18 @@ def _borrowed_section(fit, lsq, ras, mask) -> str:
 
 
 def _bounds_rows(fit) -> list[list]:
+    """Per scalar parameter: its bounds as the maps hold it (the scale parameter's, declared
+    relative to the scan's signal scale, times that scale) and the shares of voxels at each."""
     rows = []
     for name in _scalar_params(fit):
         p = fit.model.parameter(name)
+        scale = (float(fit.result.settings.get("signal_scale", 1.0))
+                 if name == fit.model.scale_parameter else 1.0)
+        lower, upper = p.lower * scale, p.upper * scale
         v = fit.result.params[name]
-        tol = AT_BOUND * float(p.upper - p.lower)
-        lo, hi = np.mean(v <= p.lower + tol), np.mean(v >= p.upper - tol)
-        rows.append([name, f"[{p.lower:g}, {p.upper:g}] {p.unit}", f"{lo:.2%}", f"{hi:.2%}"])
+        tol = AT_BOUND * float(upper - lower)
+        lo, hi = np.mean(v <= lower + tol), np.mean(v >= upper - tol)
+        rows.append([name, f"[{lower:.4g}, {upper:.4g}] {p.unit}", f"{lo:.2%}", f"{hi:.2%}"])
     return rows
 
 
