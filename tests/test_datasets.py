@@ -41,3 +41,22 @@ def test_fetch_is_cached_and_checked(b1k_b2k, tmp_path, monkeypatch):
 def test_unknown_dataset():
     with pytest.raises(ValueError, match="unknown dataset 'hcp'; choose one of: b1k_b2k"):
         datasets.fetch("hcp")
+
+
+def test_fetch_to_a_folder_gives_the_quick_start_names(b1k_b2k, tmp_path):
+    from typer.testing import CliRunner
+
+    from mixmap.cli import app
+
+    r = CliRunner().invoke(app, ["datasets", "fetch", "b1k_b2k", "--to", str(tmp_path / "ex")])
+    assert r.exit_code == 0, r.output
+    ex = tmp_path / "ex"
+    assert sorted(p.name for p in ex.iterdir()) == ["dwi.bval", "dwi.bvec", "dwi.nii.gz",
+                                                    "mask.nii.gz"]
+    assert (ex / "dwi.nii.gz").read_bytes() == b1k_b2k["dwi"].read_bytes()
+    data = load_dwi(ex / "dwi.nii.gz", ex / "dwi.bval", ex / "dwi.bvec", ex / "mask.nii.gz")
+    assert data.signals.shape == (8865, 103)
+    # a second copy into the same folder is refused with the folder's name, nothing changed
+    again = CliRunner().invoke(app, ["datasets", "fetch", "b1k_b2k", "--to", str(ex)])
+    assert again.exit_code == 2
+    assert f"{ex}: already holds dwi.nii.gz" in again.output

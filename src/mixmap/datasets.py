@@ -111,6 +111,29 @@ def fetch(name: str, quiet: bool = True) -> dict[str, Path]:
     return paths
 
 
+#: The names :func:`copy_to` gives the files, as ``mixmap simulate`` writes a scan.
+PLAIN_NAMES = {"dwi": "dwi.nii.gz", "mask": "mask.nii.gz", "bvals": "dwi.bval",
+               "bvecs": "dwi.bvec"}
+
+
+def copy_to(name: str, folder: str | Path, quiet: bool = True) -> dict[str, Path]:
+    """Fetch dataset ``name`` and copy its files into ``folder`` as dwi.nii.gz, dwi.bval,
+    dwi.bvec and mask.nii.gz (the names a quick start can type). Returns their paths; a
+    folder that already holds one of them is refused (ValueError) before anything is copied."""
+    folder = Path(folder)
+    targets = {k: folder / v for k, v in PLAIN_NAMES.items()}
+    there = [p.name for p in targets.values() if p.exists()]
+    if there:
+        raise ValueError(f"{folder}: already holds {', '.join(there)}; choose an empty folder")
+    paths = fetch(name, quiet)
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, target in targets.items():
+        tmp = target.with_name(f".{target.name}.part")
+        shutil.copyfile(paths[k], tmp)
+        os.replace(tmp, target)
+    return targets
+
+
 def is_cached(name: str) -> bool:
     ds = DATASETS[name]
     return all((cache_dir() / name / f).exists() for f in ds.files().values())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
 from mixmap.cli.common import handle_errors
@@ -26,15 +28,20 @@ def datasets_list() -> None:
 
 @datasets_app.command("fetch")
 @handle_errors
-def datasets_fetch(name: str = typer.Argument(..., help="Dataset name (see `list`).")) -> None:
+def datasets_fetch(
+    name: str = typer.Argument(..., help="Dataset name (see `list`)."),
+    to: Path | None = typer.Option(None, "--to", help="Also copy the files into this folder "
+                                   "as dwi.nii.gz, dwi.bval, dwi.bvec and mask.nii.gz."),
+) -> None:
     """Fetch an example dataset (from the PyPI wheel mdt==1.2.7) and print its file paths.
 
-    Example: mixmap datasets fetch b1k_b2k
+    Example: mixmap datasets fetch b1k_b2k --to example/
     """
+    from mixmap.datasets import copy_to
     from mixmap.datasets import fetch as fetch_dataset
 
     try:
-        paths = fetch_dataset(name)
+        paths = fetch_dataset(name) if to is None else copy_to(name, to)
     except RuntimeError as exc:
         raise ValueError(str(exc)) from None
     for k, p in paths.items():
