@@ -38,7 +38,7 @@ def test_real_world_inputs_fit_like_the_clean_scan(scan, tmp_path):
     clean = tmp_path / "clean"
     assert fit(clean_args(scan), clean).exit_code == 0
     cases = real_world_cases(scan, tmp_path)
-    assert len(cases) == 18
+    assert len(cases) == 19
     for i, case in enumerate(cases):
         out = tmp_path / f"out-{i}"
         r = fit(case.args, out)

@@ -225,9 +225,10 @@ def _gradient_variants(case, tmp: Path, data: np.ndarray, aff: np.ndarray, b: np
     jitter = np.where(dw, b + rng.integers(-6, 7, b.size), b)
     case("jittered shells (b ± 6 s/mm²)", 0.02, "each volume's own b is in the physics",
          bval_=_txt(tmp / "jitter.bval", jitter))
-    b5 = np.where(dw, b, 5.0)
-    case("b0 volumes written as b=5", 0.02, "b=5 is in the physics (S0·e^(-0.005·D))",
-         bval_=_txt(tmp / "b5.bval", b5))
+    for low, tol in ((5, 0.02), (10, 0.04)):
+        case(f"b0 volumes written as b={low}", tol,
+             f"b={low} is in the physics (S0·e^(-{low / 1000:g}·D))",
+             bval_=_txt(tmp / f"b{low}.bval", np.where(dw, b, float(low))))
     case("bvals as one column", SAME, "same values", bval_=_col(tmp / "col.bval", b))
     case("bvecs as 3 columns", SAME, "same values", bvec_=_col(tmp / "col.bvec", v.T))
     case("bvecs scaled by the b-value", SAME, "normalised",
