@@ -175,6 +175,15 @@ def real_world_cases(scan: Path, tmp: Path) -> list[RealWorldCase]:
                                    tolerance, why))
 
     _gradient_variants(case, tmp, data, aff, b, v, mask)
+    _image_variants(case, tmp, data, aff)
+    _mask_variants(case, tmp, aff, mask)
+    _volume_variants(case, tmp, data, aff, dw)
+    return cases
+
+
+def _image_variants(case, tmp: Path, data: np.ndarray, aff: np.ndarray) -> None:
+    """The NIfTI encodings of :func:`real_world_cases` (scaled int16, byte order, no gzip,
+    qform/sform), added with ``case``."""
     scale = float(np.abs(data).max()) / 30000
     q = nib.Nifti1Image(np.round(data / scale).astype(np.int16), aff)
     q.header.set_slope_inter(scale, 0.0)
@@ -194,6 +203,10 @@ def real_world_cases(scan: Path, tmp: Path) -> list[RealWorldCase]:
     nib.save(odd, str(tmp / "qsform.nii.gz"))
     case("qform 40 mm from the sform", SAME, "the sform used, written to both",
          dwi_=tmp / "qsform.nii.gz")
+
+
+def _mask_variants(case, tmp: Path, aff: np.ndarray, mask: np.ndarray) -> None:
+    """The mask variants of :func:`real_world_cases`, added with ``case``."""
     case("probabilistic mask (0.9 in, 0.2 out)", SAME, "voxels ≥ 0.5",
          mask_=_nifti(tmp / "prob.nii.gz", np.where(mask, 0.9, 0.2).astype(np.float32), aff))
     case("4-D mask of one volume", SAME, "its one volume",
@@ -206,6 +219,12 @@ def real_world_cases(scan: Path, tmp: Path) -> list[RealWorldCase]:
     case("mask 40 mm away, --ignore-mask-affine", SAME, "used voxel by voxel as asked",
          mask_=_nifti(tmp / "moved.nii.gz", mask.astype(np.uint8), moved),
          extra=("--ignore-mask-affine",))
+
+
+def _volume_variants(case, tmp: Path, data: np.ndarray, aff: np.ndarray,
+                     dw: np.ndarray) -> None:
+    """The damaged volumes of :func:`real_world_cases` (a NaN and an all-zero diffusion-
+    weighted volume), added with ``case``."""
     nan_vol = data.copy()
     nan_vol[..., int(np.flatnonzero(dw)[3])] = np.nan
     case("a NaN volume", 0.02, "dropped with a message (one DW volume fewer)",
@@ -214,7 +233,6 @@ def real_world_cases(scan: Path, tmp: Path) -> list[RealWorldCase]:
     zero_vol[..., int(np.flatnonzero(dw)[5])] = 0
     case("an all-zero volume", 0.02, "dropped with a message (one DW volume fewer)",
          dwi_=_nifti(tmp / "zerovol.nii.gz", zero_vol, aff))
-    return cases
 
 
 def _gradient_variants(case, tmp: Path, data: np.ndarray, aff: np.ndarray, b: np.ndarray,
