@@ -29,7 +29,6 @@ from mixmap.io import (
     OutputLock,
     existing_maps,
     load_dwi,
-    save_maps,
     stage_maps,
 )
 from mixmap.io.discovery import Scan, find_scans
@@ -112,11 +111,17 @@ def input_checksums(**paths: Path | None) -> dict[str, str]:
 
 # ------------------------------------------------------------------------------- one scan
 def save_timed(result: FitResult, data: DWIData, out: Path, *, force: bool,
-               extra: dict) -> list[Path]:
-    """:func:`~mixmap.io.save_maps`, then one log line with every phase's seconds, the load's
-    first and the write's last (fit.json, written by it, cannot hold its own time)."""
+               extra: dict, extras=None) -> list[Path]:
+    """:func:`~mixmap.io.save_maps` (and ``extras(w)``, what goes beside the maps, staged in
+    the same atomic step: a failure leaves neither), then one log line with every phase's
+    seconds, the load's first and the write's last (fit.json, written by it, cannot hold its
+    own time)."""
     t0 = time.perf_counter()
-    written = save_maps(result, data, out, force=force, extra=extra)
+    with AtomicOutput(out, force=force) as w:
+        names = stage_maps(w, result, data, extra=extra)
+        if extras is not None:
+            extras(w)
+    written = [Path(out) / name for name in names]
     phases = {**phase_seconds(result, data), "write": time.perf_counter() - t0}
     log.info("seconds: %s (%s)", ", ".join(f"{k} {v:.1f}" for k, v in phases.items()),
              result.device)
@@ -167,9 +172,11 @@ def fit_scan(fitter, dwi: Path, bvals: Path, bvecs: Path | None, mask: Path | No
         extra = {**dropped_record(data), "Seed": seed,
                  "InputChecksums": input_checksums(dwi=dwi, bvals=bvals, bvecs=bvecs,
                                                    mask=mask)}
-        written = save_timed(result, data, out, force=force, extra=extra)
-        Fit(result, data, fitter).save_extras(out, force=force, save_model=save_model,
-                                              report=report, command=command_line())
+        fitted = Fit(result, data, fitter)
+        written = save_timed(result, data, out, force=force, extra=extra,
+                             extras=lambda w: fitted.stage_extras(w, save_model=save_model,
+                                                                  report=report,
+                                                                  command=command_line()))
         if isinstance(fitter, LearnedFitter):
             fitter.finish_checkpoint()
     return written
