@@ -7,9 +7,9 @@
 Every fitter writes a ``_desc-std`` map next to each parameter map: lsq its asymptotic
 (Cramér-Rao) standard deviation at the estimate, vae and vae-gmm the posterior standard
 deviation. On simulated ``paper-msdki`` scans (10,000 voxels, Gaussian noise, seed 0) this
-scores them against the truth with :func:`mixmap.evaluation.scores` (``std``): the RMS of the
-reported sd next to the RMSE (equal where the sd is right on average), and the share of voxels
-whose true value lies within ±1 sd and ±1.96 sd of the estimate (68.3 % and 95 % for a
+scores them against the truth with :func:`mixmap.evaluation.scores.metrics` (``std``): the RMS
+of the reported sd next to the RMSE (equal where the sd is right on average), and the share of
+voxels whose true value lies within ±1 sd and ±1.96 sd of the estimate (68.3 % and 95 % for a
 calibrated Gaussian posterior). The Bayes-optimal reference's posterior sd (the true prior,
 :func:`mixmap.evaluation.bayes_reference`) is scored alike: its coverage is the mark where
 posteriors are not Gaussian (bounds, the CSF-like voxels' D–K ridge). Default configurations,
@@ -71,8 +71,9 @@ def section(results: list[dict], command: str) -> str:
         f"Produced by `{command}` on {machine_description()}. `{PRESET}`, {VOXELS:,} voxels, "
         "Gaussian noise, seed 0, default configurations. Each fitter's `_desc-std` map (lsq: "
         "asymptotic Cramér-Rao sd at the estimate; vae, vae-gmm: posterior sd) is scored against "
-        "the truth by `mixmap.evaluation.scores` (the same numbers `mixmap evaluate` prints for a "
-        "fit folder): 'sd (RMS)' next to the RMSE (equal where the sd is right on average) and "
+        "the truth by `mixmap.evaluation.scores.metrics` (the same numbers `mixmap evaluate` "
+        "prints for a fit folder): 'sd (RMS)' next to the RMSE (equal where the sd is right on "
+        "average) and "
         "the share of voxels whose true value lies within ±1 sd and ±1.96 sd of the estimate "
         "(68.3 % and 95 % for a calibrated Gaussian posterior). `bayes` is the exact posterior "
         "under the true prior: its coverage is the mark where posteriors are not Gaussian "

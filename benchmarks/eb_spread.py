@@ -3,20 +3,21 @@
     python benchmarks/eb_spread.py --noise gaussian rician --seeds 0 1 2 3 4
     python benchmarks/eb_spread.py --render      # rewrite the section from the JSON
 
-vae-gmm learns its prior from the scan alone (empirical Bayes); the Bayes-optimal reference it is
-measured against knows the true prior. This benchmark separates the two without any network:
+vae-gmm learns its prior from the scan alone (empirical Bayes); the Bayes-optimal reference it
+is measured against knows the true prior. This benchmark separates the two without any network:
 for simulated ``paper-msdki`` scans (HCP scheme, SNR 20, 10,000 voxels; one per seed), it
 maximises the scan's exact log evidence over 3-component mixture priors on the grid of
-:mod:`~.empirical_bayes.grid` (every voxel's likelihood on a 96 × 96 (D, K) grid, S0 integrated
-out; Rician noise through the per-shell Rician term), by EM, L-BFGS (:func:`mixmap.fitting.
-eb_grid.polish`) and relocation, on all the scan's voxels, from two starts: the true prior,
-and the true prior with its CSF-like component moved along the D–K ridge to where vae-gmm's
-seed-0 Rician fit put it (D 2.91, K −0.07). Both should end at one place;
-the one with the higher evidence gives the maximum-evidence prior: the best that empirical
-Bayes can learn from that scan. Its CSF-like component is reported, with the log evidence
-between the two optima, and the RMSE of the exact posterior mean under it (:func:`mixmap.evaluation.
-bayes_reference`, S0 = 1 known) as a ratio to the true prior's: what an ideal vae-gmm would
-reach. Results go to ``docs/eb_spread.json`` and the ``eb-spread`` section of RESULTS.md.
+:mod:`mixmap.fitting.empirical_bayes.grid` (every voxel's likelihood on a 96 × 96 (D, K) grid,
+S0 integrated out; Rician noise through the per-shell Rician term), by EM, L-BFGS
+(:func:`mixmap.fitting.empirical_bayes.grid.polish`) and relocation, on all the scan's voxels,
+from two starts: the true prior, and the true prior with its CSF-like component moved along the
+D–K ridge to where vae-gmm's seed-0 Rician fit put it (D 2.91, K −0.07). Both should end at one
+place; the one with the higher evidence gives the maximum-evidence prior: the best that
+empirical Bayes can learn from that scan. Its CSF-like component is reported, with the log
+evidence between the two optima, and the RMSE of the exact posterior mean under it
+(:func:`mixmap.evaluation.bayes_reference`, S0 = 1 known) as a ratio to the true prior's: what
+an ideal vae-gmm would reach. Results go to ``docs/eb_spread.json`` and the ``eb-spread``
+section of RESULTS.md.
 """
 
 from __future__ import annotations
@@ -134,9 +135,9 @@ def section(results: list[dict], command: str) -> str:
         "## How well one scan fixes the prior: the maximum-evidence prior, scan by scan\n",
         f"Produced by `{command}` on {machine_description()}. {PRESET}, HCP scheme, SNR "
         f"{SNR:g}, {VOXELS:,} voxels per scan, one simulated scan per seed. No network: the "
-        "scan's exact log evidence (grid of `empirical_bayes.grid`, S0 integrated out) is "
-        "maximised over 3-component mixture priors by EM, L-BFGS (`eb_grid.polish`, not part of "
-        "vae-gmm's refit) and relocation, on all voxels, from the true prior and "
+        "scan's exact log evidence (grid of `mixmap.fitting.empirical_bayes.grid`, S0 integrated "
+        "out) is maximised over 3-component mixture priors by EM, L-BFGS (`eb_grid.polish`, not "
+        "part of vae-gmm's refit) and relocation, on all voxels, from the true prior and "
         "from the true prior with its CSF-like component moved to (D 2.91, K −0.07), where "
         "vae-gmm's seed-0 Rician fit put it; the higher optimum is the maximum-evidence prior, "
         "the best empirical Bayes can learn from the scan. 'ratio' is the RMSE of the exact "
