@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from mixmap.acquisition import example_scheme
 from mixmap.fitting import FITTERS, get_fitter, load_fitter
 from mixmap.fitting.learned import LearnedFitter
 from mixmap.models import MODELS, get_model
@@ -30,7 +29,7 @@ def fast_options(method: str) -> dict:
 def scan(model, seed=0):
     """(signals, acquisition, truth) for ``model``: parameters spread inside their bounds,
     Gaussian noise of 3 % of the scale."""
-    acq = example_scheme(model.required_fields)
+    acq = model.example_acquisition()
     g = torch.Generator().manual_seed(seed)
     truth = model.split(0.7 * torch.randn(N_VOXELS, model.n_unbounded, generator=g))
     truth[model.scale_parameter] = torch.full((N_VOXELS,), SCALE)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mixmap.acquisition import Acquisition, clinical_scheme, example_scheme, hcp_scheme
+from mixmap.acquisition import Acquisition, clinical_scheme, hcp_scheme
 from mixmap.models import MODELS, UnsupportedAcquisition, get_model
 from mixmap.models.diffusion import DiffusionModel
 
@@ -14,13 +14,15 @@ HCP = hcp_scheme()
 
 
 def acq_for(model):
-    """An acquisition with every field the model needs (HCP for diffusion)."""
-    return example_scheme(model.required_fields)
+    """The acquisition the model is meant for (HCP for diffusion, low b-values for IVIM)."""
+    return model.example_acquisition()
 
 
 def small_acq_for(model):
-    """A short acquisition for the float64 gradient checks."""
-    return clinical_scheme() if isinstance(model, DiffusionModel) else acq_for(model)
+    """A short acquisition for the float64 gradient checks: the model's own when short, the
+    clinical diffusion scheme in place of HCP."""
+    acq = acq_for(model)
+    return acq if acq.n <= 64 else clinical_scheme()
 
 
 def random_params(model, n, seed=0, dtype=torch.float32):
@@ -60,7 +62,7 @@ def test_signal_at_b0_is_S0(model):
     ACQ = acq_for(model)
     params = random_params(model, 20)
     s = model.forward(params, ACQ)
-    b0 = torch.as_tensor(ACQ.b0_mask)
+    b0 = torch.as_tensor(model.reference_volumes(ACQ))
     torch.testing.assert_close(s[:, b0], params["S0"][:, None].expand(-1, int(b0.sum())))
 
 

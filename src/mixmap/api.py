@@ -154,7 +154,7 @@ def fit(data, acquisition=None, *, bvals: PathLike | None = None,
     """
     fitter = _fitter(method, model, device=device, seed=seed, quiet=quiet, **options)
     scan = load_scan(data, acquisition, bvals=bvals, bvecs=bvecs, mask=mask, affine=affine)
-    fitter.model.check_acquisition(scan.acquisition)
+    fitter.model.check_fit(scan.acquisition, str(scan.path))
     return Fit(fitter.fit(scan.signals, scan.acquisition), scan, fitter)
 
 

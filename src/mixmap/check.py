@@ -64,6 +64,7 @@ def check_dataset(
     *,
     mask_threshold: float | None = None,
     ignore_mask_affine: bool = False,
+    max_b: float | None = None,
 ) -> CheckReport:
     """Load the dataset the way ``mixmap fit`` does and describe it.
 
@@ -72,7 +73,7 @@ def check_dataset(
     listed in the report. ``bvecs`` None: ``bvals`` is an MRtrix gradient table.
     """
     data = load_dwi(dwi, bvals, bvecs, mask, mask_threshold=mask_threshold,
-                    ignore_mask_affine=ignore_mask_affine)
+                    ignore_mask_affine=ignore_mask_affine, max_b=max_b)
     acq = data.acquisition
     rep = CheckReport()
     zooms = tuple(float(z) for z in data.header.get_zooms()[:3])
@@ -107,6 +108,7 @@ def check_dataset(
         try:
             MODELS[name]().check_acquisition(acq)
             rep.supported_models.append(name)
+            rep.lines += [f"{name}: fittable, but {w}" for w in MODELS[name]().scheme_warnings(acq)]
         except UnsupportedAcquisition as exc:
             if model:
                 rep.problems.append(str(exc))

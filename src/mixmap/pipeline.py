@@ -84,7 +84,7 @@ def check_supported(model: str, acquisition: Acquisition, bvals: Path) -> None:
     """Raise :class:`UnsupportedAcquisition` naming ``bvals`` when ``model`` cannot be fitted
     to ``acquisition``."""
     try:
-        get_model(model).check_acquisition(acquisition)
+        get_model(model).check_fit(acquisition, str(bvals))
     except UnsupportedAcquisition as exc:
         raise UnsupportedAcquisition(
             f"{bvals}: {exc}; choose a model this scheme supports (see `mixmap check`)"
@@ -141,11 +141,12 @@ def use_checkpoint(fitter, ckpt: Path, resume: bool) -> None:
 def fit_scan(fitter, dwi: Path, bvals: Path, bvecs: Path | None, mask: Path | None, *,
              out: Path, seed: int, force: bool, save_model: bool, resume: bool,
              mask_threshold: float | None = None, ignore_mask_affine: bool = False,
-             report: bool = True, work: Path | None = None) -> list[Path]:
+             max_b: float | None = None, report: bool = True, work: Path | None = None
+             ) -> list[Path]:
     """Load one scan (:func:`~mixmap.io.load_dwi`: ``bvecs`` None for an MRtrix table in
-    ``bvals``; the mask options), fit it, write its maps (a learned fitter's model, and the
-    HTML report when ``report``) to ``out``; a learned fitter's training checkpoint goes to
-    ``work`` (default ``out``).
+    ``bvals``; the mask options; ``max_b`` the volume selection), fit it, write its maps (a
+    learned fitter's model, and the HTML report when ``report``) to ``out``; a learned
+    fitter's training checkpoint goes to ``work`` (default ``out``).
 
     OUT is checked for this model's maps before the fit, not after it, and held
     (:class:`~mixmap.io.OutputLock`) until the maps are written. Returns the written map
@@ -159,7 +160,7 @@ def fit_scan(fitter, dwi: Path, bvals: Path, bvecs: Path | None, mask: Path | No
             f"them or choose another --out"
         )
     data = load_dwi(dwi, bvals, bvecs, mask, mask_threshold=mask_threshold,
-                    ignore_mask_affine=ignore_mask_affine)
+                    ignore_mask_affine=ignore_mask_affine, max_b=max_b)
     check_supported(model, data.acquisition, bvals)
     log.info("%s: %d voxels × %d measurements", dwi, *data.signals.shape)
     scope = bids_entities(dwi) or "scan"
@@ -194,14 +195,14 @@ def dropped_record(data: DWIData) -> dict:
 def apply_scan(model_file: Path, dwi: Path, bvals: Path, bvecs: Path | None,
                mask: Path | None, *, out: Path, device: str, force: bool,
                allow_other_acquisition: bool, mask_threshold: float | None = None,
-               ignore_mask_affine: bool = False) -> list[Path]:
+               ignore_mask_affine: bool = False, max_b: float | None = None) -> list[Path]:
     """Map one scan with the trained model saved at ``model_file`` (no training) and write the
     maps to ``out``. Returns the written map paths ([] on a non-main torchrun process)."""
     from mixmap.fitting import load_fitter
 
     fitter = load_fitter(model_file, device=device)
     data = load_dwi(dwi, bvals, bvecs, mask, mask_threshold=mask_threshold,
-                    ignore_mask_affine=ignore_mask_affine)
+                    ignore_mask_affine=ignore_mask_affine, max_b=max_b)
     check_supported(fitter.model.name, data.acquisition, bvals)
     with OutputLock(out, enabled=distributed.is_main()):
         result = fitter.apply(data.signals, data.acquisition,
@@ -313,7 +314,7 @@ def fit_cohort(fitter, inputs: Sequence[Path], bvals: Path | None, bvecs: Path |
 
     Every input is found and checked, and OUT checked, before the (long) fit. A cohort of more
     than ``train_voxels`` voxels (default :data:`mixmap.cohort.TRAIN_VOXELS`) is streamed.
-    ``scan_options``: ``grad``, ``mask_threshold``, ``ignore_mask_affine`` of
+    ``scan_options``: ``grad``, ``mask_threshold``, ``ignore_mask_affine``, ``max_b`` of
     :func:`mixmap.io.discovery.find_scans`; ``work``: where the training checkpoint goes (default
     ``out``). Returns (map paths relative to ``out``, number of scans); no maps on a non-main
     process.
@@ -399,14 +400,17 @@ def fit_inputs(fitter, inputs: Sequence[Path], *, bvals: Path | None, bvecs: Pat
                mask: Path | None, mask_pattern: str | None, out: Path, seed: int, force: bool,
                save_model: bool, resume: bool, train_voxels: int | None,
                grad: Path | None = None, mask_threshold: float | None = None,
-               ignore_mask_affine: bool = False, report: bool = True) -> Written:
+               ignore_mask_affine: bool = False, max_b: float | None = None,
+               report: bool = True) -> Written:
     """``mixmap fit``: one DWI file -> :func:`fit_scan`; several, or a BIDS folder ->
     :func:`fit_cohort`. Options that do not apply to the chosen path are refused. ``grad``:
-    an MRtrix gradient table instead of ``bvals``/``bvecs``."""
+    an MRtrix gradient table instead of ``bvals``/``bvecs``; ``max_b`` (s/mm²): volumes above
+    it are left out of every scan."""
     if resume and not isinstance(fitter, LearnedFitter):
         raise ValueError(f"--resume applies to learned methods, not --method {fitter.name}")
     bvals, bvecs = _gradient_files(inputs, bvals, bvecs, grad, mask_pattern)
-    masks = {"mask_threshold": mask_threshold, "ignore_mask_affine": ignore_mask_affine}
+    masks = {"mask_threshold": mask_threshold, "ignore_mask_affine": ignore_mask_affine,
+             "max_b": max_b}
     if is_cohort(inputs):
         _refuse_single_mask(mask)
         maps, n_scans = fit_cohort(fitter, inputs, bvals, bvecs, mask_pattern, out=out,
@@ -426,11 +430,12 @@ def apply_inputs(model_file: Path, inputs: Sequence[Path], *, bvals: Path | None
                  bvecs: Path | None, mask: Path | None, mask_pattern: str | None, out: Path,
                  device: str, force: bool, allow_other_acquisition: bool,
                  grad: Path | None = None, mask_threshold: float | None = None,
-                 ignore_mask_affine: bool = False) -> Written:
+                 ignore_mask_affine: bool = False, max_b: float | None = None) -> Written:
     """``mixmap apply``: one DWI file -> :func:`apply_scan`; several, or a BIDS folder ->
     :func:`apply_cohort`."""
     bvals, bvecs = _gradient_files(inputs, bvals, bvecs, grad, mask_pattern)
-    masks = {"mask_threshold": mask_threshold, "ignore_mask_affine": ignore_mask_affine}
+    masks = {"mask_threshold": mask_threshold, "ignore_mask_affine": ignore_mask_affine,
+             "max_b": max_b}
     if is_cohort(inputs):
         _refuse_single_mask(mask)
         maps, n_scans = apply_cohort(model_file, inputs, bvals, bvecs, mask_pattern, out=out,

@@ -20,6 +20,7 @@ from mixmap.acquisition.schemes import (
     example_scheme,
     fibonacci_sphere,
     hcp_scheme,
+    ivim_scheme,
     multi_echo_scheme,
 )
 
@@ -39,5 +40,6 @@ __all__ = [
     "fibonacci_sphere",
     "group_values",
     "hcp_scheme",
+    "ivim_scheme",
     "multi_echo_scheme",
 ]

@@ -40,7 +40,20 @@ def clinical_scheme() -> Acquisition:
     )
 
 
-SCHEMES = {"hcp": hcp_scheme, "clinical": clinical_scheme}
+#: IVIM's b-values (s/mm²): most below 200, where the perfusion signal decays.
+IVIM_BVALS = (10, 20, 30, 50, 80, 100, 150, 200, 300, 400, 600, 800, 1000)
+
+
+def ivim_scheme() -> Acquisition:
+    """A clinical IVIM scheme (body or brain): 2 b=0 and 3 orthogonal directions at each of
+    b = 10 ... 1000 s/mm² (:data:`IVIM_BVALS`, 8 of them at most 200 s/mm²)."""
+    bvals = [0.0, 0.0] + [float(b) for b in IVIM_BVALS for _ in range(3)]
+    bvecs = [np.zeros(3)] * 2 + [np.eye(3)[i] for _ in IVIM_BVALS for i in range(3)]
+    return Acquisition.from_arrays(np.array(bvals), np.array(bvecs), units="s/mm2",
+                                   source="ivim")
+
+
+SCHEMES = {"hcp": hcp_scheme, "clinical": clinical_scheme, "ivim": ivim_scheme}
 
 
 def multi_echo_scheme() -> Acquisition:

@@ -12,6 +12,7 @@ from mixmap.cli.common import (
     IGNORE_MASK_AFFINE_HELP,
     MASK_PATTERN_HELP,
     MASK_THRESHOLD_HELP,
+    MAX_B_HELP,
     Device,
     handle_errors,
     setup_logging,
@@ -30,6 +31,7 @@ def apply(
     mask_pattern: str | None = typer.Option(None, help=MASK_PATTERN_HELP),
     mask_threshold: float | None = typer.Option(None, help=MASK_THRESHOLD_HELP),
     ignore_mask_affine: bool = typer.Option(False, help=IGNORE_MASK_AFFINE_HELP),
+    max_b: float | None = typer.Option(None, help=MAX_B_HELP),
     out: Path = typer.Option(..., help="Output folder for the maps."),
     device: Device = typer.Option(Device.cpu, help="auto | cpu | cuda | mps"),
     force: bool = typer.Option(False, help="Overwrite existing maps."),
@@ -52,6 +54,6 @@ def apply(
                                     mask_pattern=mask_pattern, out=out, device=device.value,
                                     force=force, allow_other_acquisition=allow_other_acquisition,
                                     grad=grad, mask_threshold=mask_threshold,
-                                    ignore_mask_affine=ignore_mask_affine)
+                                    ignore_mask_affine=ignore_mask_affine, max_b=max_b)
     if not quiet and written.maps:
         typer.echo(written.summary(out))

@@ -10,6 +10,7 @@ from mixmap.cli.common import (
     GRAD_HELP,
     IGNORE_MASK_AFFINE_HELP,
     MASK_THRESHOLD_HELP,
+    MAX_B_HELP,
     handle_errors,
     setup_logging,
 )
@@ -24,6 +25,7 @@ def check(
     mask: Path | None = typer.Option(None, help="3-D brain mask on the DWI grid."),
     mask_threshold: float | None = typer.Option(None, help=MASK_THRESHOLD_HELP),
     ignore_mask_affine: bool = typer.Option(False, help=IGNORE_MASK_AFFINE_HELP),
+    max_b: float | None = typer.Option(None, help=MAX_B_HELP),
     model: str | None = typer.Option(None, help="Check this model only."),
 ) -> None:
     """Validate a dataset before fitting: shape, voxel size, b=0 count, shells, units, bvec
@@ -42,7 +44,7 @@ def check(
     if grad is None and (bvals is None or bvecs is None):
         raise ValueError("give --bvals and --bvecs, or an MRtrix --grad table")
     report = check_dataset(dwi, table, vecs, mask, model, mask_threshold=mask_threshold,
-                           ignore_mask_affine=ignore_mask_affine)
+                           ignore_mask_affine=ignore_mask_affine, max_b=max_b)
     typer.echo(report.text())
     if not report.ok:
         raise typer.Exit(1)

@@ -39,6 +39,8 @@ GRAD_HELP = ("MRtrix gradient table (-grad: one row 'x y z b' per volume, scanne
              "b in s/mm²) instead of --bvals/--bvecs.")
 MASK_THRESHOLD_HELP = ("Mask voxels with a value >= this are fitted (default: > 0, or >= 0.5 for "
                        "a probabilistic mask with values between 0 and 1).")
+MAX_B_HELP = ("Leave out the volumes with b above this (s/mm²), e.g. 3000 for MSDKI on a "
+              "scheme that goes beyond where the kurtosis expansion holds.")
 IGNORE_MASK_AFFINE_HELP = ("Use a mask whose affine differs from the DWI's (another space) voxel "
                            "by voxel anyway; without it such a mask is refused.")
 

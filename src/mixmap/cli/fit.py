@@ -14,6 +14,7 @@ from mixmap.cli.common import (
     IGNORE_MASK_AFFINE_HELP,
     MASK_PATTERN_HELP,
     MASK_THRESHOLD_HELP,
+    MAX_B_HELP,
     Device,
     build_fitter,
     handle_errors,
@@ -54,6 +55,7 @@ def fit(
     mask_pattern: str | None = typer.Option(None, help=MASK_PATTERN_HELP),
     mask_threshold: float | None = typer.Option(None, help=MASK_THRESHOLD_HELP),
     ignore_mask_affine: bool = typer.Option(False, help=IGNORE_MASK_AFFINE_HELP),
+    max_b: float | None = typer.Option(None, help=MAX_B_HELP),
     model: str = typer.Option("msdki", help="Signal model (see `mixmap models`)."),
     method: str = typer.Option("lsq", help="lsq | ssl | vae | vae-gmm"),
     out: Path = typer.Option(..., help="Output folder for the maps."),
@@ -114,7 +116,8 @@ def fit(
                                   save_model=save_model, resume=resume,
                                   train_voxels=train_voxels, grad=grad,
                                   mask_threshold=mask_threshold,
-                                  ignore_mask_affine=ignore_mask_affine, report=report)
+                                  ignore_mask_affine=ignore_mask_affine, max_b=max_b,
+                                  report=report)
     if not quiet and written.maps:
         typer.echo(written.summary(out))
 

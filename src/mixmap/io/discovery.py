@@ -37,18 +37,20 @@ class Scan:
     entities: str
     mask_threshold: float | None = None
     ignore_mask_affine: bool = False
+    max_b: float | None = None  # s/mm²: volumes above it are left out
 
     def load(self) -> DWIData:
-        """The scan's voxels (:func:`~mixmap.io.load_dwi` with this scan's mask options)."""
+        """The scan's voxels (:func:`~mixmap.io.load_dwi` with this scan's mask options and
+        volume selection)."""
         return load_dwi(self.dwi, self.bvals, self.bvecs, self.mask,
                         mask_threshold=self.mask_threshold,
-                        ignore_mask_affine=self.ignore_mask_affine)
+                        ignore_mask_affine=self.ignore_mask_affine, max_b=self.max_b)
 
     def acquisition(self) -> Acquisition:
-        """The acquisition of the volumes its gradient files keep (the image's header only is
-        read, for the affine an MRtrix table needs)."""
+        """The acquisition of the volumes its gradient files and ``max_b`` keep (the image's
+        header only is read, for the affine an MRtrix table needs)."""
         return read_gradients(self.bvals, self.bvecs, load_image(self.dwi, "DWI").affine
-                              ).acquisition
+                              ).at_most(self.max_b, self.bvals).acquisition
 
     @property
     def subject(self) -> str:
@@ -149,6 +151,7 @@ def find_scans(
     mask_pattern: str | None = None,
     mask_threshold: float | None = None,
     ignore_mask_affine: bool = False,
+    max_b: float | None = None,
     participants: Sequence[str] | None = None,
 ) -> list[Scan]:
     """The scans of a cohort: ``inputs`` is one BIDS folder, or DWI files; only those of the
@@ -176,7 +179,7 @@ def find_scans(
             bval, bvec = _existing_siblings(dwi)
         scans.append(Scan(dwi, Path(bval), None if bvec is None else Path(bvec),
                           find_mask(dwi, root, mask_pattern), entities, mask_threshold,
-                          ignore_mask_affine))
+                          ignore_mask_affine, max_b))
     return scans
 
 

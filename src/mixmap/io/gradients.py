@@ -42,6 +42,29 @@ class Gradients:
     n_file: int
     dropped: dict[int, str]
 
+    def at_most(self, max_b: float | None, source: str | Path) -> Gradients:
+        """These gradients without the volumes above ``max_b`` (s/mm²; None keeps every one),
+        each recorded in :attr:`dropped`. Refused (:class:`AcquisitionError` naming
+        ``source``) when no diffusion-weighted volume is left."""
+        if max_b is None:
+            return self
+        if not max_b > 0:
+            raise AcquisitionError(f"--max-b {max_b:g}: give a positive b-value in s/mm²")
+        b = self.acquisition.bvals * 1000.0
+        above = b > max_b + 1e-6
+        if not above.any():
+            return self
+        if not (~above & ~self.acquisition.b0_mask).any():
+            raise AcquisitionError(f"{source}: no diffusion-weighted volume has b at most "
+                                   f"--max-b {max_b:g} s/mm² (the lowest is "
+                                   f"{b[~self.acquisition.b0_mask].min():.0f})")
+        reason = f"b above --max-b {max_b:g} s/mm²"
+        dropped = {**self.dropped, **{int(self.kept[j]): reason for j in np.flatnonzero(above)}}
+        log.info("%s: %d volumes with b > %g s/mm² left out (--max-b)", source,
+                 int(above.sum()), max_b)
+        acq = self.acquisition.subset(np.flatnonzero(~above))
+        return Gradients(acq, self.kept[~above], self.n_file, dict(sorted(dropped.items())))
+
 
 def is_mrtrix_table(table: np.ndarray) -> bool:
     """A table of four columns (x y z b) read from a b-value file: MRtrix's ``-grad`` format."""

@@ -170,6 +170,7 @@ def load_dwi(
     *,
     mask_threshold: float | None = None,
     ignore_mask_affine: bool = False,
+    max_b: float | None = None,
 ) -> DWIData:
     """Load a 4-D DWI and its gradient files into rows of masked voxels.
 
@@ -179,9 +180,10 @@ def load_dwi(
     peak memory is the masked rows plus one block. Without a mask, every voxel whose mean b=0
     signal (mean signal if the scheme has no b=0) is positive is fitted. Left out, with a
     warning and recorded in :attr:`DWIData.dropped_volumes`: trace volumes (b > 0 without a
-    direction) and volumes that are NaN/Inf in most fitted voxels or zero in all of them.
-    Masked voxels with NaN or Inf in a kept volume are dropped and counted. The mask:
-    :func:`_load_mask` (``mask_threshold``, ``ignore_mask_affine``).
+    direction), volumes above ``max_b`` (s/mm², the volume selection of ``--max-b``) and
+    volumes that are NaN/Inf in most fitted voxels or zero in all of them. Masked voxels
+    with NaN or Inf in a kept volume are dropped and counted. The mask: :func:`_load_mask`
+    (``mask_threshold``, ``ignore_mask_affine``).
     """
     t_start = time.perf_counter()
     dwi = Path(dwi)
@@ -201,6 +203,7 @@ def load_dwi(
             f"{'b-values' if bvecs is not None else 'gradient rows'}; give one b-value and one "
             f"bvec per volume"
         )
+    grads = grads.at_most(max_b, bvals)
     given_mask = None if mask is None else _load_mask(
         mask, img, dwi, grid, threshold=mask_threshold, ignore_affine=ignore_mask_affine)
     b0_vols = grads.kept[grads.acquisition.b0_mask]

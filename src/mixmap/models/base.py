@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Mapping
 from dataclasses import replace
 
@@ -13,6 +14,8 @@ from mixmap.acquisition import Acquisition, VolumeGroup
 from mixmap.parameters import Parameter
 
 Params = dict[str, torch.Tensor]
+
+log = logging.getLogger(__name__)
 
 
 class UnsupportedAcquisition(ValueError):
@@ -178,6 +181,25 @@ class SignalModel:
 
     def check_scheme(self, acquisition: Acquisition) -> None:
         """Model-specific checks of an acquisition that has the required fields."""
+
+    def scheme_warnings(self, acquisition: Acquisition) -> list[str]:
+        """Where a scheme the model can fit lies partly outside where the model holds (e.g.
+        b-values beyond a signal expansion's range): one sentence each, naming the volumes and
+        the remedy; empty when it holds everywhere. Fits go on, and say them."""
+        return []
+
+    def check_fit(self, acquisition: Acquisition, where: str) -> None:
+        """What every fit runs first: :meth:`check_acquisition` (raises), then each of
+        :meth:`scheme_warnings` logged as a warning prefixed with ``where`` (the file)."""
+        self.check_acquisition(acquisition)
+        for warning in self.scheme_warnings(acquisition):
+            log.warning("%s: %s: %s", where, self.name, warning)
+
+    def example_acquisition(self) -> Acquisition:
+        """An acquisition this model is meant for (simulations, tests, documentation)."""
+        from mixmap.acquisition import example_scheme
+
+        return example_scheme(self.required_fields)
 
     # ---------------------------------------------------------------- reference volumes
     def reference_volumes(self, acquisition: Acquisition) -> np.ndarray:

@@ -8,12 +8,17 @@ generic quasi-random grid, which shows that a new model needs no fitter-specific
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from mixmap.acquisition import Acquisition
+from mixmap.acquisition import Acquisition, ivim_scheme
 from mixmap.models.base import Params, UnsupportedAcquisition
 from mixmap.models.diffusion.base import DiffusionModel
 from mixmap.parameters import Parameter
+
+
+#: The largest b (ms/µm²) of IVIM's reference (S0) volumes.
+IVIM_REFERENCE_B = 0.005
 
 
 class IVIM(DiffusionModel):
@@ -36,6 +41,10 @@ class IVIM(DiffusionModel):
             + (1 - f) * torch.exp(-b * params["D"][..., None])
         )
 
+    #: b (ms/µm²) below which the perfusion signal is measured (D* ≥ 4 µm²/ms has decayed
+    #: to under a half by then): without such a volume f and D* are not determined.
+    perfusion_b = 0.2
+
     def check_scheme(self, acquisition: Acquisition) -> None:
         n_b = len(acquisition.shells())
         if n_b < 4:
@@ -43,3 +52,18 @@ class IVIM(DiffusionModel):
                 f"IVIM needs at least 4 distinct b-values (including low ones below 200 s/mm²); "
                 f"this scheme has {n_b}"
             )
+        dw = [s.bval for s in acquisition.dw_shells()]
+        if not any(b <= self.perfusion_b * 1.05 for b in dw):
+            raise UnsupportedAcquisition(
+                f"IVIM needs b-values in the perfusion range (0 < b ≤ "
+                f"{self.perfusion_b * 1000:g} s/mm²) to determine f and D*; the lowest "
+                f"non-zero b here is {round(min(dw) * 1000)} s/mm²"
+            )
+
+    def reference_volumes(self, acquisition: Acquisition) -> np.ndarray:
+        """b ≤ 5 s/mm² only: at b = 10-50 s/mm² (b=0 for other diffusion models) the perfusion
+        signal has already decayed, so they are neither S0 nor repeats of it."""
+        return acquisition.bvals <= IVIM_REFERENCE_B
+
+    def example_acquisition(self) -> Acquisition:
+        return ivim_scheme()
