@@ -243,7 +243,8 @@ def whole_brain(brain_dir: Path, out_root: Path, threads: int, device: str = "cp
         if "error" not in res:
             from mixmap.evaluation import evaluate_dirs
 
-            rep = evaluate_dirs(out, brain_dir, bayes=False)
+            # RMSE only: neither the Bayes reference nor the empirical floor (both slow)
+            rep = evaluate_dirs(out, brain_dir, bayes=False, floor=False)
             res["rmse"] = {p: rep["metrics"][p]["all"]["rmse"] for p in ("D", "K")
                            if p in rep["metrics"]}
             summary = json.loads((out / "model-msdki_fit.json").read_text())
