@@ -180,6 +180,23 @@ def test_full_or_read_only_output_writes_nothing(scan, tmp_path, monkeypatch, er
     assert left_behind(out) == []
 
 
+def test_full_disk_while_the_report_is_written_leaves_no_map(scan, tmp_path, monkeypatch):
+    """The maps, the model and the report are one atomic step: a disk that fills at the
+    report (written after the maps) takes the maps back too."""
+    import os
+
+    import mixmap.report
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "report.html")
+
+    monkeypatch.setattr(mixmap.report, "write_report", full)
+    out = tmp_path / "maps"
+    r = fit(clean_args(scan), out)
+    assert r.exit_code == 2 and "No space left on device" in r.output, r.output
+    assert left_behind(out) == []
+
+
 def test_unwritable_output_folder_is_refused_before_the_fit(scan, tmp_path, monkeypatch):
     import os
 
