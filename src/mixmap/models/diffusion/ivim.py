@@ -16,7 +16,6 @@ from mixmap.models.base import Params, UnsupportedAcquisition
 from mixmap.models.diffusion.base import DiffusionModel
 from mixmap.parameters import Parameter
 
-
 #: The largest b (ms/µm²) of IVIM's reference (S0) volumes.
 IVIM_REFERENCE_B = 0.005
 
