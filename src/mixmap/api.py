@@ -26,7 +26,7 @@ from mixmap.acquisition import Acquisition
 from mixmap.fitting import fitter_options, get_fitter, load_fitter
 from mixmap.fitting.base import FitResult, Fitter
 from mixmap.fitting.learned import LearnedFitter
-from mixmap.io import AtomicOutput, DWIData, load_dwi, stage_maps
+from mixmap.io import AtomicOutput, DWIData, load_dwi, save_maps
 from mixmap.io.naming import model_folder
 from mixmap.io.nifti import dwi_from_array, load_image, vectors_to_volume
 from mixmap.models import SignalModel, get_model
@@ -100,26 +100,16 @@ class Fit:
         ``save_model`` the trained model folder, and when ``report`` the HTML report
         (:mod:`mixmap.report`). Returns the map paths; an existing map is refused unless
         ``force``."""
-        folder = Path(folder)
-        with AtomicOutput(folder, force=force) as w:  # maps and extras: all or nothing
-            names = stage_maps(w, self.result, self.data)
-            self.stage_extras(w, save_model=save_model, report=report)
-        return [folder / name for name in names]
-
-    def save_extras(self, folder: PathLike, *, force: bool = False, save_model: bool = True,
-                    report: bool = True, command: str = "") -> None:
-        """What a fit writes beside its maps, in one atomic step: a learned method's trained
-        model (``save_model``) and the HTML report (``report``; ``command`` is the command
-        line it shows)."""
-        if not ((save_model and isinstance(self.fitter, LearnedFitter)) or report):
-            return
-        with AtomicOutput(Path(folder), force=force) as w:
-            self.stage_extras(w, save_model=save_model, report=report, command=command)
+        return save_maps(self.result, self.data, folder, force=force,
+                         extras=lambda w: self.stage_extras(w, save_model=save_model,
+                                                            report=report))
 
     def stage_extras(self, w: AtomicOutput, *, save_model: bool = True, report: bool = True,
                      command: str = "") -> None:
-        """:meth:`save_extras`'s files staged in an open :class:`~mixmap.io.AtomicOutput`,
-        the one that holds the maps, so that a failure (a full disk) leaves neither."""
+        """What a fit writes beside its maps, staged in the open
+        :class:`~mixmap.io.AtomicOutput` that holds them (a failure, e.g. a full disk, leaves
+        neither): a learned method's trained model (``save_model``) and the HTML report
+        (``report``; ``command`` is the command line it shows)."""
         from mixmap.io.naming import report_name
         from mixmap.io.nifti import bids_entities
         from mixmap.report import write_report

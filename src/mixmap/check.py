@@ -106,9 +106,10 @@ def check_dataset(
     names = [model] if model else list(MODELS)
     for name in names:
         try:
-            MODELS[name]().check_acquisition(acq)
+            candidate = MODELS[name]()
+            candidate.check_acquisition(acq)
             rep.supported_models.append(name)
-            rep.lines += [f"{name}: fittable, but {w}" for w in MODELS[name]().scheme_warnings(acq)]
+            rep.lines += [f"{name}: fittable, but {w}" for w in candidate.scheme_warnings(acq)]
         except UnsupportedAcquisition as exc:
             if model:
                 rep.problems.append(str(exc))

@@ -29,6 +29,7 @@ from mixmap.io import (
     OutputLock,
     existing_maps,
     load_dwi,
+    save_maps,
     stage_maps,
 )
 from mixmap.io.discovery import Scan, find_scans
@@ -112,16 +113,11 @@ def input_checksums(**paths: Path | None) -> dict[str, str]:
 # ------------------------------------------------------------------------------- one scan
 def save_timed(result: FitResult, data: DWIData, out: Path, *, force: bool,
                extra: dict, extras=None) -> list[Path]:
-    """:func:`~mixmap.io.save_maps` (and ``extras(w)``, what goes beside the maps, staged in
-    the same atomic step: a failure leaves neither), then one log line with every phase's
-    seconds, the load's first and the write's last (fit.json, written by it, cannot hold its
-    own time)."""
+    """:func:`~mixmap.io.save_maps` (with ``extras(w)``, staged beside the maps in the same
+    atomic step), then one log line with every phase's seconds, the load's first and the
+    write's last (fit.json, written by it, cannot hold its own time)."""
     t0 = time.perf_counter()
-    with AtomicOutput(out, force=force) as w:
-        names = stage_maps(w, result, data, extra=extra)
-        if extras is not None:
-            extras(w)
-    written = [Path(out) / name for name in names]
+    written = save_maps(result, data, out, force=force, extra=extra, extras=extras)
     phases = {**phase_seconds(result, data), "write": time.perf_counter() - t0}
     log.info("seconds: %s (%s)", ", ".join(f"{k} {v:.1f}" for k, v in phases.items()),
              result.device)

@@ -54,10 +54,11 @@ class Gradients:
         above = b > max_b + 1e-6
         if not above.any():
             return self
-        if not (~above & ~self.acquisition.b0_mask).any():
+        dw = ~self.acquisition.b0_mask
+        if not (~above & dw).any():
+            lowest = f" (the lowest is {b[dw].min():.0f})" if dw.any() else ""
             raise AcquisitionError(f"{source}: no diffusion-weighted volume has b at most "
-                                   f"--max-b {max_b:g} s/mm² (the lowest is "
-                                   f"{b[~self.acquisition.b0_mask].min():.0f})")
+                                   f"--max-b {max_b:g} s/mm²{lowest}")
         reason = f"b above --max-b {max_b:g} s/mm²"
         dropped = {**self.dropped, **{int(self.kept[j]): reason for j in np.flatnonzero(above)}}
         log.info("%s: %d volumes with b > %g s/mm² left out (--max-b)", source,

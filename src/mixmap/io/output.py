@@ -272,15 +272,19 @@ def save_maps(
     *,
     force: bool = False,
     extra: dict | None = None,
+    extras=None,
 ) -> list[Path]:
     """Write every map of a :class:`~mixmap.fitting.FitResult` with the DWI's affine and
     header: float32, NaN outside the mask, one JSON sidecar per map (units, model, method,
     settings, version), plus ``fit.json`` (the whole run, with the device and the seconds of
-    each phase) and, for learned fitters, the loss curve as ``loss.csv``. Returns the written
-    map paths.
+    each phase) and, for learned fitters, the loss curve as ``loss.csv``. ``extras(w)``
+    stages what goes beside the maps (a model, a report) in the same atomic step: a failure
+    leaves neither. Returns the written map paths.
     """
     with AtomicOutput(out_dir, force=force) as w:
         names = stage_maps(w, result, dwi, extra=extra)
+        if extras is not None:
+            extras(w)
     return [Path(out_dir) / name for name in names]
 
 
