@@ -62,9 +62,9 @@ def fits():
 def test_maps_have_every_parameter_inside_its_bounds(fits, model_name, method):
     fitter, res, y, _ = fits(model_name, method)
     model = fitter.model
-    assert set(res.params) == set(model.parameter_names)
+    assert set(res.params) == {p.name for p in model.parameters + model.derived}
     scale = res.settings["signal_scale"]
-    for p in model.parameters:
+    for p in model.parameters + model.derived:
         v = np.asarray(res.params[p.name])
         assert v.shape == ((y.shape[0], 3) if p.is_direction else (y.shape[0],)), p.name
         assert np.isfinite(v).all(), p.name

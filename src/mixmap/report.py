@@ -107,13 +107,17 @@ def residual_ratio(fit) -> np.ndarray:
     return np.sqrt(np.mean((fit.data.signals - pred) ** 2, axis=1)) / sigma
 
 
-def _scalar_params(fit) -> list[str]:
-    return [p.name for p in fit.model.parameters if p.size == 1]
+def _scalar_params(fit, derived: bool = True) -> list[str]:
+    """The scalar maps (with the derived ones unless not ``derived``; never hidden ones)."""
+    model = fit.model
+    every = model.map_parameters if derived else [
+        p for p in model.parameters if p.name not in model.hidden]
+    return [p.name for p in every if p.size == 1]
 
 
 def _maps_section(fit, ras, mask) -> str:
     parts = []
-    for p in fit.model.parameters:
+    for p in fit.model.map_parameters:
         vol = ras(fit.volume(fit.result.params[p.name]))
         row = [_figure(f"{p.name} ({p.unit}): {p.description}",
                        montage(vol, mask, p.name, p.unit))]
@@ -149,7 +153,7 @@ def _bounds_rows(fit) -> list[list]:
     """Per scalar parameter: its bounds as the maps hold it (the scale parameter's, declared
     relative to the scan's signal scale, times that scale) and the shares of voxels at each."""
     rows = []
-    for name in _scalar_params(fit):
+    for name in _scalar_params(fit, derived=False):
         p = fit.model.parameter(name)
         scale = (float(fit.result.settings.get("signal_scale", 1.0))
                  if name == fit.model.scale_parameter else 1.0)

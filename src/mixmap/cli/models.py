@@ -15,16 +15,25 @@ def models(
 
     if as_json:
         typer.echo(json.dumps({name: {"description": cls.description,
-                                      "parameters": [p.describe() for p in cls.parameters],
+                                      "parameters": [p.describe() for p in cls.parameters
+                                                     if p.name not in cls.hidden],
+                                      "hidden": sorted(cls.hidden),
+                                      "derived": [p.describe() for p in cls.derived],
                                       "lsq_bounds": dict(cls.lsq_bounds)}
                                for name, cls in MODELS.items()}, indent=2, ensure_ascii=False))
         return
     for name, cls in MODELS.items():
         typer.echo(f"{name}: {cls.description}")
-        for p in cls.parameters:
+        for p in cls.parameters + cls.derived:
+            if p.name in cls.hidden:
+                continue
             bounds = "unit vector" if p.is_direction else f"[{p.lower:g}, {p.upper:g}]"
             if p.scaled:
                 bounds += " × signal scale"
+            if p in cls.derived:
+                bounds = "derived, " + bounds
             typer.echo(f"  {p.name:<6} {p.unit:<8} {bounds:<24} {p.description}")
+        if cls.hidden:
+            typer.echo(f"  fitted but not written: {', '.join(sorted(cls.hidden))}")
         for pname, (lo, hi) in cls.lsq_bounds.items():
             typer.echo(f"  lsq fits {pname} in [{lo:g}, {hi:g}] by default (--bounds to change)")

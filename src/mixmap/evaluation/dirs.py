@@ -38,7 +38,7 @@ def _read_masked(path: Path, mask: np.ndarray) -> np.ndarray:
 
 def _read_maps(fit_dir: Path, model, mask: np.ndarray):
     """name -> (n,) maps and name -> (n,) ``_desc-std`` maps of ``model`` in ``fit_dir``."""
-    by_label = {_label(p.name): p.name for p in model.parameters}
+    by_label = {_label(p.name): p.name for p in model.parameters + model.derived}
     estimate: dict[str, np.ndarray] = {}
     std: dict[str, np.ndarray] = {}
     for desc, found, what in ((None, estimate, "map"), ("std", std, "std map")):
@@ -171,6 +171,10 @@ def _read_truth(sim_dir: Path, model) -> tuple[np.ndarray, dict[str, np.ndarray]
     mask = np.asarray(load_image(sim_dir / "mask.nii.gz", "mask").dataobj) > 0
     truth = {p.name: _read_masked(sim_dir / "truth" / f"param-{p.name}.nii.gz", mask)
              for p in model.parameters if (sim_dir / "truth" / f"param-{p.name}.nii.gz").exists()}
+    if all(p.name in truth for p in model.parameters):
+        from mixmap.evaluation.floor import derived_values
+
+        truth.update(derived_values(model, truth))
     labels = _read_masked(sim_dir / "truth" / "param-cluster.nii.gz", mask).astype(np.int64)
     return mask, truth, labels
 

@@ -182,10 +182,11 @@ def empirical_floor(signals: np.ndarray, acquisition: Acquisition, model: str | 
     ``copies`` draws of a kernel (:func:`smoothed_atoms`). ``sigma`` and ``noise``
     (gaussian | rician) are the simulation's.
 
-    Returns name -> (n,) float32 posterior means (a direction: the principal eigenvector of the
-    weighted mean of n nᵀ), ``name:std`` (n,) posterior standard deviations of the scalars
-    with ``return_std``, and ``ess`` (n,) the effective number of atoms each voxel's mean
-    rests on (1 / Σ w²; a few means the floor is resolved coarsely there).
+    Returns name -> (n,) float32 posterior means of the parameters and the derived maps (a
+    direction: the principal eigenvector of the weighted mean of n nᵀ), ``name:std`` (n,)
+    posterior standard deviations of the scalars with ``return_std``, and ``ess`` (n,) the
+    effective number of atoms each voxel's mean rests on (1 / Σ w²; a few means the floor
+    is resolved coarsely there).
     """
     model = _checked_model(model, truth, noise)
     n = signals.shape[0]
@@ -200,8 +201,10 @@ def empirical_floor(signals: np.ndarray, acquisition: Acquisition, model: str | 
     rician = _RicianTerm(S, float(sigma)) if noise == "rician" else None
     if chunk is None:  # the separable Rician term holds rank × chunk × measurements values
         chunk = 1024
-    scalars = [p.name for p in model.parameters if not p.is_direction]
-    dirs = [p.name for p in model.parameters if p.is_direction]
+    atoms.update(derived_values(model, atoms))
+    every = model.parameters + model.derived
+    scalars = [p.name for p in every if not p.is_direction]
+    dirs = [p.name for p in every if p.is_direction]
     theta = torch.as_tensor(np.stack([atoms[k] for k in scalars], 1))  # (A, P)
     dyads = {k: torch.as_tensor(np.einsum("ai,aj->aij", atoms[k], atoms[k]).reshape(-1, 9))
              for k in dirs}
@@ -219,6 +222,17 @@ def empirical_floor(signals: np.ndarray, acquisition: Acquisition, model: str | 
         for k in scalars:
             del out[f"{k}:std"]
     return out
+
+
+def derived_values(model: SignalModel, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The model's derived maps (:meth:`~mixmap.models.base.SignalModel.derive`) of parameter
+    arrays, as float64 arrays (empty for a model without any)."""
+    if not model.derived:
+        return {}
+    with torch.no_grad():
+        out = model.derive({p.name: torch.as_tensor(np.asarray(params[p.name], np.float64))
+                            for p in model.parameters})
+    return {k: v.numpy() for k, v in out.items()}
 
 
 def _checked_model(model: str | SignalModel, truth: dict[str, np.ndarray], noise: str
@@ -261,4 +275,4 @@ def _store_posterior(out: dict[str, np.ndarray], rows: slice, w: torch.Tensor,
     out["ess"][rows] = (1.0 / (w * w).sum(1)).numpy()
 
 
-__all__ = ["empirical_floor"]
+__all__ = ["derived_values", "empirical_floor"]

@@ -63,10 +63,16 @@ class FitResult:
         return self.cluster_probs.argmax(1)
 
     def maps(self) -> dict[str, np.ndarray]:
-        """Everything to write as maps: name -> (n,) or (n, k) arrays (BIDS param names)."""
-        out = {name: v for name, v in self.params.items()}
+        """Everything to write as maps: name -> (n,) or (n, k) arrays (BIDS param names); the
+        model's :attr:`~mixmap.models.base.SignalModel.hidden` parameters are left out."""
+        from mixmap.models import MODELS
+
+        cls = MODELS.get(self.model)
+        hidden = cls.hidden if cls is not None else frozenset()
+        out = {name: v for name, v in self.params.items() if name not in hidden}
         for name, v in self.std.items():
-            out[f"{name}:std"] = v
+            if name not in hidden:
+                out[f"{name}:std"] = v
         if self.cluster_probs is not None:
             out["cluster"] = self.clusters.astype(np.float32)
             out["clusterprob"] = self.cluster_probs

@@ -104,10 +104,9 @@ class LeastSquaresFitter(Fitter):
     def _fit(self, signals, acquisition, device) -> FitResult:
         scale = signal_scale(signals, acquisition, self.model)
         n = signals.shape[0]
-        params: dict[str, list[np.ndarray]] = {p.name: [] for p in self.model.parameters}
-        stds: dict[str, list[np.ndarray]] = {
-            p.name: [] for p in self.model.parameters if not p.is_direction
-        }
+        every = self.model.parameters + self.model.derived
+        params: dict[str, list[np.ndarray]] = {p.name: [] for p in every}
+        stds: dict[str, list[np.ndarray]] = {p.name: [] for p in every if not p.is_direction}
         sigmas = []
         starts = range(0, n, self.chunk_size)
         scheme = Scheme.build(self.model, acquisition, reduce=True, device=device)
@@ -200,12 +199,15 @@ class LeastSquaresFitter(Fitter):
                 active[idx[done]] = False
         with torch.no_grad():
             est = model.split(u)
+            derived = model.derive({k: v.double() for k, v in est.items()})
         std, sigma = self._asymptotic_std(est, acq, cost.float() + extra_ss, n_meas, sw)
+        est = {**est, **{k: v.to(u.dtype) for k, v in derived.items()}}
         return ({k: v.cpu().numpy() for k, v in est.items()}, std, sigma)
 
     def _asymptotic_std(self, est, acq, cost, m, sw):
         """σ̂·sqrt(diag (JᵀJ)⁻¹) with J over the bounded scalar parameters (in cache-sized
-        blocks of voxels, like :func:`normal_equations`)."""
+        blocks of voxels, like :func:`normal_equations`); a derived scalar's by the delta
+        method, gᵀ(JᵀJ)⁻¹g·σ̂² with g its gradient (:func:`derived_gradients`)."""
         model = self.model
         scalars = [p.name for p in model.parameters if not p.is_direction]
         n_dir = sum(p.is_direction for p in model.parameters)
@@ -213,14 +215,49 @@ class LeastSquaresFitter(Fitter):
         sigma = (cost / max(m - P, 1)).sqrt()
         block = max(64, EVAL_BLOCK_ELEMENTS // max(acq.n, 1))
         var = []
+        dvar: dict[str, list[torch.Tensor]] = {p.name: [] for p in model.derived
+                                               if not p.is_direction}
         for i in range(0, sigma.shape[0], block):
             part = {k: v[i : i + block] for k, v in est.items()}
             A = _bounded_gram(model, part, scalars, acq, sw)
             A = A + 1e-10 * torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
             cov = torch.linalg.pinv(A, hermitian=True)
             var.append(torch.diagonal(cov, dim1=1, dim2=2).clamp_min(0).float())
+            for name, grad in derived_gradients(model, part, scalars, list(dvar)).items():
+                quad = torch.einsum("ni,nij,nj->n", grad, cov, grad)
+                dvar[name].append(quad.clamp_min(0).float())
         std = (torch.cat(var) * sigma[:, None] ** 2).sqrt()
-        return {k: std[:, i].cpu().numpy() for i, k in enumerate(scalars)}, sigma.cpu().numpy()
+        out = {k: std[:, i].cpu().numpy() for i, k in enumerate(scalars)}
+        for name, parts in dvar.items():
+            out[name] = (torch.cat(parts) * sigma**2).sqrt().cpu().numpy()
+        return out, sigma.cpu().numpy()
+
+
+#: Step of the central differences of :func:`derived_gradients`, as a share of each
+#: parameter's range.
+DERIVED_STEP = 1e-6
+
+
+def derived_gradients(model: SignalModel, est, scalars: list[str], names: list[str]
+                      ) -> dict[str, torch.Tensor]:
+    """d(derived)/d(bounded scalar) (n, S) float64 for each derived scalar in ``names``, by
+    central differences at ``est`` (directions held fixed): the derived maps may go through an
+    eigen-decomposition, which automatic differentiation handles poorly where eigenvalues
+    meet."""
+    if not names:
+        return {}
+    base = {k: v.double() for k, v in est.items()}
+    cols: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    with torch.no_grad():
+        for k in scalars:
+            p = model.parameter(k)
+            h = DERIVED_STEP * (p.upper - p.lower) * (
+                base[k].abs().clamp_min(1.0) if p.scaled else 1.0)
+            up = model.derive({**base, k: base[k] + h})
+            down = model.derive({**base, k: base[k] - h})
+            for name in names:
+                cols[name].append((up[name] - down[name]) / (2 * h))
+    return {name: torch.nan_to_num(torch.stack(c, 1)) for name, c in cols.items()}
 
 
 def _bounded_gram(model: SignalModel, est, scalars: list[str], acq, sw) -> torch.Tensor:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from mixmap.models.base import Params, SignalModel, UnsupportedAcquisition
 from mixmap.models.diffusion.ball_stick import BallStick
+from mixmap.models.diffusion.dki import DKI
+from mixmap.models.diffusion.dti import DTI
 from mixmap.models.diffusion.ivim import IVIM
 from mixmap.models.diffusion.msdki import MSDKI
 from mixmap.models.relaxometry.t2 import MonoExponentialT2
@@ -11,6 +13,8 @@ from mixmap.models.relaxometry.t2 import MonoExponentialT2
 MODELS: dict[str, type[SignalModel]] = {
     MSDKI.name: MSDKI,
     BallStick.name: BallStick,
+    DTI.name: DTI,
+    DKI.name: DKI,
     IVIM.name: IVIM,
     MonoExponentialT2.name: MonoExponentialT2,
 }

@@ -48,6 +48,13 @@ class SignalModel:
     #: The per-volume acquisition fields the signal depends on (names of
     #: :data:`mixmap.acquisition.FIELDS`); checked before any fit.
     required_fields: tuple[str, ...] = ()
+    #: Maps computed from the parameters by :meth:`derive` (FA and MD from a tensor, ...),
+    #: declared like parameters (their bounds: the range of possible values). Every fitter
+    #: gives them with their std, and they are written and reported like parameters.
+    derived: tuple[Parameter, ...] = ()
+    #: Parameters the physics needs but nobody reads (a tensor's Cholesky factor): kept in
+    #: fit results (``predict`` uses them), neither written as maps nor shown in reports.
+    hidden: frozenset[str] = frozenset()
 
     # ---------------------------------------------------------------- declared structure
     @property
@@ -55,10 +62,22 @@ class SignalModel:
         return [p.name for p in self.parameters]
 
     def parameter(self, name: str) -> Parameter:
-        for p in self.parameters:
+        """The fitted or derived parameter ``name``."""
+        for p in self.parameters + self.derived:
             if p.name == name:
                 return p
         raise KeyError(f"model {self.name} has no parameter {name!r}")
+
+    @property
+    def map_parameters(self) -> tuple[Parameter, ...]:
+        """What is written and reported as maps: the parameters not :attr:`hidden`, then the
+        :attr:`derived` ones."""
+        return tuple(p for p in self.parameters if p.name not in self.hidden) + self.derived
+
+    def derive(self, params: Params) -> Params:
+        """The :attr:`derived` maps from bounded parameters of any leading shape (...,):
+        name -> (...,), or (..., 3) for a direction. None by default."""
+        return {}
 
     def grid_parameters(self) -> list[str]:
         """The scalar parameters a quadrature grid spans: all but the scale parameter, or none

@@ -255,19 +255,17 @@ class PosteriorMixin:
 
 
     def _moments(self, z: torch.Tensor, w: torch.Tensor):
-        """Posterior mean and std of each bounded parameter from weighted draws of z
-        (S, n, d) with weights (S, n) summing to 1 per voxel (directions: a mean axis)."""
-        n = z.shape[1]
+        """Posterior mean and std of each bounded parameter and each derived map (FA, ...: the
+        mean of the derived value over the draws, not the value at the mean) from weighted
+        draws of z (S, n, d) with weights (S, n) summing to 1 per voxel (directions: a mean
+        axis, no std)."""
         theta = self.model.split(self.net.decoder(z))
+        values = {**theta, **self.model.derive(theta)}
         params, std = {}, {}
-        for p in self.model.parameters:
-            v = theta[p.name]
+        for p in self.model.parameters + self.model.derived:
+            v = values[p.name]
             if p.is_direction:
-                ref = v.gather(0, w.argmax(0)[None, :, None].expand(1, n, 3))[0]
-                sign = torch.sign((v * ref).sum(-1, keepdim=True)) + (v * ref).sum(-1,
-                                                                                   keepdim=True).eq(0)
-                m = (w[..., None] * v * sign).sum(0)
-                params[p.name] = (m / m.norm(dim=-1, keepdim=True).clamp_min(1e-12)).cpu().numpy()
+                params[p.name] = mean_axis(v, w).cpu().numpy()
                 continue
             mean = (w * v).sum(0)
             var = (w * (v - mean) ** 2).sum(0)
@@ -275,3 +273,13 @@ class PosteriorMixin:
             std[p.name] = var.clamp_min(0).sqrt().cpu().numpy()
         return params, std
 
+
+def mean_axis(v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Weighted mean (n, 3) of unit axes v (S, n, 3) with weights w (S, n): each draw's sign
+    turned towards the heaviest draw's, then averaged and normalised."""
+    n = v.shape[1]
+    ref = v.gather(0, w.argmax(0)[None, :, None].expand(1, n, 3))[0]
+    dot = (v * ref).sum(-1, keepdim=True)
+    sign = torch.sign(dot) + dot.eq(0)
+    m = (w[..., None] * v * sign).sum(0)
+    return m / m.norm(dim=-1, keepdim=True).clamp_min(1e-12)

@@ -137,6 +137,7 @@ class SelfSupervisedFitter(LearnedFitter):
         with torch.no_grad():
             u = self.net(data.feats)
             params = self.model.split(u)
+            params.update(self.model.derive(params))
             mse = self._mse(data, scheme)
         self._rms = float(distributed.global_mean(mse).sqrt())
         return {k: v.cpu().numpy() for k, v in params.items()}, {}, None

@@ -12,6 +12,7 @@ import torch
 
 from mixmap.acquisition import Acquisition
 from mixmap.models.base import Params, UnsupportedAcquisition
+from mixmap.models.diffusion import tensor as T
 from mixmap.models.diffusion.base import DiffusionModel
 from mixmap.parameters import Parameter
 
@@ -214,31 +215,11 @@ def high_b_direction(signals: torch.Tensor, acquisition: Acquisition) -> torch.T
 
 
 def tensor_direction(signals: torch.Tensor, acquisition: Acquisition) -> torch.Tensor:
-    """(n, 3) principal eigenvector of a weighted log-linear diffusion-tensor fit.
+    """(n, 3) principal eigenvector of the weighted log-linear tensor fit
+    (:func:`~mixmap.models.diffusion.tensor.weighted_log_fit`)."""
+    coef = T.weighted_log_fit(signals, acquisition)
+    return T.principal_direction(T.tensor_of(coef)).to(signals.dtype)
 
-    log y = log S0 − b gᵀDg is fitted per voxel with weights y² (the usual WLLS weights, which
-    keep noise-level measurements at high b from dominating the log), in float64.
-    """
-    dev = signals.device
-    b, g = acquisition.torch(dev, torch.float64)
-    y = signals.double()
-    floor = 1e-3 * y.abs().amax(1, keepdim=True).clamp_min(1e-12)
-    y = torch.maximum(y, floor)
-    gx, gy, gz = g.T
-    X = torch.stack([torch.ones_like(b), -b * gx * gx, -b * gy * gy, -b * gz * gz,
-                     -2 * b * gx * gy, -2 * b * gx * gz, -2 * b * gy * gz], 1)  # (m, 7)
-    w = y * y
-    XtWX = (w @ (X[:, :, None] * X[:, None, :]).reshape(X.shape[0], -1)).reshape(-1, 7, 7)
-    XtWz = (w * torch.log(y)) @ X
-    ridge = 1e-9 * torch.diagonal(XtWX, dim1=1, dim2=2).mean(1)[:, None, None]
-    coef = torch.linalg.solve(XtWX + ridge * torch.eye(7, dtype=y.dtype, device=dev),
-                              XtWz[..., None])[..., 0]
-    dxx, dyy, dzz, dxy, dxz, dyz = coef[:, 1:].unbind(1)
-    D = torch.stack([torch.stack([dxx, dxy, dxz], 1), torch.stack([dxy, dyy, dyz], 1),
-                     torch.stack([dxz, dyz, dzz], 1)], 1)
-    D = torch.nan_to_num(D)
-    _, vecs = torch.linalg.eigh(D)
-    return vecs[:, :, -1].to(signals.dtype)
 
 def _tangents(n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Two unit vectors (k, 3) orthogonal to the unit vectors n (k, 3) and to each other."""
