@@ -35,7 +35,8 @@ def _phantom(like: Path, bvals: Path | None, bvecs: Path | None, mask: Path | No
 @handle_errors
 def simulate(
     out: Path = typer.Argument(..., help="Folder to write dwi.nii.gz, bval/bvec, mask, truth/."),
-    preset: str = typer.Option("paper-msdki", help="paper-msdki | msdki-4 | ball-stick"),
+    preset: str = typer.Option(
+        "paper-msdki", help="paper-msdki | msdki-4 | ball-stick | ivim-body"),
     like: Path | None = typer.Option(
         None, help="A realistic phantom of this real scan (4-D NIfTI; with --bvals, --bvecs, "
         "--mask): truth = its fit (--model, --truth-method), smoothed (--smooth); its "
@@ -49,7 +50,9 @@ def simulate(
     max_b: float | None = typer.Option(
         None, help="--like: keep only the volumes with b at most this (s/mm²)."),
     truth_method: str = typer.Option("lsq", help="--like: the method whose fit is the truth."),
-    scheme: str = typer.Option("hcp", help="hcp (18 b0 + 3×90) | clinical (2 b0 + 3×10)"),
+    scheme: str | None = typer.Option(
+        None, help="hcp (18 b0 + 3×90) | clinical (2 b0 + 3×10) | ivim (2 b0 + 13 b-values × 3, "
+        "8 of them ≤ 200 s/mm²); default: the preset's (ivim for ivim-body, else hcp)."),
     bvals: Path | None = typer.Option(None, help="Use this FSL bval file as the scheme."),
     bvecs: Path | None = typer.Option(None, help="FSL bvec file (with --bvals)."),
     snr: float = typer.Option(20.0, help="Signal-to-noise ratio relative to S0 (--like: to the "
@@ -91,7 +94,9 @@ def simulate(
                        f"voxels × {sim.acquisition.n} measurements, {noise.value} noise "
                        f"σ = {sim.sigma:.4g} (b0 SNR {sim.snr:.1f}); {counts}")
         return
-    acq = get_scheme((str(bvals), str(bvecs)) if bvals else scheme)
+    from mixmap.simulation import get_preset
+
+    acq = get_scheme((str(bvals), str(bvecs)) if bvals else scheme or get_preset(preset).scheme)
     if layout == "brain":
         sim = simulate_brain(preset, acq, shape=parse_grid(grid), snr=snr, noise=noise.value,
                              seed=seed)

@@ -64,17 +64,17 @@ def _log_prior(preset: Preset, names: list[str], points: list[np.ndarray], model
 
 
 def check_preset(preset: Preset, model) -> list[str]:
-    """The parameters ``preset`` varies (1 or 2, no direction; the others one value in every
+    """The parameters ``preset`` varies (1 to 3, no direction; the others one value in every
     cluster), or ValueError saying why the reference does not apply."""
     if any(p.is_direction for p in model.parameters):
         raise ValueError(
             f"no Bayes reference for model {model.name}: it has a direction parameter"
         )
     names = preset.varying()
-    if not 1 <= len(names) <= 2:
+    if not 1 <= len(names) <= 3:
         raise ValueError(
             f"no Bayes reference for preset {preset.name}: its clusters vary {len(names)} "
-            f"parameters ({names}); the grid integration handles 1 or 2"
+            f"parameters ({names}); the grid integration handles 1 to 3"
         )
     for p in model.parameters:
         if p.name in names:
@@ -162,12 +162,23 @@ class _Posterior:
         return mean, np.einsum("cq,cqi,cqj->cij", w, d, d)
 
 
+#: Nodes per axis of the global grid over three parameters (their ranges differ by orders of
+#: magnitude, IVIM's D* spans 4-200 µm²/ms: one step in every unit would need ~10¹⁰ nodes);
+#: narrow posteriors are integrated again on local grids of :data:`REFINE_POINTS_3D` per axis.
+GRID_NODES_3D = 64
+REFINE_POINTS_3D = 16
+
+
 def _global_grid(preset: Preset, model, names: list[str], step: float):
     """The trapezoid grid over the varying parameters' bounds: axes, mesh (one contiguous
-    (P,) array per parameter) and the log prior times the trapezoid weights (P,)."""
+    (P,) array per parameter) and the log prior times the trapezoid weights (P,). Over one or
+    two parameters the step is ``step`` in each one's unit; over three, each range in
+    :data:`GRID_NODES_3D` nodes."""
     axes = []
     for name in names:
         p = model.parameter(name)
+        if len(names) == 3:
+            step = (p.upper - p.lower) / (GRID_NODES_3D - 1)
         axes.append(node_axis(p.lower, p.upper, step))
     mesh = list(np.ascontiguousarray(grid_points(axes).numpy().T))
     log_prior = _log_prior(preset, names, mesh, model) + trapezoid_log_weights(axes, mesh)
@@ -260,7 +271,7 @@ def _refine_narrow(post: _Posterior, mean, cov, steps, means, signals,
     scaled = cov / np.outer(steps, steps)
     # (from below one step the grid's error grows on thin tilted ridges)
     narrow = np.flatnonzero(np.linalg.eigvalsh(scaled)[:, 0] < 1.0)
-    rchunk = max(1, chunk_elements // (8 * REFINE_POINTS**k * max(1, len(post.groups))))
+    rchunk = max(1, chunk_elements // (8 * _refine_points(k)**k * max(1, len(post.groups))))
     for start in range(0, narrow.size, rchunk):
         sel = narrow[start : start + rchunk]
         mean[sel], cov[sel] = _refine(post, mean[sel], cov[sel], steps, means[sel],
@@ -299,9 +310,10 @@ def bayes_reference(
 ) -> dict[str, np.ndarray]:
     """Bayes-optimal estimate: the posterior mean under the preset's true prior and noise model.
 
-    For presets whose clusters vary one or two scalar parameters and no direction (the MSDKI
-    presets); every other parameter is fixed at its simulated value (S0 = 1). The prior is the
-    preset's mixture of per-cluster independent Gaussians truncated to the parameters' bounds.
+    For presets whose clusters vary one to three scalar parameters and no direction (the
+    MSDKI presets, IVIM's); every other parameter is fixed at its simulated value (S0 = 1).
+    The prior is the preset's mixture of per-cluster independent Gaussians truncated to the
+    parameters' bounds.
     It is integrated by the trapezoid rule on a regular grid over the bounds, step ``grid``,
     with the likelihood of the mean signal of each group of measurements (shells: see
     :func:`_measurement_groups`); posteriors narrower than one step are integrated again on
@@ -320,7 +332,8 @@ def bayes_reference(
     noise
         ``"gaussian"`` or ``"rician"``.
     grid
-        Step of the global grid in each varying parameter's unit (None: :data:`GRID_STEP`);
+        Step of the global grid in each varying parameter's unit (None: :data:`GRID_STEP`;
+        over three parameters :data:`GRID_NODES_3D` nodes per axis instead);
         ``chunk_elements`` bounds the (voxel, grid point) pairs of one block (memory).
     return_std
         Also return the posterior standard deviation as ``"<name>:std"``.
@@ -361,7 +374,8 @@ def _refine(post: _Posterior, mean, cov, steps, means, y):
     """
     mean, cov = mean.copy(), cov.copy()
     k = mean.shape[1]
-    u = np.linspace(-1.0, 1.0, REFINE_POINTS)
+    points = _refine_points(k)
+    u = np.linspace(-1.0, 1.0, points)
     offs = np.stack(np.meshgrid(*[u] * k, indexing="ij"), -1).reshape(-1, k)  # (Q, k)
     active = np.arange(mean.shape[0])
     floor = np.ones(mean.shape[0])
@@ -389,8 +403,13 @@ def _refine(post: _Posterior, mean, cov, steps, means, y):
         if active.size == 0:
             break
         old_vecs, old_sd, old_fill = evecs[keep], sd[keep], fill[keep]
-        floor = 0.5 * (12.0 * sd[keep].min(1)) / (REFINE_POINTS - 1)
+        floor = 0.5 * (12.0 * sd[keep].min(1)) / (points - 1)
     return mean, cov
+
+
+def _refine_points(k: int) -> int:
+    """Points per axis of a local grid over ``k`` parameters."""
+    return REFINE_POINTS if k <= 2 else REFINE_POINTS_3D
 
 
 __all__ = ["CHUNK_ELEMENTS", "GRID_STEP", "REFINE_ITERATIONS", "REFINE_POINTS",

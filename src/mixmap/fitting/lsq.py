@@ -233,31 +233,25 @@ class LeastSquaresFitter(Fitter):
         return out, sigma.cpu().numpy()
 
 
-#: Step of the central differences of :func:`derived_gradients`, as a share of each
-#: parameter's range.
-DERIVED_STEP = 1e-6
-
-
 def derived_gradients(model: SignalModel, est, scalars: list[str], names: list[str]
                       ) -> dict[str, torch.Tensor]:
-    """d(derived)/d(bounded scalar) (n, S) float64 for each derived scalar in ``names``, by
-    central differences at ``est`` (directions held fixed): the derived maps may go through an
-    eigen-decomposition, which automatic differentiation handles poorly where eigenvalues
-    meet."""
+    """d(derived)/d(bounded scalar) (n, S) float64 for each derived scalar in ``names`` at
+    ``est`` (directions held fixed): one reverse pass per derived map, on the sum over voxels
+    (each voxel's value depends on its own parameters only). Non-finite entries (an
+    eigen-decomposition's gradient where eigenvalues meet) are 0."""
     if not names:
         return {}
     base = {k: v.double() for k, v in est.items()}
-    cols: dict[str, list[torch.Tensor]] = {name: [] for name in names}
-    with torch.no_grad():
-        for k in scalars:
-            p = model.parameter(k)
-            h = DERIVED_STEP * (p.upper - p.lower) * (
-                base[k].abs().clamp_min(1.0) if p.scaled else 1.0)
-            up = model.derive({**base, k: base[k] + h})
-            down = model.derive({**base, k: base[k] - h})
-            for name in names:
-                cols[name].append((up[name] - down[name]) / (2 * h))
-    return {name: torch.nan_to_num(torch.stack(c, 1)) for name, c in cols.items()}
+    x = torch.stack([base[k] for k in scalars], 1).requires_grad_(True)
+    out = {}
+    with torch.enable_grad():
+        values = model.derive({**base, **{k: x[:, i] for i, k in enumerate(scalars)}})
+        for name in names:
+            (grad,) = torch.autograd.grad(values[name].sum(), x, retain_graph=True,
+                                          allow_unused=True)
+            out[name] = (torch.zeros_like(x) if grad is None
+                         else torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0))
+    return out
 
 
 def _bounded_gram(model: SignalModel, est, scalars: list[str], acq, sw) -> torch.Tensor:

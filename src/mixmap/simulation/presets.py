@@ -36,6 +36,8 @@ class Preset:
     clusters: tuple[Cluster, ...]
     n_voxels: int = 10000
     description: str = ""
+    #: The named acquisition scheme the preset is simulated on unless another is given.
+    scheme: str = "hcp"
 
     @property
     def weights(self) -> np.ndarray:
@@ -92,6 +94,23 @@ PRESETS: dict[str, Preset] = {
         ),
         description="Ball-stick with white-matter, grey-matter and CSF-like clusters, uniformly "
         "random stick directions; S0 = 1",
+    ),
+    "ivim-body": Preset(
+        "ivim-body",
+        "ivim",
+        (
+            Cluster("liver", 0.45, {"f": 0.25, "D": 1.05, "Dstar": 50.0},
+                    {"f": 0.06, "D": 0.15, "Dstar": 15.0}),
+            Cluster("kidney", 0.30, {"f": 0.20, "D": 2.0, "Dstar": 25.0},
+                    {"f": 0.05, "D": 0.2, "Dstar": 8.0}),
+            Cluster("spleen", 0.25, {"f": 0.10, "D": 0.85, "Dstar": 40.0},
+                    {"f": 0.04, "D": 0.1, "Dstar": 12.0}),
+        ),
+        description="IVIM in the abdomen: liver (f 0.25, D 1.05, D* 50 µm²/ms), kidney "
+        "cortex (0.20, 2.0, 25) and spleen (0.10, 0.85, 40), values of the order reported for "
+        "free-breathing IVIM (Le Bihan 2019 review; Luciani 2008; Sigmund 2012); S0 = 1. "
+        "Simulated on the clinical IVIM scheme (ivim) by default",
+        scheme="ivim",
     ),
 }
 

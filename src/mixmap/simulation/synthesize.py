@@ -92,7 +92,7 @@ def add_noise(
 
 def simulate(
     preset: str | Preset = "paper-msdki",
-    acquisition: Acquisition | str = "hcp",
+    acquisition: Acquisition | str | None = None,
     *,
     snr: float = 20.0,
     noise: str = "gaussian",
@@ -101,10 +101,13 @@ def simulate(
 ) -> Simulation:
     """Simulate a scan.
 
-    ``snr`` is relative to S0 = 1: the noise standard deviation is 1/snr (for Rician noise,
-    that of each of the real and imaginary channels).
+    ``acquisition``: an :class:`Acquisition`, a named scheme, or None for the preset's own
+    (:attr:`Preset.scheme`). ``snr`` is relative to S0 = 1: the noise standard deviation is
+    1/snr (for Rician noise, that of each of the real and imaginary channels).
     """
     preset = get_preset(preset) if isinstance(preset, str) else preset
+    if acquisition is None:
+        acquisition = preset.scheme
     acq = get_scheme(acquisition) if isinstance(acquisition, str) else acquisition
     if snr <= 0:
         raise ValueError(f"SNR must be positive, got {snr}")
