@@ -37,7 +37,7 @@ PRESET = "ivim-body"
 SNRS = (10, 20, 50)
 METHODS = ("dipy", "lsq", "ssl", "vae", "vae-gmm")
 PARAMS = ("f", "D", "Dstar")
-N_VOXELS = 4000
+N_VOXELS = 2000
 
 
 def dipy_ivim(signals: np.ndarray, acq) -> dict[str, np.ndarray]:

@@ -165,7 +165,8 @@ class _Posterior:
 #: Nodes per axis of the global grid over three parameters (their ranges differ by orders of
 #: magnitude, IVIM's D* spans 4-200 µm²/ms: one step in every unit would need ~10¹⁰ nodes);
 #: narrow posteriors are integrated again on local grids of :data:`REFINE_POINTS_3D` per axis.
-GRID_NODES_3D = 64
+#: On ivim-body at SNR 20 (Rician) the RMSEs with 32, 40 and 64 nodes agree to 0.2 %.
+GRID_NODES_3D = 40
 REFINE_POINTS_3D = 16
 
 
