@@ -89,10 +89,11 @@ def write_bids_dataset(root: Path) -> tuple[Path, dict]:
     return root, truths
 
 
-def map_path(out: Path, entities: str, param: str, desc: str = "") -> Path:
+def map_path(out: Path, entities: str, param: str, desc: str = "", model: str = "msdki"
+             ) -> Path:
     sub, *rest = entities.split("_")
     folder = out / sub / (rest[0] if rest else "") / "dwi"
-    return folder / (f"{entities}_model-msdki_param-{param}"
+    return folder / (f"{entities}_model-{model}_param-{param}"
                      + (f"_desc-{desc}" if desc else "") + "_dwimap.nii.gz")
 
 
@@ -364,3 +365,25 @@ def test_large_cohort_is_streamed_one_scan_at_a_time(bids, tmp_path, monkeypatch
             root / "sub-01/dwi/sub-01_dwi.bval", "--bvecs", root / "sub-01/dwi/sub-01_dwi.bvec",
             "--train-voxels", "10", "--out", tmp_path / "one")
     assert "--train-voxels is for several scans" in one_line_error(r)
+
+
+def test_tensor_cohort_and_apply_write_the_derived_maps(bids, tmp_path):
+    """A tensor in the latent space through a cohort and apply: FA, MD and V1 for every
+    subject, the Cholesky factor nowhere."""
+    root, truths = bids
+    out = tmp_path / "maps"
+    r = run("fit", root, "--model", "dti", "--method", "vae", "--epochs", "3", "--hidden", "16",
+            "--out", out, "--quiet")
+    assert r.exit_code == 0, r.output
+    for entities, truth in truths.items():
+        fa = nib.load(map_path(out, entities, "fa", model="dti")).get_fdata()[truth["inside"]]
+        assert np.isfinite(fa).all() and (fa >= 0).all() and (fa <= 1).all()
+        assert map_path(out, entities, "md", "std", model="dti").exists()
+        assert nib.load(map_path(out, entities, "v1", model="dti")).shape[-1] == 3
+    assert not list(out.rglob("*param-L*"))
+    applied = tmp_path / "applied"
+    r = run("apply", out / "model-dti_method-vae", root, "--out", applied, "--quiet")
+    assert r.exit_code == 0, r.output
+    for entities in truths:
+        assert map_path(applied, entities, "fa", model="dti").exists()
+
