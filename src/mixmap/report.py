@@ -46,10 +46,12 @@ def _slices(mask: np.ndarray) -> list[int]:
 
 def montage(vol: np.ndarray, mask: np.ndarray, title: str, unit: str, *,
             cmap: str = "viridis", limits: tuple[float, float] | None = None,
-            labels: int | None = None) -> Figure:
+            labels: int | None = None, brightness: tuple[str, np.ndarray] | None = None
+            ) -> Figure:
     """One row of axial slices of ``vol`` (RAS, (x, y, z) or (x, y, z, 3) for a direction,
     NaN outside the mask) with one colour bar in ``unit``; ``labels``: the number of discrete
-    classes (a cluster map), coloured as the mixture plots are."""
+    classes (a cluster map), coloured as the mixture plots are; ``brightness``: (name, (x, y,
+    z) volume in [0, 1]) that scales a direction's colours (colour FA)."""
     zs = _slices(mask)
     fig = Figure(figsize=(1.9 * max(len(zs), 1) + 1.2, 2.3), layout="constrained")
     axes = fig.subplots(1, max(len(zs), 1), squeeze=False)[0]
@@ -68,8 +70,10 @@ def montage(vol: np.ndarray, mask: np.ndarray, title: str, unit: str, *,
     for ax, z in zip(axes, zs, strict=False):
         s = vol[:, :, z]
         if direction:
-            ax.imshow(np.nan_to_num(np.abs(s)).clip(0, 1).transpose(1, 0, 2), origin="lower",
-                      interpolation="nearest")
+            rgb = np.nan_to_num(np.abs(s)).clip(0, 1)
+            if brightness is not None:
+                rgb = rgb * np.nan_to_num(brightness[1][:, :, z]).clip(0, 1)[..., None]
+            ax.imshow(rgb.transpose(1, 0, 2), origin="lower", interpolation="nearest")
         else:
             image = ax.imshow(s.T, origin="lower", cmap=colours, norm=norm,
                               interpolation="nearest", **kw)
@@ -83,7 +87,8 @@ def montage(vol: np.ndarray, mask: np.ndarray, title: str, unit: str, *,
         if labels is not None:
             bar.set_ticks(range(labels))
     elif direction:
-        fig.suptitle(f"{title}: |x| red, |y| green, |z| blue", fontsize=8)
+        bright = f", brightness {brightness[0]}" if brightness is not None else ""
+        fig.suptitle(f"{title}: |x| red, |y| green, |z| blue{bright}", fontsize=8)
     return fig
 
 
@@ -117,10 +122,13 @@ def _scalar_params(fit, derived: bool = True) -> list[str]:
 
 def _maps_section(fit, ras, mask) -> str:
     parts = []
+    weights = fit.model.direction_brightness
     for p in fit.model.map_parameters:
         vol = ras(fit.volume(fit.result.params[p.name]))
+        by = weights.get(p.name)
+        bright = (by, ras(fit.volume(fit.result.params[by]))) if by in fit.result.params else None
         row = [_figure(f"{p.name} ({p.unit}): {p.description}",
-                       montage(vol, mask, p.name, p.unit))]
+                       montage(vol, mask, p.name, p.unit, brightness=bright))]
         if p.name in fit.result.std:
             row.append(_figure(f"sd of {p.name} ({p.unit})", montage(
                 ras(fit.volume(fit.result.std[p.name])), mask, f"sd {p.name}", p.unit,

@@ -55,6 +55,9 @@ class SignalModel:
     #: Parameters the physics needs but nobody reads (a tensor's Cholesky factor): kept in
     #: fit results (``predict`` uses them), neither written as maps nor shown in reports.
     hidden: frozenset[str] = frozenset()
+    #: Direction maps shown with their colours scaled by a scalar map in [0, 1] (the report's
+    #: colour FA): direction name -> scalar name.
+    direction_brightness: Mapping[str, str] = {}
 
     # ---------------------------------------------------------------- declared structure
     @property

@@ -25,6 +25,7 @@ GRID_DISO = (0.6, 1.2, 2.0, 3.0)
 class BallStick(DiffusionModel):
     name = "ball-stick"
     required_fields = ("b", "direction")
+    direction_brightness = {"n": "f"}
     description = "Ball and stick: S0·[f·exp(−b·Dpar·(g·n)²) + (1−f)·exp(−b·Diso)]"
     parameters = (
         Parameter("S0", "a.u.", 0.0, 4.0, "signal at b=0 (bounds relative to the scan scale)",

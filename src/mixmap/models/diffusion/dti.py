@@ -27,6 +27,7 @@ class TensorModel(DiffusionModel):
 
     required_fields = ("b", "direction")
     hidden = frozenset(name for name, _, _ in T.CHOLESKY)
+    direction_brightness = {"v1": "fa"}
     #: b (ms/µm²) up to which the model's expansion of the log signal holds in brain tissue.
     max_b = 1.5
     #: Why the expansion stops there (the warning's words).
