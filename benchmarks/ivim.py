@@ -45,8 +45,14 @@ def dipy_ivim(signals: np.ndarray, acq) -> dict[str, np.ndarray]:
     from dipy.core.gradients import gradient_table
     from dipy.reconst.ivim import IvimModel
 
-    gtab = gradient_table(acq.bvals * 1000.0, bvecs=acq.bvecs, b0_threshold=1.0)
-    fit = IvimModel(gtab, fit_method="trr").fit(signals.astype(np.float64))
+    # mixmap keeps no direction for b ≤ 50 s/mm² (b=0 for the other diffusion models); the
+    # IVIM signal does not depend on it, but dipy wants a unit vector for every b > 0
+    bvecs = acq.bvecs.copy()
+    bvecs[(acq.bvals > 0) & (np.linalg.norm(bvecs, axis=1) < 0.5)] = (1.0, 0.0, 0.0)
+    gtab = gradient_table(acq.bvals * 1000.0, bvecs=bvecs, b0_threshold=0)
+    # dipy's trust-region steps are scaled for S0 ~ 1000 (its x_scale): at S0 = 1 it returned
+    # negative f and NaN; the maps do not depend on the scale otherwise
+    fit = IvimModel(gtab, fit_method="trr").fit(1000.0 * signals.astype(np.float64))
     return {"f": np.asarray(fit.perfusion_fraction, np.float64),
             "D": np.asarray(fit.D, np.float64) * 1000.0,
             "Dstar": np.asarray(fit.D_star, np.float64) * 1000.0}
