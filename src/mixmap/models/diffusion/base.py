@@ -19,6 +19,24 @@ class DiffusionModel(SignalModel):
     required_fields: tuple[str, ...] = ("b",)
     output_suffix = "dwimap"
     group_field = "b"
+    #: b (ms/µm²) up to which the model holds in brain tissue (None: everywhere); beyond it
+    #: :meth:`scheme_warnings` names the volumes, what goes wrong (:attr:`max_b_reason`) and
+    #: the remedy (``--max-b``, and :attr:`max_b_remedy`).
+    max_b: float | None = None
+    max_b_reason: str = ""
+    max_b_remedy: str = ""
+
+    def scheme_warnings(self, acquisition: Acquisition) -> list[str]:
+        if self.max_b is None:
+            return []
+        above = [s for s in acquisition.dw_shells() if s.bval > self.max_b * 1.05]
+        if not above:
+            return []
+        n = sum(s.n for s in above)
+        bs = ", ".join(str(round(s.bval * 1000)) for s in above)
+        limit = f"{self.max_b * 1000:g}"
+        return [f"{n} volumes at b = {bs} s/mm², beyond b ≈ {limit} s/mm² where "
+                f"{self.max_b_reason}; leave them out with --max-b {limit}{self.max_b_remedy}"]
 
     def reference_volumes(self, acquisition: Acquisition) -> np.ndarray:
         return acquisition.b0_mask

@@ -25,7 +25,7 @@ class DKI(TensorModel):
     derived = T.tensor_derived() + T.kurtosis_derived()
     hidden = TensorModel.hidden | frozenset(T.KURTOSIS_NAMES)
     max_b = 3.0
-    max_b_reason = "the kurtosis expansion holds; MD and the kurtosis maps are biased"
+    max_b_reason = "the kurtosis expansion holds: MD and the kurtosis maps are biased"
     max_b_remedy = ""
 
     def _terms(self, params: Params, acquisition: Acquisition):

@@ -28,11 +28,8 @@ class TensorModel(DiffusionModel):
     required_fields = ("b", "direction")
     hidden = frozenset(name for name, _, _ in T.CHOLESKY)
     direction_brightness = {"v1": "fa"}
-    #: b (ms/µm²) up to which the model's expansion of the log signal holds in brain tissue.
     max_b = 1.5
-    #: Why the expansion stops there (the warning's words).
-    max_b_reason = "the Gaussian (tensor) approximation holds; MD is biased low"
-    #: The remedy the warning names besides --max-b.
+    max_b_reason = "the Gaussian (tensor) approximation holds: MD is biased low"
     max_b_remedy = " (or fit dki)"
 
     def check_scheme(self, acquisition: Acquisition) -> None:
@@ -46,16 +43,6 @@ class TensorModel(DiffusionModel):
         if acquisition.n_b0 == 0 and len(acquisition.dw_shells()) < 2:
             raise UnsupportedAcquisition(
                 f"{self.name} needs a b=0 volume or at least 2 shells to determine S0")
-
-    def scheme_warnings(self, acquisition: Acquisition) -> list[str]:
-        above = [s for s in acquisition.dw_shells() if s.bval > self.max_b * 1.05]
-        if not above:
-            return []
-        n = sum(s.n for s in above)
-        bs = ", ".join(str(round(s.bval * 1000)) for s in above)
-        limit = f"{self.max_b * 1000:g}"
-        return [f"{n} volumes at b = {bs} s/mm², beyond b ≈ {limit} s/mm² where "
-                f"{self.max_b_reason}; leave them out with --max-b {limit}{self.max_b_remedy}"]
 
     def _start_tensor(self, signals: torch.Tensor, coef: torch.Tensor) -> Params:
         """S0 and the factor's elements of a log-linear fit's coefficients."""

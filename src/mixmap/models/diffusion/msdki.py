@@ -49,6 +49,7 @@ class MSDKI(DiffusionModel):
     #: b (ms/µm²) up to which the second-order (kurtosis) expansion of the log signal holds
     #: in brain tissue (about 2500-3000 s/mm²; Jensen & Helpern 2010).
     max_b = 3.0
+    max_b_reason = "the kurtosis expansion holds: D and K are biased"
 
     def forward(self, params: Params, acquisition: Acquisition) -> torch.Tensor:
         b, _ = acquisition.torch(params["D"].device, params["D"].dtype)
@@ -74,16 +75,6 @@ class MSDKI(DiffusionModel):
                 f"MSDKI needs at least 2 non-zero b-value shells to separate D and K; this scheme "
                 f"has {n_dw} (b = {[round(s.bval * 1000) for s in acquisition.dw_shells()]} s/mm²)"
             )
-
-    def scheme_warnings(self, acquisition: Acquisition) -> list[str]:
-        above = [s for s in acquisition.dw_shells() if s.bval > self.max_b * 1.05]
-        if not above:
-            return []
-        n = sum(s.n for s in above)
-        bs = ", ".join(str(round(s.bval * 1000)) for s in above)
-        return [f"{n} volumes at b = {bs} s/mm², beyond b ≈ {self.max_b * 1000:g} s/mm² where "
-                f"the kurtosis expansion holds: D and K are biased; leave them out with "
-                f"--max-b {self.max_b * 1000:g}"]
 
     def initial_estimates(self, signals: torch.Tensor, acquisition: Acquisition) -> Params:
         """Log-linear fit of log(shell mean) = log S0 − bD + b²D²K/6 (as dipy's MSDKI does)."""
