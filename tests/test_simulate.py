@@ -39,7 +39,7 @@ def test_truth_inside_bounds_for_every_preset():
     from mixmap.models import get_model
 
     for name, preset in PRESETS.items():
-        sim = simulate(name, "hcp", n_voxels=3000, seed=2)
+        sim = simulate(name, n_voxels=3000, seed=2)  # on the preset's own scheme
         model = get_model(preset.model)
         for p in model.parameters:
             if not p.is_direction:
