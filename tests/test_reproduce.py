@@ -111,3 +111,13 @@ def test_fitter_options_pass_only_what_a_fitter_takes(tmp_path):
     # an option given explicitly is never overridden by the extra ones
     opts = fitter_options(run, "vae-gmm", epochs=1, extra={"n_samples": 4}, n_samples=8)
     assert opts == {**base, "epochs": 1, "n_samples": 8}
+
+
+def test_unknown_part_is_refused_before_anything_is_written(tmp_path):
+    from mixmap.paper.reproduce import run_reproduce
+
+    with pytest.raises(ValueError, match="--parts figures: choose from simulation, "
+                                         "sensitivity, real"):
+        run_reproduce(tmp_path / "out", quick=True, quiet=True, parts=["figures"])
+    assert not (tmp_path / "out").exists()
+

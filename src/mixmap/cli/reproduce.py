@@ -15,6 +15,9 @@ def reproduce(
     out: Path = typer.Option(Path("docs"), help="Folder for RESULTS.md, figures/ and numbers."),
     quick: bool = typer.Option(False, help="Small smoke run (minutes on 2 CPU cores)."),
     methods: str | None = typer.Option(None, help="Comma-separated methods (default: all)."),
+    parts: str | None = typer.Option(
+        None, help="Comma-separated parts to rerun: simulation, sensitivity, real (default: "
+        "all); only their figures and sections are rewritten."),
     quiet: bool = typer.Option(False, help="No progress output."),
 ) -> None:
     """Regenerate the paper's tables and figures (simulation, sensitivity, real brain data) and
@@ -26,6 +29,7 @@ def reproduce(
 
     setup_logging(quiet)
     chosen = split_list(methods) if methods else None
-    written = run_reproduce(out, quick=quick, quiet=quiet, methods=chosen)
+    written = run_reproduce(out, quick=quick, quiet=quiet, methods=chosen,
+                            parts=split_list(parts) if parts else None)
     if not quiet:
         typer.echo(f"wrote {len(written)} files under {out}/")

@@ -74,7 +74,8 @@ def _overview(run: Run, skipped: list[str], total: float) -> str:
 
 
 def run_reproduce(out: Path = Path("docs"), quick: bool = False, quiet: bool = False,
-                  methods: list[str] | None = None, overrides: dict | None = None) -> list[Path]:
+                  methods: list[str] | None = None, overrides: dict | None = None,
+                  parts: list[str] | None = None) -> list[Path]:
     """Regenerate the figures (``<out>/figures/repro_*.png``), numbers
     (``<out>/repro_*.json|csv``) and ``repro-…`` sections of ``<out>/RESULTS.md``.
 
@@ -92,6 +93,11 @@ def run_reproduce(out: Path = Path("docs"), quick: bool = False, quiet: bool = F
     overrides
         Fields of :class:`Settings` to change (a reduced run); list what was reduced in
         ``reductions`` so RESULTS.md says so.
+    parts
+        Subset of :data:`PARTS` (``simulation``, ``sensitivity``, ``real``; default: all):
+        only their files and sections are rewritten; the overview section and
+        ``repro_run.json`` keep the last full run's configuration and timings, and the parts'
+        sections name the command with ``--parts``.
 
     Returns
     -------
@@ -102,13 +108,23 @@ def run_reproduce(out: Path = Path("docs"), quick: bool = False, quiet: bool = F
     if overrides:
         settings = replace(settings, **overrides)
     use, skipped = _methods(methods)
+    names = [name for name, _ in PARTS]
+    chosen = list(parts) if parts else names
+    bad = [p for p in chosen if p not in names]
+    if bad:
+        raise ValueError(f"--parts {','.join(bad)}: choose from {', '.join(names)}")
     run = Run(Path(out), settings, quiet, use)
+    if parts:
+        run.command += " --parts " + ",".join(chosen)
     if skipped:
         run.log(f"not registered in FITTERS, skipped: {', '.join(skipped)}")
     run.log(f"settings {settings.name}: methods {', '.join(use)}")
-    run.section("repro-overview", f"Regenerate: `{run.command}` (running or interrupted; "
-                f"configuration {settings.name}).")
+    if not parts:
+        run.section("repro-overview", f"Regenerate: `{run.command}` (running or interrupted; "
+                    f"configuration {settings.name}).")
     for part, fn in PARTS:
+        if part not in chosen:
+            continue
         t = time.perf_counter()
         fn(run)
         run.times[part] = time.perf_counter() - t
@@ -116,6 +132,9 @@ def run_reproduce(out: Path = Path("docs"), quick: bool = False, quiet: bool = F
     total = time.perf_counter() - run.t0
     meta = {"settings": asdict(settings), "methods": use, "skipped": skipped,
             "seconds": run.times, "total_seconds": total, "torch_threads": torch.get_num_threads()}
+    if parts:  # a partial run: the last full run's record and overview stay
+        run.log(f"parts {', '.join(chosen)} done in {total:.0f} s; the overview is left as is")
+        return list(run.written)
     run.json("repro_run.json", meta)
     run.section("repro-overview", _overview(run, skipped, total))
     run.log(f"done in {total:.0f} s; {len(run.written)} files")
