@@ -30,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from phantoms import score  # noqa: E402  (the same scoring as the phantoms benchmark)
+from phantoms import RESOLVED_ESS, score  # noqa: E402  (the phantoms benchmark's scoring)
 
 from mixmap import datasets  # noqa: E402
 from mixmap.evaluation.floor import empirical_floor  # noqa: E402
@@ -176,7 +176,9 @@ def _phantom_table(e: dict) -> list[str]:
     lines = [f"#### Phantom of {e['scan']}, {e['model']}, b0 SNR {e['snr']:g} (Rician)", "",
              f"{e['n_voxels']} voxels ({cls}), {e['n_measurements']} measurements (b ≤ "
              f"{e['max_b']:g} s/mm²); floor: median effective atoms "
-             f"{e['methods']['floor']['ess_median']:.1f}.", "",
+             f"{e['methods']['floor']['ess_median']:.1f}"
+             + ("." if e["methods"]["floor"]["ess_median"] >= RESOLVED_ESS
+                else " (not resolved: its numbers are not a bound)."), "",
              markdown_table(head, rows, floatfmt=".4f")]
     ms = e["methods"]
     if "vae-gmm" in ms and "lsq" in ms:
@@ -207,8 +209,11 @@ def section(results: dict) -> str:
     ]
     for e in phantoms:
         body += _phantom_table(e) + [""]
-    if not phantoms:
-        body.append("Not run yet.")
+    missing = [m for m in MODELS if not any(e["model"] == m for e in phantoms)]
+    if missing:
+        body.append("Phantoms not in this run: " + ", ".join(missing) + " (dki: vae-gmm's "
+                    "empirical-Bayes refit stopped on a singular q covariance; see "
+                    "CHANGELOG.md).")
     return "\n".join(body).rstrip() + "\n"
 
 
