@@ -199,15 +199,16 @@ class LeastSquaresFitter(Fitter):
                 active[idx[done]] = False
         with torch.no_grad():
             est = model.split(u)
-            derived = model.derive({k: v.double() for k, v in est.items()})
-        std, sigma = self._asymptotic_std(est, acq, cost.float() + extra_ss, n_meas, sw)
+        std, sigma, derived = self._asymptotic_std(est, acq, cost.float() + extra_ss, n_meas,
+                                                   sw)
         est = {**est, **{k: v.to(u.dtype) for k, v in derived.items()}}
         return ({k: v.cpu().numpy() for k, v in est.items()}, std, sigma)
 
     def _asymptotic_std(self, est, acq, cost, m, sw):
         """σ̂·sqrt(diag (JᵀJ)⁻¹) with J over the bounded scalar parameters (in cache-sized
         blocks of voxels, like :func:`normal_equations`); a derived scalar's by the delta
-        method, gᵀ(JᵀJ)⁻¹g·σ̂² with g its gradient (:func:`derived_gradients`)."""
+        method, gᵀ(JᵀJ)⁻¹g·σ̂² with g its gradient (:func:`derived_gradients`). Returns the
+        std, σ̂ and the derived maps at ``est`` (float64; the same pass as their gradients)."""
         model = self.model
         scalars = [p.name for p in model.parameters if not p.is_direction]
         n_dir = sum(p.is_direction for p in model.parameters)
@@ -217,30 +218,35 @@ class LeastSquaresFitter(Fitter):
         var = []
         dvar: dict[str, list[torch.Tensor]] = {p.name: [] for p in model.derived
                                                if not p.is_direction}
+        dvals: dict[str, list[torch.Tensor]] = {p.name: [] for p in model.derived}
         for i in range(0, sigma.shape[0], block):
             part = {k: v[i : i + block] for k, v in est.items()}
             A = _bounded_gram(model, part, scalars, acq, sw)
             A = A + 1e-10 * torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
             cov = torch.linalg.pinv(A, hermitian=True)
             var.append(torch.diagonal(cov, dim1=1, dim2=2).clamp_min(0).float())
-            for name, grad in derived_gradients(model, part, scalars, list(dvar)).items():
+            values, grads = derived_gradients(model, part, scalars, list(dvar))
+            for name, v in values.items():
+                dvals[name].append(v)
+            for name, grad in grads.items():
                 quad = torch.einsum("ni,nij,nj->n", grad, cov, grad)
                 dvar[name].append(quad.clamp_min(0).float())
         std = (torch.cat(var) * sigma[:, None] ** 2).sqrt()
         out = {k: std[:, i].cpu().numpy() for i, k in enumerate(scalars)}
         for name, parts in dvar.items():
             out[name] = (torch.cat(parts) * sigma**2).sqrt().cpu().numpy()
-        return out, sigma.cpu().numpy()
+        return out, sigma.cpu().numpy(), {k: torch.cat(v) for k, v in dvals.items()}
 
 
 def derived_gradients(model: SignalModel, est, scalars: list[str], names: list[str]
-                      ) -> dict[str, torch.Tensor]:
-    """d(derived)/d(bounded scalar) (n, S) float64 for each derived scalar in ``names`` at
-    ``est`` (directions held fixed): one reverse pass per derived map, on the sum over voxels
-    (each voxel's value depends on its own parameters only). Non-finite entries (an
-    eigen-decomposition's gradient where eigenvalues meet) are 0."""
-    if not names:
-        return {}
+                      ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The derived maps at ``est`` (float64, detached) and d(derived)/d(bounded scalar)
+    (n, S) float64 for each derived scalar in ``names`` (directions held fixed): one forward
+    pass, then one reverse pass per derived map on the sum over voxels (each voxel's value
+    depends on its own parameters only). Non-finite gradient entries (an
+    eigen-decomposition's where eigenvalues meet) are 0."""
+    if not model.derived:
+        return {}, {}
     base = {k: v.double() for k, v in est.items()}
     x = torch.stack([base[k] for k in scalars], 1).requires_grad_(True)
     out = {}
@@ -251,7 +257,7 @@ def derived_gradients(model: SignalModel, est, scalars: list[str], names: list[s
                                           allow_unused=True)
             out[name] = (torch.zeros_like(x) if grad is None
                          else torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0))
-    return out
+    return {k: v.detach() for k, v in values.items()}, out
 
 
 def _bounded_gram(model: SignalModel, est, scalars: list[str], acq, sw) -> torch.Tensor:

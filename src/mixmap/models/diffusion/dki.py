@@ -29,14 +29,16 @@ class DKI(TensorModel):
     max_b_remedy = ""
 
     def _terms(self, params: Params, acquisition: Acquisition):
-        """b, g, Lᵀg (..., m, 3), MD (...,), W(g) (..., m) and the exponent x (..., m)."""
+        """b, g, the kurtosis design (m, 15), Lᵀg (..., m, 3), MD (...,), W(g) (..., m) and
+        the exponent x (..., m)."""
         dev, dt = params["Lxx"].device, params["Lxx"].dtype
         b, g = acquisition.torch(dev, dt)
+        design = T.kurtosis_design(g)
         q = T.projections(params, g)
         md = T.mean_diffusivity(params)
-        wn = T.kurtosis_vector(params) @ T.kurtosis_design(g).T
+        wn = T.kurtosis_vector(params) @ design.T
         x = -b * (q * q).sum(-1) + (b * b / 6.0) * (md * md)[..., None] * wn
-        return b, g, q, md, wn, x
+        return b, g, design, q, md, wn, x
 
     def forward(self, params: Params, acquisition: Acquisition) -> torch.Tensor:
         x = self._terms(params, acquisition)[-1]
@@ -44,21 +46,21 @@ class DKI(TensorModel):
 
     def jacobian(self, params: Params, acquisition: Acquisition) -> Params:
         """Analytic derivatives; safe_exp(x)' = safe_exp(x)·sigmoid(cap − x)."""
-        b, g, q, md, wn, x = self._terms(params, acquisition)
+        b, g, design, q, md, wn, x = self._terms(params, acquisition)
         e = safe_exp(x)
         de = params["S0"][..., None] * e * torch.sigmoid(SAFE_EXP_CAP - x)
         out = {"S0": e}
         kurt = (b * b / 6.0) * wn * (2.0 * md)[..., None]  # d(second term)/dMD
         for name, d in T.projection_jacobian(q, g).items():
             out[name] = de * (-b * d + kurt * (2.0 / 3.0) * params[name][..., None])
-        design = T.kurtosis_design(g)  # (m, 15)
         w_factor = de * (b * b / 6.0) * (md * md)[..., None]
         for k, name in enumerate(T.KURTOSIS_NAMES):
             out[name] = w_factor * design[:, k]
         return out
 
     def derive(self, params: Params) -> Params:
-        return {**T.tensor_maps(params), **T.kurtosis_maps(params)}
+        eig = T.eigen(params)
+        return {**T.tensor_maps(params, eig), **T.kurtosis_maps(params, eig)}
 
     def check_scheme(self, acquisition: Acquisition) -> None:
         super().check_scheme(acquisition)

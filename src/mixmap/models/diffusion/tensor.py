@@ -137,16 +137,26 @@ def kurtosis_vector(params: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.stack([params[name] for name in KURTOSIS_NAMES], -1)
 
 
-def tensor_maps(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """FA, MD, AD, RD (...,) and the principal direction v1 (..., 3) of D = L Lᵀ.
+def eigen(params: dict[str, torch.Tensor]
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """D = L Lᵀ (..., 3, 3) in the parameters' dtype and its eigenvalues (..., 3) and
+    eigenvectors (..., 3, 3), ascending, in float64: computed once for :func:`tensor_maps` and
+    :func:`kurtosis_maps`."""
+    D = tensor(params)
+    vals, vecs = torch.linalg.eigh(D.double())
+    return D, vals, vecs
+
+
+def tensor_maps(params: dict[str, torch.Tensor], eig=None) -> dict[str, torch.Tensor]:
+    """FA, MD, AD, RD (...,) and the principal direction v1 (..., 3) of D = L Lᵀ (``eig``:
+    :func:`eigen` of ``params``, computed here when None).
 
     FA comes from the trace and the Frobenius norm (smooth everywhere, also where eigenvalues
     meet); AD and v1 from the eigen-decomposition, in float64."""
-    D = tensor(params)
+    D, vals, vecs = eigen(params) if eig is None else eig
     md = D.diagonal(dim1=-2, dim2=-1).sum(-1) / 3.0
     fro2 = (D * D).sum((-2, -1))
     fa = torch.sqrt((1.5 * (fro2 - 3.0 * md * md)).clamp_min(0) / fro2.clamp_min(1e-20))
-    vals, vecs = torch.linalg.eigh(D.double())
     ad = vals[..., 2].to(D.dtype)
     return {"fa": fa.clamp(0.0, 1.0), "md": md, "ad": ad, "rd": (3.0 * md - ad) / 2.0,
             "v1": vecs[..., :, 2].to(D.dtype)}
@@ -167,17 +177,18 @@ def _directional_kurtosis(D: torch.Tensor, w: torch.Tensor, md: torch.Tensor,
     return k.clamp(*KURTOSIS_RANGE)
 
 
-def kurtosis_maps(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def kurtosis_maps(params: dict[str, torch.Tensor], eig=None) -> dict[str, torch.Tensor]:
     """MK (the mean over :data:`SPHERE_POINTS` directions), AK (along v1) and RK (the mean over
     :data:`CIRCLE_POINTS` directions perpendicular to v1) of the kurtosis tensor, each
-    directional kurtosis kept in :data:`KURTOSIS_RANGE` (as dipy does)."""
-    D = tensor(params).double()
+    directional kurtosis kept in :data:`KURTOSIS_RANGE` (as dipy does); ``eig`` as in
+    :func:`tensor_maps`."""
+    D, _, vecs = eigen(params) if eig is None else eig
+    D = D.double()
     w = kurtosis_vector(params).double()
     md = D.diagonal(dim1=-2, dim2=-1).sum(-1) / 3.0
     sphere = torch.as_tensor(fibonacci_sphere(SPHERE_POINTS, hemisphere=True), dtype=D.dtype,
                              device=D.device)
     mk = _directional_kurtosis(D, w, md, sphere).mean(-1)
-    _, vecs = torch.linalg.eigh(D)
     v1, v2, v3 = vecs[..., :, 2], vecs[..., :, 1], vecs[..., :, 0]
     ak = _directional_kurtosis(D, w, md, v1[..., None, :])[..., 0]
     theta = torch.arange(CIRCLE_POINTS, dtype=D.dtype, device=D.device) * (
