@@ -24,9 +24,7 @@ def models(
         return
     for name, cls in MODELS.items():
         typer.echo(f"{name}: {cls.description}")
-        for p in cls.parameters + cls.derived:
-            if p.name in cls.hidden:
-                continue
+        for p in cls().map_parameters:
             bounds = "unit vector" if p.is_direction else f"[{p.lower:g}, {p.upper:g}]"
             if p.scaled:
                 bounds += " × signal scale"
