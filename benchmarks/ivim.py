@@ -25,10 +25,14 @@ from pathlib import Path
 
 import numpy as np
 
-from mixmap.evaluation.bayes import bayes_reference
-from mixmap.fitting import get_fitter
-from mixmap.paper.report import machine_description, markdown_table, update_section
-from mixmap.simulation import get_preset, simulate
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from phantoms import keep_entry  # noqa: E402  (results merged as the phantoms benchmark does)
+
+from mixmap.evaluation.bayes import bayes_reference  # noqa: E402
+from mixmap.fitting import get_fitter  # noqa: E402
+from mixmap.paper.report import machine_description, markdown_table, update_section  # noqa: E402
+from mixmap.simulation import get_preset, simulate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 JSON = ROOT / "docs" / "ivim.json"
@@ -148,10 +152,7 @@ def main(argv=None) -> None:
     if not args.section_only:
         for snr in args.snrs:
             e = run(snr, args.methods)
-            old = results.get(f"{snr:g}", {}).get("methods", {})
-            e["methods"] = {**old, **e["methods"]}
-            results[f"{snr:g}"] = e
-            JSON.write_text(json.dumps(results, indent=1))
+            keep_entry(results, f"{snr:g}", e, JSON)
     update_section(RESULTS, "ivim", section(results))
 
 

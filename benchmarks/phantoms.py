@@ -261,6 +261,15 @@ def section(results: dict) -> str:
     return "\n".join(body)
 
 
+def keep_entry(results: dict, name: str, entry: dict, path: Path) -> None:
+    """Store ``entry`` as ``results[name]``, its methods merged over those of an earlier run
+    (a run of some methods keeps the others'), and rewrite the JSON file ``path``."""
+    old = results.get(name, {}).get("methods", {})
+    entry["methods"] = {**old, **entry["methods"]}
+    results[name] = entry
+    path.write_text(json.dumps(results, indent=1))
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scans", nargs="+", default=list(SCANS), choices=SCANS)
@@ -275,10 +284,7 @@ def main(argv=None) -> None:
             for model in args.models:
                 for snr in args.snrs:
                     e = run_phantom(scan, model, snr, args.methods)
-                    old = results.get(key(e), {}).get("methods", {})
-                    e["methods"] = {**old, **e["methods"]}
-                    results[key(e)] = e
-                    JSON.write_text(json.dumps(results, indent=1))
+                    keep_entry(results, key(e), e, JSON)
     update_section(RESULTS, "phantoms", section(results))
 
 

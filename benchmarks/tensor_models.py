@@ -30,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from phantoms import RESOLVED_ESS, score  # noqa: E402  (the phantoms benchmark's scoring)
+from phantoms import RESOLVED_ESS, keep_entry, score  # noqa: E402  (the phantoms benchmark's)
 
 from mixmap import datasets  # noqa: E402
 from mixmap.evaluation.floor import empirical_floor  # noqa: E402
@@ -229,22 +229,18 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     results = json.loads(JSON.read_text()) if JSON.exists() else {}
 
-    def keep(key: str, entry: dict) -> None:
-        old = results.get(key, {}).get("methods", {})
-        entry["methods"] = {**old, **entry["methods"]}
-        results[key] = entry
-        JSON.write_text(json.dumps(results, indent=1))
-
     if not args.section_only:
         for model in args.models:
             if "real" in args.parts:
                 for scan in args.scans:
                     print(f"real {scan} {model}", file=sys.stderr, flush=True)
-                    keep(f"real|{scan}|{model}", run_real(scan, model, args.methods))
+                    keep_entry(results, f"real|{scan}|{model}", run_real(scan, model, args.methods),
+                               JSON)
             if "phantom" in args.parts:
                 for scan in args.phantom_scans:
                     print(f"phantom {scan} {model}", file=sys.stderr, flush=True)
-                    keep(f"phantom|{scan}|{model}", run_phantom(scan, model, args.methods))
+                    keep_entry(results, f"phantom|{scan}|{model}",
+                               run_phantom(scan, model, args.methods), JSON)
     update_section(RESULTS, "tensor-models", section(results))
 
 
