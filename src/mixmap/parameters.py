@@ -101,3 +101,22 @@ class Parameter:
             "scaled": self.scaled,
             "description": self.description,
         }
+
+
+@dataclass(frozen=True)
+class Constant:
+    """A fixed physical constant of a signal model (NODDI's intrinsic diffusivity ...): not
+    fitted, but a user may set it (``mixmap fit --constant NAME=VALUE``) within
+    ``(lower, upper]``; fits record the value used."""
+
+    name: str
+    value: float
+    unit: str
+    lower: float
+    upper: float
+    description: str
+
+    def describe(self) -> dict:
+        """JSON-ready description (``mixmap models``, sidecars)."""
+        return {"name": self.name, "value": self.value, "unit": self.unit,
+                "description": self.description}

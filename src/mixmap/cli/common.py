@@ -90,7 +90,7 @@ def split_list(text: str) -> list[str]:
     return [m.strip() for m in text.split(",") if m.strip()]
 
 
-def build_fitter(method: str, model: str, options: dict):
+def build_fitter(method: str, model, options: dict):
     """A fitter with only the options the user set; an option the method does not take is an
     error rather than silently ignored."""
     from mixmap.fitting import fitter_options, get_fitter
@@ -102,6 +102,19 @@ def build_fitter(method: str, model: str, options: dict):
         flags = ", ".join("--" + k.replace("_", "-") for k in wrong)
         raise ValueError(f"{flags} does not apply to --method {method}; remove it")
     return get_fitter(method, model, **given)
+
+
+def parse_constants(items: list[str] | None) -> dict[str, float]:
+    """``["dpar=0.6", ...]`` -> ``{"dpar": 0.6}`` (a model's constants; empty when none)."""
+    out = {}
+    for item in items or []:
+        name, _, rest = item.partition("=")
+        try:
+            out[name.strip()] = float(rest)
+        except ValueError:
+            raise ValueError(f"--constant {item}: write NAME=VALUE, e.g. --constant "
+                             f"dpar=0.6") from None
+    return out
 
 
 def parse_bounds(items: list[str] | None) -> dict[str, tuple[float, float]] | None:

@@ -19,6 +19,7 @@ from mixmap.cli.common import (
     build_fitter,
     handle_errors,
     parse_bounds,
+    parse_constants,
     setup_logging,
 )
 
@@ -78,6 +79,9 @@ def fit(
         None, help="lsq: NAME=LOWER,UPPER fits NAME within that range (repeatable; inside the "
         "declared range, see `mixmap models`). MSDKI's default is K=0,4 (non-negative "
         "kurtosis); --bounds K=-0.5,4 fits the declared range."),
+    constant: list[str] | None = typer.Option(
+        None, help="NAME=VALUE sets one of the model's fixed constants (repeatable; see "
+        "`mixmap models`), e.g. NODDI's --constant dpar=0.6 ex vivo. Saved with the model."),
     **learned,
 ) -> None:
     """Fit a model to a DWI scan, or one shared model to a cohort of scans, and write parameter
@@ -107,10 +111,10 @@ def fit(
     from mixmap.models import get_model
 
     setup_logging(quiet)
-    get_model(model)
+    signal_model = get_model(model).with_constants(parse_constants(constant))
     options = dict(learned)
     options.update(bounds=parse_bounds(bounds), device=device.value, seed=seed, quiet=quiet)
-    fitter = build_fitter(method, model, options)
+    fitter = build_fitter(method, signal_model, options)
     written = pipeline.fit_inputs(fitter, dwi, bvals=bvals, bvecs=bvecs, mask=mask,
                                   mask_pattern=mask_pattern, out=out, seed=seed, force=force,
                                   save_model=save_model, resume=resume,

@@ -19,7 +19,8 @@ def models(
                                                      if p.name not in cls.hidden],
                                       "hidden": sorted(cls.hidden),
                                       "derived": [p.describe() for p in cls.derived],
-                                      "lsq_bounds": dict(cls.lsq_bounds)}
+                                      "lsq_bounds": dict(cls.lsq_bounds),
+                                      "constants": [c.describe() for c in cls.constants]}
                                for name, cls in MODELS.items()}, indent=2, ensure_ascii=False))
         return
     for name, cls in MODELS.items():
@@ -33,5 +34,8 @@ def models(
             typer.echo(f"  {p.name:<6} {p.unit:<8} {bounds:<24} {p.description}")
         if cls.hidden:
             typer.echo(f"  fitted but not written: {', '.join(sorted(cls.hidden))}")
+        for c in cls.constants:
+            typer.echo(f"  constant {c.name} = {c.value:g} {c.unit}: {c.description} "
+                       f"(--constant {c.name}=VALUE to change)")
         for pname, (lo, hi) in cls.lsq_bounds.items():
             typer.echo(f"  lsq fits {pname} in [{lo:g}, {hi:g}] by default (--bounds to change)")

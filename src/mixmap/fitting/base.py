@@ -154,9 +154,10 @@ def signal_scale(signals: np.ndarray, acquisition: Acquisition,
 def noise_sigma_from_repeats(signals: np.ndarray, acquisition: Acquisition,
                              model: SignalModel | None = None) -> float | None:
     """Noise standard deviation pooled over voxels from the repeated reference volumes
-    (:func:`reference_mask`; None if fewer than 2): the median over voxels of the unbiased
-    per-voxel variance, corrected to a mean, so that a few voxels with artefacts do not
-    inflate it."""
+    (:func:`reference_mask`; None if fewer than 2, or if they are identical in most voxels:
+    noise-free or copied volumes say nothing of the noise): the median over voxels of the
+    unbiased per-voxel variance, corrected to a mean, so that a few voxels with artefacts do
+    not inflate it."""
     ref = reference_mask(acquisition, model)
     if ref.sum() < 2 or signals.shape[0] == 0:
         return None
@@ -165,7 +166,8 @@ def noise_sigma_from_repeats(signals: np.ndarray, acquisition: Acquisition,
     k = int(ref.sum()) - 1
     from scipy.stats import chi2
 
-    return float(np.sqrt(np.median(var) * k / chi2.ppf(0.5, k)))
+    sigma = float(np.sqrt(np.median(var) * k / chi2.ppf(0.5, k)))
+    return sigma if sigma > 0 else None
 
 
 class Fitter:
@@ -191,8 +193,11 @@ class Fitter:
 
     def settings(self) -> dict:
         """Hyper-parameters as JSON-ready data (sidecars, model files)."""
-        return {"method": self.name, "model": self.model.name, "seed": self.seed,
-                "device": self.device}
+        out = {"method": self.name, "model": self.model.name, "seed": self.seed,
+               "device": self.device}
+        if self.model.constants:
+            out["constants"] = self.model.constant_values()
+        return out
 
     def fit(self, signals: np.ndarray, acquisition: Acquisition) -> FitResult:
         raise NotImplementedError

@@ -8,6 +8,7 @@ from mixmap.models.diffusion.dki import DKI
 from mixmap.models.diffusion.dti import DTI
 from mixmap.models.diffusion.ivim import IVIM
 from mixmap.models.diffusion.msdki import MSDKI
+from mixmap.models.diffusion.noddi import NODDI
 from mixmap.models.relaxometry.t2 import MonoExponentialT2
 
 MODELS: dict[str, type[SignalModel]] = {
@@ -15,6 +16,7 @@ MODELS: dict[str, type[SignalModel]] = {
     BallStick.name: BallStick,
     DTI.name: DTI,
     DKI.name: DKI,
+    NODDI.name: NODDI,
     IVIM.name: IVIM,
     MonoExponentialT2.name: MonoExponentialT2,
 }

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from mixmap.acquisition import Acquisition, VolumeGroup
-from mixmap.parameters import Parameter
+from mixmap.parameters import Constant, Parameter
 
 Params = dict[str, torch.Tensor]
 
@@ -58,6 +58,8 @@ class SignalModel:
     #: Direction maps shown with their colours scaled by a scalar map in [0, 1] (the report's
     #: colour FA): direction name -> scalar name.
     direction_brightness: Mapping[str, str] = {}
+    #: Fixed physical constants of the signal (not fitted; :meth:`with_constants` sets them).
+    constants: tuple[Constant, ...] = ()
 
     # ---------------------------------------------------------------- declared structure
     @property
@@ -81,6 +83,36 @@ class SignalModel:
         """The :attr:`derived` maps from bounded parameters of any leading shape (...,):
         name -> (...,), or (..., 3) for a direction. None by default."""
         return {}
+
+    def constant(self, name: str) -> float:
+        """The value of the constant ``name``."""
+        for c in self.constants:
+            if c.name == name:
+                return c.value
+        raise KeyError(f"model {self.name} has no constant {name!r}")
+
+    def constant_values(self) -> dict[str, float]:
+        """name -> value of every constant (what a fit records and a saved model restores)."""
+        return {c.name: c.value for c in self.constants}
+
+    def with_constants(self, values: Mapping[str, float]) -> SignalModel:
+        """A copy of the model with the named constants set (ex-vivo diffusivities ...); a
+        ValueError names an unknown constant or a value outside its admissible range."""
+        by_name = {c.name: c for c in self.constants}
+        for name, value in values.items():
+            c = by_name.get(name)
+            if c is None:
+                have = ", ".join(by_name) or "none"
+                raise ValueError(f"constant {name}=...: model {self.name} has no constant "
+                                 f"{name!r}; its constants: {have} (see `mixmap models`)")
+            value = float(value)
+            if not (np.isfinite(value) and c.lower < value <= c.upper):
+                raise ValueError(f"constant {name}={value:g}: give a value in ({c.lower:g}, "
+                                 f"{c.upper:g}] {c.unit}")
+            by_name[name] = replace(c, value=value)
+        out = copy.copy(self)
+        out.constants = tuple(by_name[c.name] for c in self.constants)
+        return out
 
     def grid_parameters(self) -> list[str]:
         """The scalar parameters a quadrature grid spans: all but the scale parameter, or none

@@ -39,7 +39,7 @@ from mixmap.fitting.learned.training import (
     TrainingCheckpoint,
 )
 from mixmap.io import model_store
-from mixmap.models import SignalModel
+from mixmap.models import SignalModel, get_model
 from mixmap.nn import rng
 
 
@@ -382,6 +382,7 @@ class LearnedFitter(Fitter):
             "hyper": self.hyper(),
             "seed": self.seed,
             "parameters": [p.describe() for p in self.model.parameters],
+            **({"constants": self.model.constant_values()} if self.model.constants else {}),
             "acquisition": trained["acquisition"],
             "signal_scale": trained["signal_scale"],
             "noise_sigma": trained["noise_sigma"],
@@ -410,8 +411,9 @@ class LearnedFitter(Fitter):
         hyper = dict(config["hyper"])
         hyper.pop("prior", None)  # fixed by the class
         try:
-            fitter = cls(config["model"], device=device, seed=int(config.get("seed", 0)),
-                         quiet=True, **hyper)
+            model = get_model(config["model"]).with_constants(config.get("constants", {}))
+            fitter = cls(model, device=device, seed=int(config.get("seed", 0)), quiet=True,
+                         **hyper)
             acq_cfg = config["acquisition"]
             acq = Acquisition.from_record(acq_cfg)
             sigma_in = config.get("noise_sigma")
