@@ -692,3 +692,19 @@ def test_hyper_parameters_come_from_the_config_presets_plus_overrides():
     assert "n_components" not in [o.name for o in configs.user_options("vae")]
     opt = {o.name: o for o in configs.user_options("vae-gmm")}
     assert opt["eb_grid"].type is bool and opt["lr"].type is float and opt["lr"].default is None
+
+
+def test_mixture_density_of_an_ill_conditioned_factor_is_finite():
+    """q's Cholesky factor can be badly conditioned (a small diagonal beside large
+    off-diagonal elements); the density divides by its diagonal only (a general inverse
+    pivots and can report it singular)."""
+    from mixmap.fitting.learned.latent import mixture_log_prob
+
+    d, n = 22, 8
+    g = torch.Generator().manual_seed(0)
+    L = torch.tril(torch.randn(n, 1, d, d, generator=g) * 0.5, -1) + torch.diag_embed(
+        torch.full((n, 1, d), 0.05))
+    mu = torch.zeros(n, 1, d)
+    z = mu[:, 0] + (L[:, 0] @ torch.randn(n, d, 1, generator=g))[..., 0]
+    lp = mixture_log_prob(z[None], torch.zeros(n, 1), mu, L)
+    assert torch.isfinite(lp).all()

@@ -95,6 +95,30 @@ def phantom_truth(params: dict[str, np.ndarray], model: str, mask: np.ndarray,
     return truth
 
 
+def keep_physical(model, truth: dict[str, np.ndarray], fitted: dict[str, np.ndarray],
+                  acq: Acquisition) -> tuple[dict[str, np.ndarray], int]:
+    """The smoothed ``truth`` with the fit's own (unsmoothed) parameters in the voxels where
+    smoothing made the noise-free signal rise above S0 more than the fit's did: smoothing a
+    kurtosis tensor and a diffusion tensor of different neighbours apart can make exp(−bD +
+    b²D²K/6) grow without bound, a signal no tissue gives. Returns it and how many voxels."""
+    def rise(params):
+        with torch.no_grad():
+            sig = model.forward({k: torch.as_tensor(np.asarray(params[k], np.float64))
+                                 for k in truth}, acq).numpy()
+        s0 = np.maximum(np.asarray(params[model.scale_parameter], np.float64), 1e-12)
+        return sig[:, ~acq.b0_mask].max(1) / s0 if (~acq.b0_mask).any() else np.zeros(len(s0))
+
+    if model.scale_parameter is None:
+        return truth, 0
+    bad = rise(truth) > np.maximum(rise(fitted), 1.0) + 1e-6
+    if not bad.any():
+        return truth, 0
+    out = {k: v.copy() for k, v in truth.items()}
+    for k in out:
+        out[k][bad] = np.asarray(fitted[k], np.float64)[bad]
+    return out, int(bad.sum())
+
+
 def phantom_sigma(truth: dict[str, np.ndarray], model: str, *, snr: float | None = None,
                   scan_sigma: float | None = None, noise_factor: float | None = None
                   ) -> tuple[float, float]:
@@ -137,6 +161,7 @@ def make_phantom(signals: np.ndarray, acq: Acquisition, mask: np.ndarray, affine
     labels, classes = tissue_classes(signals, acq)
     fit = get_fitter(truth_method, m).fit(signals, acq)
     truth = phantom_truth(fit.params, model, mask, smooth)
+    truth, kept = keep_physical(m, truth, fit.params, acq)
     scan_sigma = noise_sigma_from_repeats(signals, acq, m)
     sigma, b0_snr = phantom_sigma(truth, model, snr=snr, scan_sigma=scan_sigma,
                                   noise_factor=noise_factor)
@@ -146,7 +171,8 @@ def make_phantom(signals: np.ndarray, acq: Acquisition, mask: np.ndarray, affine
     noisy = add_noise(clean, sigma, noise, rng).astype(np.float32)
     info = {"kind": "phantom", "model": model, "source": source, "truth_method": truth_method,
             "smooth_sd_vox": float(smooth), "scan_sigma": scan_sigma,
-            "noise_factor": noise_factor, "s0_median": float(np.median(
+            "noise_factor": noise_factor, "unsmoothed_voxels": kept,
+            "s0_median": float(np.median(
                 truth[m.scale_parameter])), "tissue_classes": classes}
     return Simulation(signals=noisy, truth={k: v.astype(np.float32) for k, v in truth.items()},
                       labels=labels, acquisition=acq, preset=None, snr=float(b0_snr),
@@ -176,5 +202,5 @@ def phantom_like(dwi, bvals, bvecs, mask, model: str, *, max_b: float | None = N
                         **options)
 
 
-__all__ = ["CLASS_NAMES", "make_phantom", "phantom_like", "phantom_sigma", "phantom_truth",
-           "smooth_directions", "smooth_in_mask", "tissue_classes"]
+__all__ = ["CLASS_NAMES", "keep_physical", "make_phantom", "phantom_like", "phantom_sigma",
+           "phantom_truth", "smooth_directions", "smooth_in_mask", "tissue_classes"]

@@ -129,7 +129,11 @@ def mixture_log_probs(z: torch.Tensor, log_qy: torch.Tensor, mu: torch.Tensor,
     """:func:`mixture_log_prob` of the same draws with every covariance scaled by s² for each
     s in ``scales``: the whitened distances are computed once for all of them."""
     d = mu.shape[-1]
-    Linv = torch.linalg.inv(L)  # (n, K, d, d), triangular, small
+    # The factor's inverse by a triangular solve, which divides by L's diagonal only (> 0 by
+    # construction): a general inverse pivots and can report an ill-conditioned factor
+    # singular.
+    eye = torch.eye(d, dtype=L.dtype, device=L.device).expand_as(L)
+    Linv = torch.linalg.solve_triangular(L, eye, upper=False)  # (n, K, d, d)
     diff = z[..., None, :] - mu  # (..., n, K, d)
     # One small matrix per (voxel, component) applied to all draws: einsum batches it as
     # (n K) products of d x d by d x S; broadcasting `@` made S n K products of d x d by d x 1.
