@@ -351,6 +351,24 @@ def test_lsq_bounds_option_reaches_fit_and_sidecar(scan, tmp_path):
     assert r.exit_code == 2 and "--bounds does not apply to --method vae" in r.output
 
 
+def test_constant_option_reaches_fit_and_sidecar(scan, tmp_path):
+    """NODDI's intrinsic diffusivity set with --constant is used and recorded; an unknown
+    constant or a model without constants is refused by name, and nothing is written."""
+    out = tmp_path / "exvivo"
+    r = run(*fit_args(scan, out, "--constant", "dpar=0.6", model="noddi"))
+    assert r.exit_code == 0, r.output
+    side = json.loads((out / "model-noddi_fit.json").read_text())
+    assert side["Settings"]["constants"] == {"dpar": 0.6, "diso": 3.0}
+    assert (out / "model-noddi_param-od_dwimap.nii.gz").exists()
+    r = run(*fit_args(scan, tmp_path / "x", "--constant", "dperp=1", model="noddi"))
+    assert r.exit_code == 2 and "no constant 'dperp'; its constants: dpar, diso" in r.output
+    r = run(*fit_args(scan, tmp_path / "y", "--constant", "dpar=1"))
+    assert r.exit_code == 2 and "model msdki has no constant 'dpar'" in r.output
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    models = run("models")
+    assert "constant dpar = 1.7 µm²/ms" in models.output
+
+
 def test_map_names_are_built_and_parsed_in_one_place():
     from mixmap.io.naming import fit_json_name, map_name, parse_map_name
 

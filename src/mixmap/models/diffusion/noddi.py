@@ -39,8 +39,8 @@ LEGENDRE_ORDER = 24
 #: Gauss–Legendre nodes on x ∈ [0, 1] for the Legendre coefficients.
 QUADRATURE_NODES = 64
 #: Candidate (icvf, od) values of least squares' start (every pair is tried).
-GRID_ICVF = (0.1, 0.25, 0.4, 0.55, 0.7, 0.85)
-GRID_OD = (0.04, 0.1, 0.2, 0.35, 0.55, 0.8)
+GRID_ICVF = (0.2, 0.45, 0.7)
+GRID_OD = (0.05, 0.15, 0.35, 0.7)
 
 
 def _quadrature() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -92,25 +92,31 @@ def stick_coefficients(beta: torch.Tensor) -> torch.Tensor:
 
 def legendre_series(t: torch.Tensor, coef: torch.Tensor, *more: torch.Tensor,
                     slope: bool = False) -> list[torch.Tensor]:
-    """Σ_l c[..., l/2] · P_l(t) over even l ≤ :data:`LEGENDRE_ORDER` for t (...) and each
-    coefficient array c (..., L) of ``coef`` and ``more`` (one pass of the three-term
-    recurrence, no (..., L) table of P_l(t)); with ``slope``, also d/dt of the first series
-    (P'_{n+1} = P'_{n−1} + (2n+1)·P_n), last in the list."""
+    """Σ_l c[l/2] · P_l(t) over even l ≤ :data:`LEGENDRE_ORDER` for t (...) and each
+    coefficient array c (L, ...) of ``coef`` and ``more`` (order first, so each order's slice
+    is contiguous), in one pass of the three-term recurrence; with ``slope``, also d/dt of
+    the first series (P'_{n+1} = P'_{n−1} + (2n+1)·P_n), last in the list."""
     coefs = (coef, *more)
     p_prev, p = torch.ones_like(t), t
-    out = [c[..., 0] * p_prev for c in coefs]
+    out = [c[0] for c in coefs]
     d_prev, d = torch.zeros_like(t), torch.ones_like(t)  # P'_0, P'_1
     dsum = torch.zeros_like(t)
     for n in range(1, LEGENDRE_ORDER):
         if slope:
             d_prev, d = d, d_prev + (2 * n + 1) * p  # P'_{n+1}
-        p_prev, p = p, ((2 * n + 1) * t * p - n * p_prev) / (n + 1)  # P_{n+1}
+        p_prev, p = p, t * p * ((2 * n + 1) / (n + 1)) - p_prev * (n / (n + 1))  # P_{n+1}
         if (n + 1) % 2 == 0:
             k = (n + 1) // 2
-            out = [o + c[..., k] * p for o, c in zip(out, coefs, strict=True)]
+            out = [o + c[k] * p for o, c in zip(out, coefs, strict=True)]
             if slope:
-                dsum = dsum + coef[..., k] * d
+                dsum = dsum + coef[k] * d
     return out + ([dsum] if slope else [])
+
+
+def _series_coefficients(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """(L, ..., m) products of the stick's a (m, L) and the Watson's w (..., L) coefficients."""
+    return a.T.reshape((a.shape[1],) + (1,) * (w.dim() - 1) + (a.shape[0],)) * \
+        torch.movedim(w, -1, 0)[..., None]
 
 
 def _zeppelin(dpar: float, v: torch.Tensor, tau: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -152,7 +158,7 @@ class NODDI(DiffusionModel):
         dpar, diso = self.constant("dpar"), self.constant("diso")
         t = params["direction"] @ g.T  # (..., m)
         wl, tau = watson_moments(kappa_of(params["od"]))
-        intra, = legendre_series(t, stick_coefficients(b * dpar) * wl[..., None, :])
+        intra, = legendre_series(t, _series_coefficients(stick_coefficients(b * dpar), wl))
         v = params["icvf"][..., None]
         extra = torch.exp(-b * _zeppelin(dpar, v, tau[..., None], t))
         fiso = params["isovf"][..., None]
@@ -171,8 +177,8 @@ class NODDI(DiffusionModel):
         kappa = kappa_of(od)
         wl, tau, dwl, dtau = watson_moments(kappa, derivatives=True)
         a = stick_coefficients(b * dpar)
-        intra, intra_k, intra_t = legendre_series(t, a * wl[..., None, :],
-                                                  a * dwl[..., None, :], slope=True)
+        intra, intra_k, intra_t = legendre_series(t, _series_coefficients(a, wl),
+                                                  _series_coefficients(a, dwl), slope=True)
         v, tau, dtau = params["icvf"][:, None], tau[:, None], dtau[:, None]
         extra = torch.exp(-b * _zeppelin(dpar, v, tau, t))
         t2 = t * t
