@@ -211,9 +211,7 @@ def section(results: dict) -> str:
         body += _phantom_table(e) + [""]
     missing = [m for m in MODELS if not any(e["model"] == m for e in phantoms)]
     if missing:
-        body.append("Phantoms not in this run: " + ", ".join(missing) + " (dki: vae-gmm's "
-                    "empirical-Bayes refit stopped on a singular q covariance; see "
-                    "CHANGELOG.md).")
+        body.append("Phantoms not in this run: " + ", ".join(missing) + ".")
     return "\n".join(body).rstrip() + "\n"
 
 

@@ -36,7 +36,7 @@ def _phantom(like: Path, bvals: Path | None, bvecs: Path | None, mask: Path | No
 def simulate(
     out: Path = typer.Argument(..., help="Folder to write dwi.nii.gz, bval/bvec, mask, truth/."),
     preset: str = typer.Option(
-        "paper-msdki", help="paper-msdki | msdki-4 | ball-stick | ivim-body"),
+        "paper-msdki", help="paper-msdki | msdki-4 | ball-stick | noddi | ivim-body"),
     like: Path | None = typer.Option(
         None, help="A realistic phantom of this real scan (4-D NIfTI; with --bvals, --bvecs, "
         "--mask): truth = its fit (--model, --truth-method), smoothed (--smooth); its "

@@ -186,15 +186,23 @@ class SignalModel:
         """
         return None
 
+    def signal_and_jacobian(self, params: Params, acquisition: Acquisition
+                            ) -> tuple[torch.Tensor, Params] | None:
+        """(:meth:`forward`, :meth:`jacobian`), or None without an analytic Jacobian; a model
+        whose Jacobian computes the signal on the way overrides it to do the work once."""
+        jac = self.jacobian(params, acquisition)
+        return None if jac is None else (self.forward(params, acquisition), jac)
+
     def unbounded_jacobian(
         self, u: torch.Tensor, acquisition: Acquisition
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Signal (n, m) and its Jacobian (n, m, n_unbounded) with respect to the unbounded
         coordinates, from :meth:`jacobian` and the chain rule; None without an analytic one."""
         params = self.split(u)
-        jac = self.jacobian(params, acquisition)
-        if jac is None:
+        both = self.signal_and_jacobian(params, acquisition)
+        if both is None:
             return None
+        signal, jac = both
         cols = []
         i = 0
         for p in self.parameters:
@@ -204,7 +212,7 @@ class SignalModel:
             else:
                 cols.append((jac[p.name] * d[..., None])[..., None])
             i += p.size
-        return self.forward(params, acquisition), torch.cat(cols, -1)
+        return signal, torch.cat(cols, -1)
 
     def normal_equations(
         self,

@@ -112,6 +112,22 @@ PRESETS: dict[str, Preset] = {
         "Simulated on the clinical IVIM scheme (ivim) by default",
         scheme="ivim",
     ),
+    "noddi": Preset(
+        "noddi",
+        "noddi",
+        (
+            Cluster("WM", 0.45, {"icvf": 0.65, "od": 0.15, "isovf": 0.05},
+                    {"icvf": 0.08, "od": 0.06, "isovf": 0.03}),
+            Cluster("GM", 0.40, {"icvf": 0.40, "od": 0.45, "isovf": 0.10},
+                    {"icvf": 0.07, "od": 0.08, "isovf": 0.05}),
+            Cluster("CSF", 0.15, {"icvf": 0.20, "od": 0.50, "isovf": 0.90},
+                    {"icvf": 0.10, "od": 0.20, "isovf": 0.05}),
+        ),
+        description="NODDI (Watson) with white-matter (icvf 0.65, od 0.15, isovf 0.05), "
+        "cortical grey-matter (0.40, 0.45, 0.10) and CSF-like (isovf 0.9) clusters, values of "
+        "the order of Zhang et al. 2012 and Kodiweera et al. 2016; uniformly random "
+        "directions; S0 = 1",
+    ),
 }
 
 
