@@ -213,20 +213,12 @@ def _real_table(entries: list[dict]) -> list[str]:
 
 
 def _phantom_table(e: dict) -> list[str]:
-    from phantoms import RESOLVED_ESS
+    from phantoms import RESOLVED_ESS, class_table_rows
 
     from mixmap.paper.report import markdown_table
     from mixmap.simulation.phantom import CLASS_NAMES
 
-    head = ["method", "map", "RMSE", *(f"RMSE {c}" for c in CLASS_NAMES), "bias",
-            "±1.96 sd cov.", "sharpness", "direction angle (°)", "seconds"]
-    rows = []
-    for m, r in e["methods"].items():
-        for p, s in r["params"].items():
-            cl = s["classes"]
-            rows.append([m, p, s["rmse"], *(cl[c]["rmse"] for c in CLASS_NAMES), s["bias"],
-                         s.get("cov95"), s["sharpness"], r["direction_angle_deg"],
-                         r["seconds"]])
+    head, rows = class_table_rows(e, "direction_angle_deg", "direction")
     cls = ", ".join(f"{c} {n}" for c, n in e["classes"].items())
     ess = e["methods"]["floor"]["ess_median"]
     lines = [f"#### Phantom of {e['scan']}, b0 SNR {e['snr']:g} (Rician)", "",

@@ -261,6 +261,21 @@ def section(results: dict) -> str:
     return "\n".join(body)
 
 
+def class_table_rows(e: dict, angle_key: str, angle_label: str) -> tuple[list[str], list]:
+    """(head, rows) of a phantom entry's per-method, per-map table: RMSE overall and per
+    tissue class, bias, coverage, sharpness, the median angle of its direction map
+    (``angle_key`` of each method's record) and seconds."""
+    head = ["method", "map", "RMSE", *(f"RMSE {c}" for c in CLASS_NAMES), "bias",
+            "±1.96 sd cov.", "sharpness", f"{angle_label} angle (°)", "seconds"]
+    rows = []
+    for m, r in e["methods"].items():
+        for p, s in r["params"].items():
+            cl = s["classes"]
+            rows.append([m, p, s["rmse"], *(cl[c]["rmse"] for c in CLASS_NAMES), s["bias"],
+                         s.get("cov95"), s["sharpness"], r[angle_key], r["seconds"]])
+    return head, rows
+
+
 def keep_entry(results: dict, name: str, entry: dict, path: Path) -> None:
     """Store ``entry`` as ``results[name]``, its methods merged over those of an earlier run
     (a run of some methods keeps the others'), and rewrite the JSON file ``path``."""

@@ -30,7 +30,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from phantoms import RESOLVED_ESS, keep_entry, score  # noqa: E402  (the phantoms benchmark's)
+from phantoms import (  # noqa: E402  (the phantoms benchmark's)
+    RESOLVED_ESS,
+    class_table_rows,
+    keep_entry,
+    score,
+)
 
 from mixmap import datasets  # noqa: E402
 from mixmap.evaluation.floor import empirical_floor  # noqa: E402
@@ -164,14 +169,7 @@ def _real_table(entries: list[dict]) -> list[str]:
 
 
 def _phantom_table(e: dict) -> list[str]:
-    head = ["method", "map", "RMSE", *(f"RMSE {c}" for c in CLASS_NAMES), "bias",
-            "±1.96 sd cov.", "sharpness", "v1 angle (°)", "seconds"]
-    rows = []
-    for m, r in e["methods"].items():
-        for p, s in r["params"].items():
-            cl = s["classes"]
-            rows.append([m, p, s["rmse"], *(cl[c]["rmse"] for c in CLASS_NAMES), s["bias"],
-                         s.get("cov95"), s["sharpness"], r["v1_angle_deg"], r["seconds"]])
+    head, rows = class_table_rows(e, "v1_angle_deg", "v1")
     cls = ", ".join(f"{c} {n}" for c, n in e["classes"].items())
     lines = [f"#### Phantom of {e['scan']}, {e['model']}, b0 SNR {e['snr']:g} (Rician)", "",
              f"{e['n_voxels']} voxels ({cls}), {e['n_measurements']} measurements (b ≤ "

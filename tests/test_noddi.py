@@ -96,7 +96,7 @@ def test_single_shell_is_refused_with_the_reason():
     dirs = fibonacci_sphere(30)
     acq = Acquisition.from_arrays(np.r_[np.zeros(2), np.full(30, 1000.0)],
                                   np.r_[np.zeros((2, 3)), dirs])
-    with pytest.raises(ValueError, match="at least 2 non-zero shells.*has 1 \\(1000"):
+    with pytest.raises(ValueError, match="at least 2 non-zero b-value shells.*has 1 \\(1000"):
         get_model("noddi").check_acquisition(acq)
 
 

@@ -7,7 +7,6 @@ components, like FSL's dyads).
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from mixmap.acquisition import Acquisition
@@ -124,14 +123,7 @@ class BallStick(DiffusionModel):
         return cost, A, grad
 
     def check_scheme(self, acquisition: Acquisition) -> None:
-        dw = ~acquisition.b0_mask
-        dirs = acquisition.bvecs[dw]
-        rank = int(np.linalg.matrix_rank(dirs)) if dirs.size else 0
-        if rank < 3 or dw.sum() < 6:
-            raise UnsupportedAcquisition(
-                f"ball-stick needs at least 6 diffusion-weighted directions spanning 3-D; this "
-                f"scheme has {int(dw.sum())} directions of rank {rank}"
-            )
+        self.require_directions(acquisition)
         if acquisition.n_b0 == 0 and len(acquisition.dw_shells()) < 2:
             raise UnsupportedAcquisition(
                 "ball-stick needs a b=0 volume or at least 2 shells to determine S0"

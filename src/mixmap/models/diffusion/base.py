@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from mixmap.acquisition import Acquisition, Shell
-from mixmap.models.base import SignalModel
+from mixmap.models.base import SignalModel, UnsupportedAcquisition
 
 #: Shell tolerance for an exact reduction (ms/µm², i.e. 0.001 s/mm²: the same b up to the
 #: rounding of a unit conversion, so that each volume keeps its own b in the physics).
@@ -37,6 +37,25 @@ class DiffusionModel(SignalModel):
         limit = f"{self.max_b * 1000:g}"
         return [f"{n} volumes at b = {bs} s/mm², beyond b ≈ {limit} s/mm² where "
                 f"{self.max_b_reason}; leave them out with --max-b {limit}{self.max_b_remedy}"]
+
+    def require_shells(self, acquisition: Acquisition, purpose: str, label: str = "") -> None:
+        """Refuse a scheme with fewer than 2 non-zero shells, saying what they are for."""
+        shells = acquisition.dw_shells()
+        if len(shells) < 2:
+            bs = ", ".join(str(round(s.bval * 1000)) for s in shells)
+            raise UnsupportedAcquisition(
+                f"{label or self.name} needs at least 2 non-zero b-value shells to {purpose}; "
+                f"this scheme has {len(shells)} ({bs} s/mm²)")
+
+    def require_directions(self, acquisition: Acquisition) -> None:
+        """Refuse a scheme without 6 diffusion-weighted directions spanning 3-D (a model with
+        a fibre direction)."""
+        dw = ~acquisition.b0_mask
+        rank = int(np.linalg.matrix_rank(acquisition.bvecs[dw])) if dw.any() else 0
+        if rank < 3 or dw.sum() < 6:
+            raise UnsupportedAcquisition(
+                f"{self.name} needs at least 6 diffusion-weighted directions spanning 3-D; this "
+                f"scheme has {int(dw.sum())} directions of rank {rank}")
 
     def reference_volumes(self, acquisition: Acquisition) -> np.ndarray:
         return acquisition.b0_mask

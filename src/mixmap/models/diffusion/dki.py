@@ -64,12 +64,7 @@ class DKI(TensorModel):
 
     def check_scheme(self, acquisition: Acquisition) -> None:
         super().check_scheme(acquisition)
-        shells = acquisition.dw_shells()
-        if len(shells) < 2:
-            raise UnsupportedAcquisition(
-                f"dki needs at least 2 non-zero b-value shells to separate diffusion from "
-                f"kurtosis; this scheme has {len(shells)} "
-                f"(b = {[round(s.bval * 1000) for s in shells]} s/mm²)")
+        self.require_shells(acquisition, "separate diffusion from kurtosis")
         _, rank4 = T.direction_ranks(acquisition)
         if rank4 < 15:
             raise UnsupportedAcquisition(

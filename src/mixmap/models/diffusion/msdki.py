@@ -28,7 +28,6 @@ from mixmap.acquisition import Acquisition
 from mixmap.models.base import (
     SAFE_EXP_CAP,
     Params,
-    UnsupportedAcquisition,
     safe_exp,
 )
 from mixmap.models.diffusion.base import DiffusionModel
@@ -69,12 +68,7 @@ class MSDKI(DiffusionModel):
         return {"S0": e, "D": de * (-b + b * b * D * K / 3.0), "K": de * (b * D) ** 2 / 6.0}
 
     def check_scheme(self, acquisition: Acquisition) -> None:
-        n_dw = len(acquisition.dw_shells())
-        if n_dw < 2:
-            raise UnsupportedAcquisition(
-                f"MSDKI needs at least 2 non-zero b-value shells to separate D and K; this scheme "
-                f"has {n_dw} (b = {[round(s.bval * 1000) for s in acquisition.dw_shells()]} s/mm²)"
-            )
+        self.require_shells(acquisition, "separate D and K", label="MSDKI")
 
     def initial_estimates(self, signals: torch.Tensor, acquisition: Acquisition) -> Params:
         """Log-linear fit of log(shell mean) = log S0 − bD + b²D²K/6 (as dipy's MSDKI does)."""

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from mixmap.acquisition import Acquisition
-from mixmap.models.base import Params, UnsupportedAcquisition
+from mixmap.models.base import Params
 from mixmap.models.diffusion.ball_stick import tensor_direction, two_compartment_weights
 from mixmap.models.diffusion.base import DiffusionModel
 from mixmap.parameters import Constant, Parameter
@@ -208,18 +208,8 @@ class NODDI(DiffusionModel):
         }
 
     def check_scheme(self, acquisition: Acquisition) -> None:
-        dw = ~acquisition.b0_mask
-        rank = int(np.linalg.matrix_rank(acquisition.bvecs[dw])) if dw.any() else 0
-        if rank < 3 or dw.sum() < 6:
-            raise UnsupportedAcquisition(
-                f"noddi needs at least 6 diffusion-weighted directions spanning 3-D; this "
-                f"scheme has {int(dw.sum())} directions of rank {rank}")
-        shells = acquisition.dw_shells()
-        if len(shells) < 2:
-            raise UnsupportedAcquisition(
-                f"noddi needs at least 2 non-zero shells to tell neurite density from free "
-                f"water and dispersion; this scheme has {len(shells)} "
-                f"({', '.join(str(round(s.bval * 1000)) for s in shells)} s/mm²)")
+        self.require_directions(acquisition)
+        self.require_shells(acquisition, "tell neurite density from free water and dispersion")
 
     def initial_estimates(self, signals: torch.Tensor, acquisition: Acquisition) -> Params:
         """The direction of a weighted log-linear tensor fit; then, for each (icvf, od) pair
