@@ -11,7 +11,8 @@ S = S0 · [(1 − isovf) · (icvf · A_ic + (1 − icvf) · A_ec) + isovf · exp
 
 The intrinsic diffusivities are the usual in-vivo constants (d_par 1.7, d_iso 3.0 µm²/ms),
 overridable (``--constant dpar=0.6`` ex vivo). Maps: icvf (NDI), od (ODI), isovf (FISO) and
-the direction (a 4-D map of its x, y, z components), named as QSIRecon names AMICO's NODDI.
+the direction (a 4-D map of its x, y, z components); AMICO 2 calls the three NDI, ODI and
+FWF, the NODDI toolbox ficvf, odi and fiso.
 
 The Watson-dispersed stick is a zonal convolution on the sphere, so by the Funk–Hecke theorem
 A_ic(t = g·μ) = Σ_l (2l+1)/2 · a_l(b·d_par) · w_l(κ) · P_l(t) over even l, with a_l and w_l the
