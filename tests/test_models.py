@@ -193,7 +193,7 @@ def test_unsupported_acquisitions_are_named():
 
 
 def test_unknown_model_lists_choices():
-    with pytest.raises(ValueError, match="choose one of: msdki, ball-stick, dti, dki, ivim"):
+    with pytest.raises(ValueError, match="choose one of: msdki, ball-stick, dti, dki, noddi, ivim"):
         get_model("dti2")
 
 

@@ -24,6 +24,9 @@ def _atom_signals(model: SignalModel, atoms: dict[str, np.ndarray], acq: Acquisi
 #: Quantile knots of the table over an atom's signal on which a group's Rician term is
 #: interpolated (besides knots every σ/16 over the atoms' range).
 KNOTS = 256
+#: At most this many evenly spaced knots (σ/16 apart, or wider over a range of more than
+#: this many σ/16: atoms whose signal grows far above the data's, where log i0e is smooth).
+EVEN_KNOTS = 4096
 
 
 #: Rank of the separable approximation of log i0e(x s / σ²) over the columns that cannot be
@@ -85,7 +88,8 @@ class _RicianTerm:
             s = S[:, g[0]].contiguous()
             q = torch.quantile(s.float(), torch.linspace(0, 1, KNOTS)).double()
             top = min(float(s.max()), float(q[-2]) + 4 * sigma)
-            even = torch.arange(float(s.min()), top, sigma / 16, dtype=torch.float64)
+            step = max(sigma / 16, (top - float(s.min())) / EVEN_KNOTS)
+            even = torch.arange(float(s.min()), top, step, dtype=torch.float64)
             knots = torch.unique(torch.cat([q, even, s.min()[None], s.max()[None] + 1e-9]))
             hi = torch.searchsorted(knots, s).clamp(1, knots.numel() - 1)
             t = (s - knots[hi - 1]) / (knots[hi] - knots[hi - 1])
