@@ -45,7 +45,7 @@ GRID_OD = (0.05, 0.15, 0.35, 0.7)
 
 
 def _quadrature() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Nodes x and weights on [0, 1], and (2l+1)/2 · P_l(x) for even l: (N,), (N,), (N, L)."""
+    """Nodes x and weights on [0, 1], and P_l(x) for even l: (N,), (N,), (N, L)."""
     x, w = np.polynomial.legendre.leggauss(QUADRATURE_NODES)
     x, w = 0.5 * (x + 1), 0.5 * w
     orders = np.arange(0, LEGENDRE_ORDER + 1, 2)
@@ -86,7 +86,8 @@ def watson_moments(kappa: torch.Tensor, derivatives: bool = False) -> tuple[torc
 def stick_coefficients(beta: torch.Tensor) -> torch.Tensor:
     """(2l+1)/2 · a_l for β = b·d_par (m,): a_l = ∫₋₁¹ exp(−β x²) P_l(x) dx, even l: (m, L)."""
     x, w, P = _tables(beta.device, beta.dtype)
-    scale = torch.as_tensor(2.0 * (2 * np.arange(0, LEGENDRE_ORDER + 1, 2) + 1) / 2,
+    # (2l+1)/2 times 2: the even integrand over [−1, 1] is twice the quadrature over [0, 1]
+    scale = torch.as_tensor(2 * np.arange(0, LEGENDRE_ORDER + 1, 2) + 1.0,
                             device=beta.device, dtype=beta.dtype)
     return (torch.exp(-beta[:, None] * (x * x)) * w) @ (P * scale)
 
@@ -100,8 +101,9 @@ def legendre_series(t: torch.Tensor, coef: torch.Tensor, *more: torch.Tensor,
     coefs = (coef, *more)
     p_prev, p = torch.ones_like(t), t
     out = [c[0] for c in coefs]
-    d_prev, d = torch.zeros_like(t), torch.ones_like(t)  # P'_0, P'_1
-    dsum = torch.zeros_like(t)
+    if slope:
+        d_prev, d = torch.zeros_like(t), torch.ones_like(t)  # P'_0, P'_1
+        dsum = torch.zeros_like(t)
     for n in range(1, LEGENDRE_ORDER):
         if slope:
             d_prev, d = d, d_prev + (2 * n + 1) * p  # P'_{n+1}
@@ -116,8 +118,8 @@ def legendre_series(t: torch.Tensor, coef: torch.Tensor, *more: torch.Tensor,
 
 def _series_coefficients(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """(L, ..., m) products of the stick's a (m, L) and the Watson's w (..., L) coefficients."""
-    return a.T.reshape((a.shape[1],) + (1,) * (w.dim() - 1) + (a.shape[0],)) * \
-        torch.movedim(w, -1, 0)[..., None]
+    stick = a.T.reshape(a.shape[1], *(1,) * (w.dim() - 1), a.shape[0])  # (L, 1..., m)
+    return stick * torch.movedim(w, -1, 0)[..., None]
 
 
 def _zeppelin(dpar: float, v: torch.Tensor, tau: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -153,18 +155,35 @@ class NODDI(DiffusionModel):
         Constant("diso", 3.0, "µm²/ms", 0.0, 4.0, "free-water diffusivity"),
     )
 
-    def forward(self, params: Params, acquisition: Acquisition) -> torch.Tensor:
+    def _compartments(self, params: Params, acquisition: Acquisition,
+                      derivatives: bool = False) -> dict[str, torch.Tensor]:
+        """Per voxel and measurement (..., m): b, the cosine t = g·μ, the dispersed stick
+        ``intra``, the zeppelin ``extra`` and free water ``iso``, and Watson's τ (..., 1);
+        with ``derivatives`` also the stick's d/dκ and d/dt and dτ/dκ (voxels (n,) only)."""
         dev, dt = params["icvf"].device, params["icvf"].dtype
         b, g = acquisition.torch(dev, dt)
-        dpar, diso = self.constant("dpar"), self.constant("diso")
+        dpar = self.constant("dpar")
         t = params["direction"] @ g.T  # (..., m)
-        wl, tau = watson_moments(kappa_of(params["od"]))
-        intra, = legendre_series(t, _series_coefficients(stick_coefficients(b * dpar), wl))
-        v = params["icvf"][..., None]
-        extra = torch.exp(-b * _zeppelin(dpar, v, tau[..., None], t))
-        fiso = params["isovf"][..., None]
-        tissue = v * intra + (1 - v) * extra
-        return params["S0"][..., None] * ((1 - fiso) * tissue + fiso * torch.exp(-b * diso))
+        a = stick_coefficients(b * dpar)
+        out = {"b": b, "g": g, "t": t}
+        if derivatives:
+            wl, tau, dwl, dtau = watson_moments(kappa_of(params["od"]), derivatives=True)
+            out["intra"], out["intra_k"], out["intra_t"] = legendre_series(
+                t, _series_coefficients(a, wl), _series_coefficients(a, dwl), slope=True)
+            out["dtau"] = dtau[..., None]
+        else:
+            wl, tau = watson_moments(kappa_of(params["od"]))
+            out["intra"], = legendre_series(t, _series_coefficients(a, wl))
+        out["tau"] = tau[..., None]
+        out["extra"] = torch.exp(-b * _zeppelin(dpar, params["icvf"][..., None], out["tau"], t))
+        out["iso"] = torch.exp(-b * self.constant("diso"))
+        return out
+
+    def forward(self, params: Params, acquisition: Acquisition) -> torch.Tensor:
+        c = self._compartments(params, acquisition)
+        v, fiso = params["icvf"][..., None], params["isovf"][..., None]
+        tissue = v * c["intra"] + (1 - v) * c["extra"]
+        return params["S0"][..., None] * ((1 - fiso) * tissue + fiso * c["iso"])
 
     def jacobian(self, params: Params, acquisition: Acquisition) -> Params:
         return self.signal_and_jacobian(params, acquisition)[1]
@@ -175,37 +194,28 @@ class NODDI(DiffusionModel):
         forward pass and 7 forward-mode ones). The dispersed stick's derivatives in κ and t
         are Legendre series too (dw_l/dκ from :func:`watson_moments`, P'_l from the
         recurrence)."""
-        dev, dt = params["icvf"].device, params["icvf"].dtype
-        b, g = acquisition.torch(dev, dt)
-        dpar, diso = self.constant("dpar"), self.constant("diso")
-        t = params["direction"] @ g.T
-        od = params["od"]
-        kappa = kappa_of(od)
-        wl, tau, dwl, dtau = watson_moments(kappa, derivatives=True)
-        a = stick_coefficients(b * dpar)
-        intra, intra_k, intra_t = legendre_series(t, _series_coefficients(a, wl),
-                                                  _series_coefficients(a, dwl), slope=True)
-        v, tau, dtau = params["icvf"][:, None], tau[:, None], dtau[:, None]
-        extra = torch.exp(-b * _zeppelin(dpar, v, tau, t))
+        c = self._compartments(params, acquisition, derivatives=True)
+        b, t, tau, extra = c["b"], c["t"], c["tau"], c["extra"]
+        dpar = self.constant("dpar")
+        v = params["icvf"][:, None]
         t2 = t * t
         # d(exponent)/d(icvf, τ, t) of the zeppelin's −b·gᵀD_ec g
         e_v = b * dpar * ((1 + tau) / 2 + (1 - 3 * tau) / 2 * t2)
         e_tau = -b * dpar * v * (1.5 * t2 - 0.5)
         e_t = -b * dpar * v * (3 * tau - 1) * t
-        iso = torch.exp(-b * diso)
         S0, fiso = params["S0"][:, None], params["isovf"][:, None]
-        tissue = v * intra + (1 - v) * extra
+        tissue = v * c["intra"] + (1 - v) * extra
         wt = S0 * (1 - fiso)
-        half = 0.5 * math.pi * od[:, None]
+        half = 0.5 * math.pi * params["od"][:, None]
         dkappa = -0.5 * math.pi / torch.sin(half) ** 2
-        d_t = wt * (v * intra_t + (1 - v) * extra * e_t)
-        per_s0 = (1 - fiso) * tissue + fiso * iso
+        d_t = wt * (v * c["intra_t"] + (1 - v) * extra * e_t)
+        per_s0 = (1 - fiso) * tissue + fiso * c["iso"]
         return S0 * per_s0, {
             "S0": per_s0,
-            "icvf": wt * (intra - extra + (1 - v) * extra * e_v),
-            "od": wt * dkappa * (v * intra_k + (1 - v) * extra * e_tau * dtau),
-            "isovf": S0 * (iso - tissue),
-            "direction": d_t[..., None] * g,
+            "icvf": wt * (c["intra"] - extra + (1 - v) * extra * e_v),
+            "od": wt * dkappa * (v * c["intra_k"] + (1 - v) * extra * e_tau * c["dtau"]),
+            "isovf": S0 * (c["iso"] - tissue),
+            "direction": d_t[..., None] * c["g"],
         }
 
     def check_scheme(self, acquisition: Acquisition) -> None:
