@@ -124,12 +124,6 @@ def fit_all(signals, acq, mask, affine, methods, amico_python, seed: int = 0) ->
     return out
 
 
-def angle_deg(a: np.ndarray, b: np.ndarray) -> float:
-    cos = np.abs((a * b).sum(1)) / np.maximum(np.linalg.norm(a, axis=1)
-                                             * np.linalg.norm(b, axis=1), 1e-12)
-    return float(np.degrees(np.median(np.arccos(np.clip(cos, 0, 1)))))
-
-
 def load_scan(scan: str):
     from mixmap import datasets
     from mixmap.io import load_dwi
@@ -140,6 +134,8 @@ def load_scan(scan: str):
 
 
 def run_real(scan: str, methods, amico_python) -> dict:
+    from phantoms import angle_deg
+
     _, dwi = load_scan(scan)
     fits = fit_all(dwi.signals, dwi.acquisition, dwi.mask, dwi.affine, methods, amico_python)
     ref = fits.get("amico")
@@ -161,7 +157,7 @@ def run_real(scan: str, methods, amico_python) -> dict:
 
 def run_phantom(scan: str, methods, amico_python, snr: float = PHANTOM_SNR, seed: int = 0
                 ) -> dict:
-    from phantoms import score
+    from phantoms import angle_deg, score
 
     from mixmap.evaluation.floor import empirical_floor
     from mixmap.simulation.phantom import phantom_like

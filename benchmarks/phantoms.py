@@ -261,6 +261,13 @@ def section(results: dict) -> str:
     return "\n".join(body)
 
 
+def angle_deg(a: np.ndarray, b: np.ndarray) -> float:
+    """Median angle (degrees) between the axes a and b (n, 3); a zero vector counts as 90°."""
+    cos = np.abs((a * b).sum(1)) / np.maximum(np.linalg.norm(a, axis=1)
+                                             * np.linalg.norm(b, axis=1), 1e-12)
+    return float(np.degrees(np.median(np.arccos(np.clip(cos, 0, 1)))))
+
+
 def class_table_rows(e: dict, angle_key: str, angle_label: str) -> tuple[list[str], list]:
     """(head, rows) of a phantom entry's per-method, per-map table: RMSE overall and per
     tissue class, bias, coverage, sharpness, the median angle of its direction map

@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from phantoms import (  # noqa: E402  (the phantoms benchmark's)
     RESOLVED_ESS,
+    angle_deg,
     class_table_rows,
     keep_entry,
     score,
@@ -95,13 +96,6 @@ def fit_all(model: str, signals: np.ndarray, acq, methods, seed: int = 0) -> dic
             maps, std = res.params, res.std
         out[m] = {"maps": maps, "std": std, "seconds": time.perf_counter() - t}
     return out
-
-
-def angle_deg(a: np.ndarray, b: np.ndarray) -> float:
-    """Median angle (degrees) between the axes a and b (n, 3)."""
-    cos = np.abs((a * b).sum(1)) / np.maximum(np.linalg.norm(a, axis=1)
-                                             * np.linalg.norm(b, axis=1), 1e-12)
-    return float(np.degrees(np.median(np.arccos(np.clip(cos, 0, 1)))))
 
 
 def run_real(scan: str, model: str, methods) -> dict:
