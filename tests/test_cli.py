@@ -378,5 +378,5 @@ def test_map_names_are_built_and_parsed_in_one_place():
     assert (parts.entities, parts.model, parts.param, parts.desc, parts.suffix) == (
         "sub-01_ses-2", "ballstick", "D", "std", "dwimap")
     assert parse_map_name(map_name("", "msdki", "K")).entities == ""
-    assert map_name("sub-01", "t2", "T2") == "sub-01_model-t2_param-T2_T2map.nii.gz"
+    assert map_name("sub-01", "t2", "T2") == "sub-01_model-t2_T2map.nii.gz"
     assert parse_map_name(fit_json_name("sub-01", "msdki")) is None

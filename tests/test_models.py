@@ -188,7 +188,7 @@ def test_unsupported_acquisitions_are_named():
         get_model("t2").check_acquisition(HCP)
     with pytest.raises(UnsupportedAcquisition, match=r"model msdki needs diffusion weighting"):
         get_model("msdki").check_acquisition(Acquisition.from_fields({"TE": [10.0, 20.0]}))
-    with pytest.raises(UnsupportedAcquisition, match="T2 needs at least 2 distinct echo"):
+    with pytest.raises(UnsupportedAcquisition, match="t2 needs at least 2 distinct echo"):
         get_model("t2").check_acquisition(Acquisition.from_fields({"TE": [10.0, 10.0]}))
 
 

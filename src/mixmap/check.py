@@ -9,6 +9,7 @@ import numpy as np
 
 from mixmap.acquisition import (
     B0_THRESHOLD,
+    FIELDS,
     SHELL_RELATIVE_TOLERANCE,
     SHELL_TOLERANCE,
     Acquisition,
@@ -55,6 +56,22 @@ def shell_lines(acq: Acquisition) -> list[str]:
     return out
 
 
+def field_lines(acq: Acquisition) -> list[str]:
+    """A relaxometry acquisition's fields: per field its distinct values (grouped as the fits
+    group them) with the number of volumes at each."""
+    from mixmap.models.relaxometry.base import GROUP_TOLERANCE
+
+    out = []
+    for name, values in acq.fields.items():
+        spec = FIELDS[name]
+        groups = acq.groups(name, GROUP_TOLERANCE)
+        listed = ", ".join(f"{g.value:.4g}" + (f" (×{g.n})" if g.n > 1 else "")
+                           for g in groups[:12]) + (" ..." if len(groups) > 12 else "")
+        out.append(f"{spec.description}s ({name}, {spec.unit}): {len(groups)} distinct of "
+                   f"{values.size} volumes: {listed}")
+    return out
+
+
 def check_dataset(
     dwi: str | Path,
     bvals: str | Path,
@@ -79,13 +96,18 @@ def check_dataset(
     zooms = tuple(float(z) for z in data.header.get_zooms()[:3])
     rep.lines.append(f"image: {data.path}  grid {data.shape} × {acq.n} volumes, "
                      f"voxel {zooms[0]:.3g}×{zooms[1]:.3g}×{zooms[2]:.3g} mm")
-    rep.lines.append(f"gradients: {'; '.join(acq.notes)}")
-    rep.lines += shell_lines(acq)
+    if acq.is_diffusion:
+        rep.lines.append(f"gradients: {'; '.join(acq.notes)}")
+        rep.lines += shell_lines(acq)
+    else:
+        rep.lines.append(f"acquisition: {'; '.join(acq.notes)}")
+        rep.lines += field_lines(acq)
     n_grid = int(np.prod(data.shape))
     rep.lines.append(
         f"voxels fitted: {data.signals.shape[0]} of {n_grid} "
         f"({100 * data.signals.shape[0] / n_grid:.1f} %)"
-        + (f" from mask {mask}" if mask else " (no mask: voxels with positive b=0 signal)")
+        + (f" from mask {mask}" if mask else " (no mask: voxels with positive "
+       f"{'b=0' if acq.is_diffusion else 'mean'} signal)")
     )
     if data.n_dropped:
         rep.lines.append(f"voxels left out for NaN/Inf: {data.n_dropped}")
@@ -95,13 +117,15 @@ def check_dataset(
     if neg > 0:
         rep.lines.append(f"negative values: {100 * neg:.2f} % of the fitted data")
     sigma = noise_sigma_from_repeats(data.signals, acq)
-    if sigma is not None and sigma > 0:
+    if not acq.is_diffusion:
+        rep.lines.append("noise: σ will be estimated from the fit's residuals")
+    elif sigma is not None and sigma > 0:
         s0 = float(np.median(data.signals[:, acq.b0_mask].mean(1)))
         rep.lines.append(f"noise σ from {acq.n_b0} b=0 volumes: {sigma:.4g}; "
                          f"SNR at b=0 ≈ {s0 / sigma:.1f}")
     else:
         rep.lines.append("noise: fewer than 2 b=0 volumes, σ will be estimated from residuals")
-    if acq.n_b0 == 0:
+    if acq.is_diffusion and acq.n_b0 == 0:
         rep.lines.append("no b=0 volume: S0 is fitted freely as a model parameter")
     names = [model] if model else list(MODELS)
     for name in names:

@@ -34,6 +34,9 @@ class Parameter:
     scaled
         True when the value is proportional to the signal intensity (S0): fitters work on
         signals divided by a scale and multiply the estimate back.
+    bids_suffix
+        The qMRI-BIDS map suffix of this quantity (``T2map``, ``T1map``, ``M0map`` ...), or
+        None: its maps are then named with ``param-<name>`` and the model's suffix.
     """
 
     name: str
@@ -43,6 +46,7 @@ class Parameter:
     description: str
     size: int = 1
     scaled: bool = False
+    bids_suffix: str | None = None
 
     def __post_init__(self) -> None:
         if self.size not in (1, 3):

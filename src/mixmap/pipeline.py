@@ -33,6 +33,7 @@ from mixmap.io import (
     stage_maps,
 )
 from mixmap.io.discovery import Scan, find_scans
+from mixmap.io.fields import FieldFiles
 from mixmap.io.gradients import gradient_files
 from mixmap.io.naming import COHORT_JSON, checkpoint_name, model_folder, report_name
 from mixmap.io.nifti import bids_entities
@@ -92,11 +93,16 @@ def check_supported(model: str, acquisition: Acquisition, bvals: Path) -> None:
         ) from None
 
 
-def input_checksums(**paths: Path | None) -> dict[str, str]:
+def input_checksums(**paths: Path | FieldFiles | None) -> dict[str, str]:
     """``{key: "<name> sha256:<hex>"}`` of each given file (a folder: all its files in sorted
-    order), recorded in the sidecar so a run can be traced and rerun; None entries are skipped."""
+    order; :class:`FieldFiles`: each of its files), recorded in the sidecar so a run can be
+    traced and rerun; None entries are skipped."""
     out = {}
     for key, path in paths.items():
+        if isinstance(path, FieldFiles):
+            out.update(input_checksums(**{f"{key}_{name}": p
+                                          for name, p in path.files().items()}))
+            continue
         if path is None:
             continue
         h = hashlib.sha256()
@@ -380,10 +386,20 @@ def apply_cohort(model_file: Path, inputs: Sequence[Path], bvals: Path | None,
 
 # ------------------------------------------------------------------------------- dispatch
 def _gradient_files(inputs: Sequence[Path], bvals: Path | None, bvecs: Path | None,
-                    grad: Path | None, mask_pattern: str | None
-                    ) -> tuple[Path | None, Path | None]:
-    """(bvals, bvecs) for one scan (an MRtrix ``grad`` table as bvals, bvecs None), checked;
-    a cohort's gradient files are found per scan (:func:`mixmap.io.discovery.find_scans`)."""
+                    grad: Path | None, mask_pattern: str | None,
+                    fields: FieldFiles | None = None
+                    ) -> tuple[Path | FieldFiles | None, Path | None]:
+    """(bvals, bvecs) for one scan (an MRtrix ``grad`` table as bvals, bvecs None; a
+    relaxometry scan's ``fields`` as bvals), checked; a cohort's gradient files are found per
+    scan (:func:`mixmap.io.discovery.find_scans`)."""
+    if fields is not None:
+        gradient_files(bvals, bvecs, grad, fields)
+        if is_cohort(inputs):
+            raise ValueError(f"{fields}: relaxometry files are for one scan; fit each "
+                             f"relaxometry scan on its own (cohorts are diffusion only)")
+        if mask_pattern is not None:
+            raise ValueError("--mask-pattern is for several scans; give --mask for one scan")
+        return fields, None
     table, vecs = gradient_files(bvals, bvecs, grad)
     if is_cohort(inputs):
         return bvals, bvecs
@@ -397,14 +413,15 @@ def fit_inputs(fitter, inputs: Sequence[Path], *, bvals: Path | None, bvecs: Pat
                save_model: bool, resume: bool, train_voxels: int | None,
                grad: Path | None = None, mask_threshold: float | None = None,
                ignore_mask_affine: bool = False, max_b: float | None = None,
-               report: bool = True) -> Written:
+               report: bool = True, fields: FieldFiles | None = None) -> Written:
     """``mixmap fit``: one DWI file -> :func:`fit_scan`; several, or a BIDS folder ->
     :func:`fit_cohort`. Options that do not apply to the chosen path are refused. ``grad``:
     an MRtrix gradient table instead of ``bvals``/``bvecs``; ``max_b`` (s/mm²): volumes above
-    it are left out of every scan."""
+    it are left out of every scan; ``fields``: a relaxometry scan's files instead of
+    gradients."""
     if resume and not isinstance(fitter, LearnedFitter):
         raise ValueError(f"--resume applies to learned methods, not --method {fitter.name}")
-    bvals, bvecs = _gradient_files(inputs, bvals, bvecs, grad, mask_pattern)
+    bvals, bvecs = _gradient_files(inputs, bvals, bvecs, grad, mask_pattern, fields)
     masks = {"mask_threshold": mask_threshold, "ignore_mask_affine": ignore_mask_affine,
              "max_b": max_b}
     if is_cohort(inputs):
@@ -426,10 +443,11 @@ def apply_inputs(model_file: Path, inputs: Sequence[Path], *, bvals: Path | None
                  bvecs: Path | None, mask: Path | None, mask_pattern: str | None, out: Path,
                  device: str, force: bool, allow_other_acquisition: bool,
                  grad: Path | None = None, mask_threshold: float | None = None,
-                 ignore_mask_affine: bool = False, max_b: float | None = None) -> Written:
+                 ignore_mask_affine: bool = False, max_b: float | None = None,
+                 fields: FieldFiles | None = None) -> Written:
     """``mixmap apply``: one DWI file -> :func:`apply_scan`; several, or a BIDS folder ->
-    :func:`apply_cohort`."""
-    bvals, bvecs = _gradient_files(inputs, bvals, bvecs, grad, mask_pattern)
+    :func:`apply_cohort`; ``fields``: a relaxometry scan's files instead of gradients."""
+    bvals, bvecs = _gradient_files(inputs, bvals, bvecs, grad, mask_pattern, fields)
     masks = {"mask_threshold": mask_threshold, "ignore_mask_affine": ignore_mask_affine,
              "max_b": max_b}
     if is_cohort(inputs):

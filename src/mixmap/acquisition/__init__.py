@@ -15,17 +15,22 @@ from mixmap.acquisition.core import (
     group_values,
 )
 from mixmap.acquisition.schemes import (
+    RELAXOMETRY_SCHEMES,
     SCHEMES,
     clinical_scheme,
     example_scheme,
     fibonacci_sphere,
     hcp_scheme,
+    inversion_recovery_scheme,
     ivim_scheme,
     multi_echo_scheme,
+    multi_gradient_echo_scheme,
+    variable_flip_angle_scheme,
 )
 
 __all__ = [
     "B0_THRESHOLD",
+    "RELAXOMETRY_SCHEMES",
     "SCHEMES",
     "SHELL_RELATIVE_TOLERANCE",
     "SHELL_TOLERANCE",
@@ -41,5 +46,8 @@ __all__ = [
     "group_values",
     "hcp_scheme",
     "ivim_scheme",
+    "inversion_recovery_scheme",
     "multi_echo_scheme",
+    "multi_gradient_echo_scheme",
+    "variable_flip_angle_scheme",
 ]

@@ -7,10 +7,14 @@ from pathlib import Path
 import typer
 
 from mixmap.cli.common import (
+    ECHO_TIMES_HELP,
+    FLIP_ANGLES_HELP,
     GRAD_HELP,
     IGNORE_MASK_AFFINE_HELP,
+    INVERSION_TIMES_HELP,
     MASK_THRESHOLD_HELP,
     MAX_B_HELP,
+    REPETITION_TIME_HELP,
     handle_errors,
     setup_logging,
 )
@@ -22,27 +26,37 @@ def check(
     bvals: Path | None = typer.Option(None, help="FSL bval file."),
     bvecs: Path | None = typer.Option(None, help="FSL bvec file."),
     grad: Path | None = typer.Option(None, help=GRAD_HELP),
+    echo_times: Path | None = typer.Option(None, help=ECHO_TIMES_HELP),
+    inversion_times: Path | None = typer.Option(None, help=INVERSION_TIMES_HELP),
+    flip_angles: Path | None = typer.Option(None, help=FLIP_ANGLES_HELP),
+    repetition_time: float | None = typer.Option(None, help=REPETITION_TIME_HELP),
     mask: Path | None = typer.Option(None, help="3-D brain mask on the DWI grid."),
     mask_threshold: float | None = typer.Option(None, help=MASK_THRESHOLD_HELP),
     ignore_mask_affine: bool = typer.Option(False, help=IGNORE_MASK_AFFINE_HELP),
     max_b: float | None = typer.Option(None, help=MAX_B_HELP),
     model: str | None = typer.Option(None, help="Check this model only."),
 ) -> None:
-    """Validate a dataset before fitting: shape, voxel size, b=0 count, shells, units, bvec
-    orientation, SNR estimate, mask coverage, fittable models. Exit 0 when fittable.
+    """Validate a dataset before fitting: shape, voxel size, b=0 count, shells (or echo times,
+    inversion times, flip angles), units, bvec orientation, SNR estimate, mask coverage,
+    fittable models. Exit 0 when fittable.
 
-    Example: mixmap check dwi.nii.gz --bvals dwi.bval --bvecs dwi.bvec --mask mask.nii.gz
+    Examples: mixmap check dwi.nii.gz --bvals dwi.bval --bvecs dwi.bvec --mask mask.nii.gz
+
+      mixmap check mese.nii.gz --echo-times te.txt
     """
     from mixmap.check import check_dataset
+    from mixmap.io.fields import FieldFiles
     from mixmap.io.gradients import gradient_files
     from mixmap.models import get_model
 
     setup_logging(True)
     if model:
         get_model(model)
-    table, vecs = gradient_files(bvals, bvecs, grad)
-    if grad is None and (bvals is None or bvecs is None):
-        raise ValueError("give --bvals and --bvecs, or an MRtrix --grad table")
+    fields = FieldFiles.of(echo_times, inversion_times, flip_angles, repetition_time)
+    table, vecs = gradient_files(bvals, bvecs, grad, fields)
+    if fields is None and grad is None and (bvals is None or bvecs is None):
+        raise ValueError("give --bvals and --bvecs, or an MRtrix --grad table (or, for "
+                         "relaxometry, --echo-times, --inversion-times or --flip-angles)")
     report = check_dataset(dwi, table, vecs, mask, model, mask_threshold=mask_threshold,
                            ignore_mask_affine=ignore_mask_affine, max_b=max_b)
     typer.echo(report.text())

@@ -37,6 +37,13 @@ MASK_PATTERN_HELP = (
 
 GRAD_HELP = ("MRtrix gradient table (-grad: one row 'x y z b' per volume, scanner coordinates, "
              "b in s/mm²) instead of --bvals/--bvecs.")
+ECHO_TIMES_HELP = ("Relaxometry: text file of echo times, one per volume (ms; seconds are "
+                   "detected), for --model t2, t2star or mwf.")
+INVERSION_TIMES_HELP = ("Relaxometry: text file of inversion times, one per volume (ms; seconds "
+                        "are detected), for --model t1-ir.")
+FLIP_ANGLES_HELP = ("Relaxometry: text file of flip angles, one per volume (degrees; radians "
+                    "are detected), for --model t1-vfa (with --repetition-time).")
+REPETITION_TIME_HELP = "Relaxometry: the repetition time TR in ms (below 1: seconds)."
 MASK_THRESHOLD_HELP = ("Mask voxels with a value >= this are fitted (default: > 0, or >= 0.5 for "
                        "a probabilistic mask with values between 0 and 1).")
 MAX_B_HELP = ("Leave out the volumes with b above this (s/mm²), e.g. 3000 for MSDKI on a "

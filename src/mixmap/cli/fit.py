@@ -10,11 +10,15 @@ import typer
 
 from mixmap.cli.common import (
     COHORT_HELP,
+    ECHO_TIMES_HELP,
+    FLIP_ANGLES_HELP,
     GRAD_HELP,
     IGNORE_MASK_AFFINE_HELP,
+    INVERSION_TIMES_HELP,
     MASK_PATTERN_HELP,
     MASK_THRESHOLD_HELP,
     MAX_B_HELP,
+    REPETITION_TIME_HELP,
     Device,
     build_fitter,
     handle_errors,
@@ -52,6 +56,10 @@ def fit(
     bvecs: Path | None = typer.Option(
         None, help="FSL bvec file (3 rows, or 3 columns). Cohort: like --bvals."),
     grad: Path | None = typer.Option(None, help=GRAD_HELP),
+    echo_times: Path | None = typer.Option(None, help=ECHO_TIMES_HELP),
+    inversion_times: Path | None = typer.Option(None, help=INVERSION_TIMES_HELP),
+    flip_angles: Path | None = typer.Option(None, help=FLIP_ANGLES_HELP),
+    repetition_time: float | None = typer.Option(None, help=REPETITION_TIME_HELP),
     mask: Path | None = typer.Option(None, help="3-D brain mask on the DWI grid (one scan)."),
     mask_pattern: str | None = typer.Option(None, help=MASK_PATTERN_HELP),
     mask_threshold: float | None = typer.Option(None, help=MASK_THRESHOLD_HELP),
@@ -106,11 +114,17 @@ def fit(
 
       mixmap fit dwi.nii.gz --grad dwi.b --mask brain_prob.nii.gz --mask-threshold 0.9
       --out maps/
+
+      mixmap fit mese.nii.gz --echo-times te.txt --model t2 --method vae-gmm --out maps/
+
+      mixmap fit vfa.nii.gz --flip-angles fa.txt --repetition-time 15 --model t1-vfa --out maps/
     """
     from mixmap import pipeline
+    from mixmap.io.fields import FieldFiles
     from mixmap.models import get_model
 
     setup_logging(quiet)
+    fields = FieldFiles.of(echo_times, inversion_times, flip_angles, repetition_time)
     signal_model = get_model(model).with_constants(parse_constants(constant))
     options = dict(learned)
     options.update(bounds=parse_bounds(bounds), device=device.value, seed=seed, quiet=quiet)
@@ -121,7 +135,7 @@ def fit(
                                   train_voxels=train_voxels, grad=grad,
                                   mask_threshold=mask_threshold,
                                   ignore_mask_affine=ignore_mask_affine, max_b=max_b,
-                                  report=report)
+                                  report=report, fields=fields)
     if not quiet and written.maps:
         typer.echo(written.summary(out))
 

@@ -34,9 +34,11 @@ def _phantom(like: Path, bvals: Path | None, bvecs: Path | None, mask: Path | No
 
 @handle_errors
 def simulate(
-    out: Path = typer.Argument(..., help="Folder to write dwi.nii.gz, bval/bvec, mask, truth/."),
+    out: Path = typer.Argument(..., help="Folder to write dwi.nii.gz, bval/bvec (relaxometry: "
+                               "echo_times.txt ...), mask, truth/."),
     preset: str = typer.Option(
-        "paper-msdki", help="paper-msdki | msdki-4 | ball-stick | noddi | ivim-body"),
+        "paper-msdki", help="paper-msdki | msdki-4 | ball-stick | noddi | ivim-body | t2-brain | "
+        "t2star-brain | mwf-brain | t1-ir-brain | t1-vfa-brain"),
     like: Path | None = typer.Option(
         None, help="A realistic phantom of this real scan (4-D NIfTI; with --bvals, --bvecs, "
         "--mask): truth = its fit (--model, --truth-method), smoothed (--smooth); its "
@@ -52,7 +54,9 @@ def simulate(
     truth_method: str = typer.Option("lsq", help="--like: the method whose fit is the truth."),
     scheme: str | None = typer.Option(
         None, help="hcp (18 b0 + 3×90) | clinical (2 b0 + 3×10) | ivim (2 b0 + 13 b-values × 3, "
-        "8 of them ≤ 200 s/mm²); default: the preset's (ivim for ivim-body, else hcp)."),
+        "8 of them ≤ 200 s/mm²) | mese-16, mese-32 (echoes every 10 ms) | mgre-6, mgre-12 | "
+        "ir-4, ir-10 (inversion times) | vfa-2, vfa-6 (flip angles, TR 15 ms); default: the "
+        "preset's."),
     bvals: Path | None = typer.Option(None, help="Use this FSL bval file as the scheme."),
     bvecs: Path | None = typer.Option(None, help="FSL bvec file (with --bvals)."),
     snr: float = typer.Option(20.0, help="Signal-to-noise ratio relative to S0 (--like: to the "

@@ -14,7 +14,7 @@ import numpy as np
 from mixmap.evaluation.bayes import bayes_reference, check_preset
 from mixmap.evaluation.scores import metrics
 from mixmap.io.naming import label as _label
-from mixmap.io.naming import parse_map_name
+from mixmap.io.naming import map_name, parse_map_name
 from mixmap.models import get_model
 from mixmap.simulation import preset_from_info, read_simulation_info
 
@@ -38,16 +38,19 @@ def _read_masked(path: Path, mask: np.ndarray) -> np.ndarray:
 
 def _read_maps(fit_dir: Path, model, mask: np.ndarray):
     """name -> (n,) maps and name -> (n,) ``_desc-std`` maps of ``model`` in ``fit_dir``."""
-    by_label = {_label(p.name): p.name for p in model.parameters + model.derived}
+    declared = model.parameters + model.derived
+    by_label = {(_label(p.name), model.output_suffix): p.name for p in declared
+                if p.bids_suffix is None}
+    by_label.update({(None, p.bids_suffix): p.name for p in declared if p.bids_suffix})
     estimate: dict[str, np.ndarray] = {}
     std: dict[str, np.ndarray] = {}
     for desc, found, what in ((None, estimate, "map"), ("std", std, "std map")):
         for path in sorted(fit_dir.iterdir()):
             parts = parse_map_name(path.name)
             if (parts is None or parts.model != _label(model.name) or parts.desc != desc
-                    or parts.suffix != model.output_suffix or parts.param not in by_label):
+                    or (parts.param, parts.suffix) not in by_label):
                 continue
-            name = by_label[parts.param]
+            name = by_label[(parts.param, parts.suffix)]
             if name in found:
                 raise ValueError(
                     f"{fit_dir}: more than one {what} of {name} for model {model.name}; keep "
@@ -56,8 +59,8 @@ def _read_maps(fit_dir: Path, model, mask: np.ndarray):
             found[name] = _read_masked(path, mask)
     if not estimate:
         raise FileNotFoundError(
-            f"{fit_dir}: no maps named *_model-{_label(model.name)}_param-<name>_"
-            f"{model.output_suffix}.nii.gz; "
+            f"{fit_dir}: no {model.name} maps (named like "
+            f"{map_name('', model.name, model.map_parameters[-1].name)}); "
             f"the simulation's model is {model.name}: fit it with `mixmap fit --model "
             f"{model.name}`"
         )
@@ -83,9 +86,14 @@ def _simulated_scan(sim_dir: Path, mask: np.ndarray):
     """The simulation's dwi.nii.gz and gradients as :class:`~mixmap.io.DWIData`, checked to
     hold the voxels of ``mask``."""
     from mixmap.io import load_dwi
+    from mixmap.simulation.files import simulation_fields
 
-    data = load_dwi(sim_dir / "dwi.nii.gz", sim_dir / "dwi.bval", sim_dir / "dwi.bvec",
-                    sim_dir / "mask.nii.gz")
+    fields = simulation_fields(sim_dir)
+    if fields is not None:
+        data = load_dwi(sim_dir / "dwi.nii.gz", fields, None, sim_dir / "mask.nii.gz")
+    else:
+        data = load_dwi(sim_dir / "dwi.nii.gz", sim_dir / "dwi.bval", sim_dir / "dwi.bvec",
+                        sim_dir / "mask.nii.gz")
     if data.signals.shape[0] != int(mask.sum()) or not np.array_equal(data.mask, mask):
         raise ValueError(f"{sim_dir}: dwi.nii.gz and the mask disagree on voxel count")
     return data

@@ -14,6 +14,7 @@ import numpy as np
 from mixmap.acquisition import B0_THRESHOLD, Acquisition, AcquisitionError
 from mixmap.acquisition.base import MS_UM2_THRESHOLD
 from mixmap.acquisition.tables import read_bvec_table, read_table
+from mixmap.io.fields import FieldFiles
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,9 @@ class Gradients:
         ``source``) when no diffusion-weighted volume is left."""
         if max_b is None:
             return self
+        if not self.acquisition.is_diffusion:
+            raise AcquisitionError(f"--max-b {max_b:g}: {source} is not a diffusion scheme; "
+                                   f"--max-b selects diffusion volumes")
         if not max_b > 0:
             raise AcquisitionError(f"--max-b {max_b:g}: give a positive b-value in s/mm²")
         b = self.acquisition.bvals * 1000.0
@@ -94,24 +98,36 @@ def fsl_to_mrtrix(bvecs: np.ndarray, affine: np.ndarray) -> np.ndarray:
     return vecs @ (u @ vt).T
 
 
-def gradient_files(bvals: Path | None, bvecs: Path | None, grad: Path | None
-                   ) -> tuple[Path | None, Path | None]:
+def gradient_files(bvals: Path | None, bvecs: Path | None, grad: Path | None,
+                   fields: FieldFiles | None = None
+                   ) -> tuple[Path | FieldFiles | None, Path | None]:
     """(bvals, bvecs) as :func:`read_gradients` takes them: an MRtrix ``grad`` table in place
-    of bvals (bvecs None), or the FSL files; both kinds at once are refused."""
+    of bvals (bvecs None), a relaxometry scan's ``fields`` in place of bvals (bvecs None), or
+    the FSL files; two kinds at once are refused."""
+    if fields is not None:
+        if bvals is not None or bvecs is not None or grad is not None:
+            raise ValueError(f"{fields}: give diffusion files (--bvals/--bvecs or --grad) or "
+                             f"relaxometry ones (--echo-times, --inversion-times, "
+                             f"--flip-angles), not both")
+        return fields, None
     if grad is not None and (bvals is not None or bvecs is not None):
         raise ValueError("give --grad (an MRtrix table) or --bvals and --bvecs, not both")
     return (grad, None) if grad is not None else (bvals, bvecs)
 
 
-def read_gradients(bvals: str | Path, bvecs: str | Path | None,
+def read_gradients(bvals: str | Path | FieldFiles, bvecs: str | Path | None,
                    affine: np.ndarray | None = None) -> Gradients:
-    """Read a scan's gradient files.
+    """Read a scan's gradient files (or, ``bvals`` a :class:`~mixmap.io.fields.FieldFiles`, a
+    relaxometry scan's acquisition files: every volume kept).
 
     ``bvals`` and ``bvecs``: FSL files (b-values in s/mm², ms/µm² detected; bvecs as 3 rows or
     3 columns). ``bvecs`` None: ``bvals`` is an MRtrix gradient table (``x y z b`` rows,
     scanner coordinates, converted with the image ``affine``), or b-values alone for a model
     without directions. Volumes at b > 0 without a direction are dropped with a warning.
     """
+    if isinstance(bvals, FieldFiles):
+        acq = bvals.read()
+        return Gradients(acq, np.arange(acq.n), acq.n, {})
     bvals = Path(bvals)
     table = read_table(bvals)
     source, vec_source = str(bvals), None

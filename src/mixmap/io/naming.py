@@ -2,7 +2,9 @@
 
 Maps are BIDS-derivative names, ``[<entities>_]model-<m>_param-<p>[_desc-<d>]_<suffix>.nii.gz``,
 where ``<suffix>`` is the model's :attr:`~mixmap.models.base.SignalModel.output_suffix`
-(``dwimap`` for every diffusion model, ``T2map`` for T2 relaxometry). Beside them:
+(``dwimap`` for every diffusion model); a parameter with a qMRI-BIDS suffix of its own
+(:attr:`~mixmap.parameters.Parameter.bids_suffix`: ``T2map``, ``T1map``, ``M0map`` ...) is named
+by it instead, ``[<entities>_]model-<m>[_desc-<d>]_T2map.nii.gz``. Beside them:
 ``[<entities>_]model-<m>_fit.json`` and ``..._loss.csv``; a saved model is the folder
 ``model-<m>_method-<method>``; a cohort adds ``cohort.json`` and ``cohort_model-<m>_loss.csv``.
 """
@@ -17,8 +19,8 @@ COHORT_JSON = "cohort.json"
 
 _MAP_RE = re.compile(
     r"^(?:(?P<entities>sub-[^_]+(?:_[A-Za-z0-9]+-[^_]+)*)_)?model-(?P<model>[A-Za-z0-9]+)"
-    r"_param-(?P<param>[A-Za-z0-9]+)(?:_desc-(?P<desc>[A-Za-z0-9]+))?_(?P<suffix>[A-Za-z0-9]+)"
-    r"\.nii\.gz$"
+    r"(?:_param-(?P<param>[A-Za-z0-9]+))?(?:_desc-(?P<desc>[A-Za-z0-9]+))?"
+    r"_(?P<suffix>[A-Za-z0-9]+)\.nii\.gz$"
 )
 
 
@@ -41,13 +43,29 @@ def model_prefix(entities: str, model: str) -> str:
     return (entities + "_" if entities else "") + f"model-{label(model)}_"
 
 
+def parameter_suffix(model: str, param: str) -> str | None:
+    """The qMRI-BIDS suffix of parameter ``param`` of the registered model ``model`` (``T2map``
+    ...), or None (then it is named ``param-<param>``)."""
+    from mixmap.models import MODELS
+
+    for p in MODELS[model].parameters + MODELS[model].derived:
+        if p.name == param:
+            return p.bids_suffix
+    return None
+
+
 def map_name(entities: str, model: str, param: str, desc: str | None = None) -> str:
     """``[<entities>_]model-<model>_param-<param>[_desc-<desc>]_<suffix>.nii.gz``, the suffix
-    being the model's ``output_suffix``."""
-    name = model_prefix(entities, model) + f"param-{label(param)}"
+    being the model's ``output_suffix``; ``[<entities>_]model-<model>[_desc-<desc>]_<own>
+    .nii.gz`` for a parameter with a qMRI-BIDS suffix of its own (:func:`parameter_suffix`)."""
+    suffix = output_suffix(model)
+    own = parameter_suffix(model, param)
+    name = model_prefix(entities, model).rstrip("_")
+    if own is None:
+        name += f"_param-{label(param)}"
     if desc:
         name += f"_desc-{label(desc)}"
-    return f"{name}_{output_suffix(model)}.nii.gz"
+    return f"{name}_{own or suffix}.nii.gz"
 
 
 def sidecar_name(map_file: str) -> str:
@@ -92,7 +110,7 @@ class MapName:
 
     entities: str
     model: str
-    param: str
+    param: str | None  # None: a qMRI-BIDS suffix names the parameter
     desc: str | None
     suffix: str
 
@@ -117,6 +135,7 @@ __all__ = [
     "model_folder",
     "model_prefix",
     "output_suffix",
+    "parameter_suffix",
     "parse_map_name",
     "sidecar_name",
 ]

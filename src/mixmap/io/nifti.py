@@ -12,6 +12,7 @@ import nibabel as nib
 import numpy as np
 
 from mixmap.acquisition import Acquisition
+from mixmap.io.fields import FieldFiles
 from mixmap.io.gradients import Gradients, read_gradients
 
 log = logging.getLogger(__name__)
@@ -164,7 +165,7 @@ def _header_of(img, dwi: Path, grid: tuple[int, ...]):
 
 def load_dwi(
     dwi: str | Path,
-    bvals: str | Path,
+    bvals: str | Path | FieldFiles,
     bvecs: str | Path | None = None,
     mask: str | Path | None = None,
     *,
@@ -175,8 +176,9 @@ def load_dwi(
     """Load a 4-D DWI and its gradient files into rows of masked voxels.
 
     ``bvals``/``bvecs``: FSL files, or ``bvals`` an MRtrix ``.b`` table with ``bvecs`` None
-    (:func:`mixmap.io.gradients.read_gradients`). The image is read in blocks of whole
-    volumes through nibabel's array proxy (one pass over the file, about 64 MB at a time):
+    (:func:`mixmap.io.gradients.read_gradients`), or ``bvals`` the
+    :class:`~mixmap.io.fields.FieldFiles` of a relaxometry scan. The image is read in blocks of
+    whole volumes through nibabel's array proxy (one pass over the file, about 64 MB at a time):
     peak memory is the masked rows plus one block. Without a mask, every voxel whose mean b=0
     signal (mean signal if the scheme has no b=0) is positive is fitted. Left out, with a
     warning and recorded in :attr:`DWIData.dropped_volumes`: trace volumes (b > 0 without a
@@ -198,6 +200,9 @@ def load_dwi(
     grads = read_gradients(bvals, bvecs, affine)
     n_vol = img.shape[3]
     if grads.n_file != n_vol:
+        if isinstance(bvals, FieldFiles):
+            raise InputError(f"{dwi}: {n_vol} volumes but {bvals} has {grads.n_file} values; "
+                             f"give one value per volume")
         raise InputError(
             f"{dwi}: {n_vol} volumes but {bvals} has {grads.n_file} "
             f"{'b-values' if bvecs is not None else 'gradient rows'}; give one b-value and one "

@@ -9,7 +9,11 @@ from mixmap.models.diffusion.dti import DTI
 from mixmap.models.diffusion.ivim import IVIM
 from mixmap.models.diffusion.msdki import MSDKI
 from mixmap.models.diffusion.noddi import NODDI
+from mixmap.models.relaxometry.mwf import MyelinWaterFraction
+from mixmap.models.relaxometry.t1_ir import InversionRecoveryT1
+from mixmap.models.relaxometry.t1_vfa import VariableFlipAngleT1
 from mixmap.models.relaxometry.t2 import MonoExponentialT2
+from mixmap.models.relaxometry.t2star import MonoExponentialT2star
 
 MODELS: dict[str, type[SignalModel]] = {
     MSDKI.name: MSDKI,
@@ -19,6 +23,10 @@ MODELS: dict[str, type[SignalModel]] = {
     NODDI.name: NODDI,
     IVIM.name: IVIM,
     MonoExponentialT2.name: MonoExponentialT2,
+    MonoExponentialT2star.name: MonoExponentialT2star,
+    MyelinWaterFraction.name: MyelinWaterFraction,
+    InversionRecoveryT1.name: InversionRecoveryT1,
+    VariableFlipAngleT1.name: VariableFlipAngleT1,
 }
 
 

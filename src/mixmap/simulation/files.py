@@ -20,11 +20,31 @@ def grid_shape(n: int) -> tuple[int, int, int]:
     return nx, ny, 1
 
 
+#: The text file each relaxometry field of a simulated scan is written to (one value per
+#: volume; TR too, though ``mixmap fit`` takes it as one number, ``--repetition-time``).
+FIELD_TEXT = {"TE": "echo_times.txt", "TI": "inversion_times.txt",
+              "flip_angle": "flip_angles.txt", "TR": "repetition_time.txt"}
+
+
+def simulation_fields(sim_dir: Path):
+    """The :class:`~mixmap.io.fields.FieldFiles` of a relaxometry simulation folder, or None
+    for a diffusion one (``dwi.bval``)."""
+    from mixmap.io.fields import FieldFiles
+
+    files = {name: sim_dir / text for name, text in FIELD_TEXT.items()
+             if (sim_dir / text).exists()}
+    if not files:
+        return None
+    tr = float(np.loadtxt(files["TR"], ndmin=1)[0]) if "TR" in files else None
+    return FieldFiles.of(files.get("TE"), files.get("TI"), files.get("flip_angle"), tr)
+
+
 def write_simulation(sim: Simulation, out_dir: str | Path, *, force: bool = False) -> Path:
-    """Write a simulation as a scan (``dwi.nii.gz``, ``dwi.bval``, ``dwi.bvec``,
-    ``mask.nii.gz``), the truth (``truth/param-<name>.nii.gz``, ``truth/param-cluster``) and
-    ``simulation.json``, so that ``mixmap fit`` and ``mixmap evaluate`` run on it like on a scan.
-    Voxels fill the grid in C order; the mask marks the first n.
+    """Write a simulation as a scan (``dwi.nii.gz`` with ``dwi.bval`` and ``dwi.bvec``, or a
+    relaxometry scan's :data:`FIELD_TEXT` files; ``mask.nii.gz``), the truth
+    (``truth/param-<name>.nii.gz``, ``truth/param-cluster``) and ``simulation.json``, so that
+    ``mixmap fit`` and ``mixmap evaluate`` run on it like on a scan. Voxels fill the grid in C
+    order; the mask marks the first n.
     """
     from mixmap.io import AtomicOutput, vectors_to_volume
 
@@ -40,8 +60,12 @@ def write_simulation(sim: Simulation, out_dir: str | Path, *, force: bool = Fals
         w.nifti_volumes("dwi.nii.gz", mask.shape, sim.acquisition.n, affine,
                         _volume_blocks(sim.signals, mask))
         w.nifti("mask.nii.gz", mask.astype(np.uint8), affine)
-        w.text("dwi.bval", _fsl_text((sim.acquisition.bvals * 1000)[None], "%g"))
-        w.text("dwi.bvec", _fsl_text(sim.acquisition.bvecs.T, "%.6f"))
+        if sim.acquisition.is_diffusion:
+            w.text("dwi.bval", _fsl_text((sim.acquisition.bvals * 1000)[None], "%g"))
+            w.text("dwi.bvec", _fsl_text(sim.acquisition.bvecs.T, "%.6f"))
+        for name, values in sim.acquisition.fields.items():
+            if name in FIELD_TEXT:
+                w.text(FIELD_TEXT[name], _fsl_text(values[None], "%.6g"))
         for k, v in sim.truth.items():
             w.nifti(f"truth/param-{k}.nii.gz", vectors_to_volume(v, mask), affine)
         w.nifti("truth/param-cluster.nii.gz",
@@ -98,4 +122,5 @@ def _fsl_text(arr: np.ndarray, fmt: str) -> str:
     return "\n".join(" ".join(fmt % x for x in row) for row in np.atleast_2d(arr)) + "\n"
 
 
-__all__ = ["grid_shape", "preset_from_info", "read_simulation_info", "write_simulation"]
+__all__ = ["FIELD_TEXT", "grid_shape", "preset_from_info", "read_simulation_info",
+           "simulation_fields", "write_simulation"]

@@ -128,6 +128,80 @@ PRESETS: dict[str, Preset] = {
         "the order of Zhang et al. 2012 and Kodiweera et al. 2016; uniformly random "
         "directions; S0 = 1",
     ),
+    # ---- relaxometry at 3 T: white matter, cortical grey matter, CSF ------------------------
+    "t2-brain": Preset(
+        "t2-brain",
+        "t2",
+        (
+            Cluster("WM", 0.45, {"T2": 69.0}, {"T2": 5.0}),
+            Cluster("GM", 0.40, {"T2": 99.0}, {"T2": 8.0}),
+            Cluster("CSF", 0.15, {"T2": 1500.0}, {"T2": 250.0}),
+        ),
+        description="T2 at 3 T: white matter 69 ms and grey matter 99 ms (Stanisz et al. 2005, "
+        "MRM 54:507), CSF of the order of 1.5 s (a long, poorly determined T2 over 320 ms of "
+        "echoes); S0 = 1. 32 echoes of 10 ms (mese-32) by default; mese-16 is a clinical "
+        "protocol",
+        scheme="mese-32",
+    ),
+    "t2star-brain": Preset(
+        "t2star-brain",
+        "t2star",
+        (
+            Cluster("WM", 0.45, {"T2star": 53.0}, {"T2star": 4.0}),
+            Cluster("GM", 0.40, {"T2star": 66.0}, {"T2star": 6.0}),
+            Cluster("CSF", 0.15, {"T2star": 300.0}, {"T2star": 60.0}),
+        ),
+        description="T2* at 3 T: frontal white matter 53 ms and cortical grey matter 66 ms "
+        "(Peters et al. 2007, MRI 25:748); CSF set to a long 300 ms (an assumed value, not a "
+        "measurement); S0 = 1. 12 echoes 4-48 ms (mgre-12) by default; mgre-6 is clinical",
+        scheme="mgre-12",
+    ),
+    "mwf-brain": Preset(
+        "mwf-brain",
+        "mwf",
+        (
+            Cluster("WM", 0.45, {"MWF": 0.12, "T2my": 18.0, "T2ie": 70.0},
+                    {"MWF": 0.03, "T2my": 3.0, "T2ie": 5.0}),
+            Cluster("GM", 0.40, {"MWF": 0.04, "T2my": 18.0, "T2ie": 90.0},
+                    {"MWF": 0.02, "T2my": 3.0, "T2ie": 8.0}),
+            Cluster("CSF", 0.15, {"MWF": 0.01, "T2my": 18.0, "T2ie": 1500.0},
+                    {"MWF": 0.01, "T2my": 3.0, "T2ie": 250.0}),
+        ),
+        description="Two-pool myelin water at 3 T: white matter MWF 0.12, grey matter 0.04, "
+        "myelin water T2 18 ms and intra/extracellular T2 70 and 90 ms, of the order of "
+        "MacKay et al. 1994 and Prasloski et al. 2012 (MRM 68:1803); CSF MWF near 0 with a "
+        "1.5 s T2; S0 = 1. 32 echoes of 10 ms (mese-32)",
+        scheme="mese-32",
+    ),
+    "t1-ir-brain": Preset(
+        "t1-ir-brain",
+        "t1-ir",
+        (
+            Cluster("WM", 0.45, {"T1": 900.0, "k": 1.95}, {"T1": 60.0, "k": 0.03}),
+            Cluster("GM", 0.40, {"T1": 1500.0, "k": 1.95}, {"T1": 120.0, "k": 0.03}),
+            Cluster("CSF", 0.15, {"T1": 4300.0, "k": 2.1}, {"T1": 300.0, "k": 0.05}),
+        ),
+        description="T1 at 3 T: white matter 900 ms and grey matter 1500 ms (between "
+        "Wansapura et al. 1999, JMRI 9:531: 832 and 1331 ms, and Stanisz et al. 2005: 1084 "
+        "and 1820 ms), CSF about 4.3 s; inversion factor k near 2 (CSF above 2: incomplete "
+        "recovery); M0 = 1. Ten inversion times 50-4500 ms (ir-10) by default; ir-4 is "
+        "Barral et al. 2010's four",
+        scheme="ir-10",
+    ),
+    "t1-vfa-brain": Preset(
+        "t1-vfa-brain",
+        "t1-vfa",
+        (
+            Cluster("WM", 0.45, {"M0": 7.0, "T1": 900.0}, {"M0": 0.3, "T1": 60.0}),
+            Cluster("GM", 0.40, {"M0": 8.0, "T1": 1500.0}, {"M0": 0.3, "T1": 120.0}),
+            Cluster("CSF", 0.15, {"M0": 10.0, "T1": 4300.0}, {"M0": 0.3, "T1": 300.0}),
+        ),
+        description="T1 at 3 T as t1-ir-brain, by variable flip angle at TR 15 ms; M0 = 10 × "
+        "proton density (0.7, 0.8, 1.0), so that the largest signal is 0.4-0.65 and the SNR "
+        "is relative to a signal near the Ernst angle's. Six flip angles 2-25° (vfa-6) by "
+        "default; vfa-2 is a DESPOT1 pair (4°, 18°)",
+        scheme="vfa-6",
+    ),
 }
 
 
