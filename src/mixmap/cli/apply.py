@@ -8,22 +8,20 @@ import typer
 
 from mixmap.cli.common import (
     COHORT_HELP,
-    ECHO_TIMES_HELP,
-    FLIP_ANGLES_HELP,
     GRAD_HELP,
     IGNORE_MASK_AFFINE_HELP,
-    INVERSION_TIMES_HELP,
     MASK_PATTERN_HELP,
     MASK_THRESHOLD_HELP,
     MAX_B_HELP,
-    REPETITION_TIME_HELP,
     Device,
+    field_options,
     handle_errors,
     setup_logging,
 )
 
 
 @handle_errors
+@field_options
 def apply(
     model_file: Path = typer.Argument(..., help="Trained model written by `mixmap fit`."),
     dwi: list[Path] = typer.Argument(..., help=COHORT_HELP),
@@ -31,10 +29,7 @@ def apply(
         None, help="FSL bval file. Several scans: optional (default: sibling x_dwi.bval)."),
     bvecs: Path | None = typer.Option(None, help="FSL bvec file. Several scans: like --bvals."),
     grad: Path | None = typer.Option(None, help=GRAD_HELP),
-    echo_times: Path | None = typer.Option(None, help=ECHO_TIMES_HELP),
-    inversion_times: Path | None = typer.Option(None, help=INVERSION_TIMES_HELP),
-    flip_angles: Path | None = typer.Option(None, help=FLIP_ANGLES_HELP),
-    repetition_time: float | None = typer.Option(None, help=REPETITION_TIME_HELP),
+    fields=None,
     mask: Path | None = typer.Option(None, help="3-D brain mask on the DWI grid (one scan)."),
     mask_pattern: str | None = typer.Option(None, help=MASK_PATTERN_HELP),
     mask_threshold: float | None = typer.Option(None, help=MASK_THRESHOLD_HELP),
@@ -56,7 +51,6 @@ def apply(
       mixmap apply maps/model-msdki_method-vae-gmm new_bids/ --out maps2/
     """
     from mixmap import pipeline
-    from mixmap.io.fields import FieldFiles
 
     setup_logging(quiet)
     written = pipeline.apply_inputs(model_file, dwi, bvals=bvals, bvecs=bvecs, mask=mask,
@@ -64,7 +58,6 @@ def apply(
                                     force=force, allow_other_acquisition=allow_other_acquisition,
                                     grad=grad, mask_threshold=mask_threshold,
                                     ignore_mask_affine=ignore_mask_affine, max_b=max_b,
-                                    fields=FieldFiles.of(echo_times, inversion_times,
-                                                         flip_angles, repetition_time))
+                                    fields=fields)
     if not quiet and written.maps:
         typer.echo(written.summary(out))

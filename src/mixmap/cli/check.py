@@ -7,29 +7,24 @@ from pathlib import Path
 import typer
 
 from mixmap.cli.common import (
-    ECHO_TIMES_HELP,
-    FLIP_ANGLES_HELP,
     GRAD_HELP,
     IGNORE_MASK_AFFINE_HELP,
-    INVERSION_TIMES_HELP,
     MASK_THRESHOLD_HELP,
     MAX_B_HELP,
-    REPETITION_TIME_HELP,
+    field_options,
     handle_errors,
     setup_logging,
 )
 
 
 @handle_errors
+@field_options
 def check(
     dwi: Path = typer.Argument(..., help="4-D DWI NIfTI."),
     bvals: Path | None = typer.Option(None, help="FSL bval file."),
     bvecs: Path | None = typer.Option(None, help="FSL bvec file."),
     grad: Path | None = typer.Option(None, help=GRAD_HELP),
-    echo_times: Path | None = typer.Option(None, help=ECHO_TIMES_HELP),
-    inversion_times: Path | None = typer.Option(None, help=INVERSION_TIMES_HELP),
-    flip_angles: Path | None = typer.Option(None, help=FLIP_ANGLES_HELP),
-    repetition_time: float | None = typer.Option(None, help=REPETITION_TIME_HELP),
+    fields=None,
     mask: Path | None = typer.Option(None, help="3-D brain mask on the DWI grid."),
     mask_threshold: float | None = typer.Option(None, help=MASK_THRESHOLD_HELP),
     ignore_mask_affine: bool = typer.Option(False, help=IGNORE_MASK_AFFINE_HELP),
@@ -45,14 +40,12 @@ def check(
       mixmap check mese.nii.gz --echo-times te.txt
     """
     from mixmap.check import check_dataset
-    from mixmap.io.fields import FieldFiles
     from mixmap.io.gradients import gradient_files
     from mixmap.models import get_model
 
     setup_logging(True)
     if model:
         get_model(model)
-    fields = FieldFiles.of(echo_times, inversion_times, flip_angles, repetition_time)
     table, vecs = gradient_files(bvals, bvecs, grad, fields)
     if fields is None and grad is None and (bvals is None or bvecs is None):
         raise ValueError("give --bvals and --bvecs, or an MRtrix --grad table (or, for "

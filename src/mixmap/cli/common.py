@@ -4,9 +4,11 @@ options, and turning user-fixable errors into one line on stderr with exit statu
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import sys
 from enum import Enum
+from pathlib import Path
 
 import typer
 
@@ -37,13 +39,38 @@ MASK_PATTERN_HELP = (
 
 GRAD_HELP = ("MRtrix gradient table (-grad: one row 'x y z b' per volume, scanner coordinates, "
              "b in s/mm²) instead of --bvals/--bvecs.")
-ECHO_TIMES_HELP = ("Relaxometry: text file of echo times, one per volume (ms; seconds are "
-                   "detected), for --model t2, t2star or mwf.")
-INVERSION_TIMES_HELP = ("Relaxometry: text file of inversion times, one per volume (ms; seconds "
-                        "are detected), for --model t1-ir.")
-FLIP_ANGLES_HELP = ("Relaxometry: text file of flip angles, one per volume (degrees; radians "
-                    "are detected), for --model t1-vfa (with --repetition-time).")
-REPETITION_TIME_HELP = "Relaxometry: the repetition time TR in ms (below 1: seconds)."
+#: The relaxometry acquisition options of ``fit``, ``apply`` and ``check`` (:func:`field_options`).
+FIELD_OPTIONS = (
+    ("echo_times", Path, "Relaxometry: text file of echo times, one per volume (ms; seconds are "
+     "detected), for --model t2, t2star or mwf."),
+    ("inversion_times", Path, "Relaxometry: text file of inversion times, one per volume (ms; "
+     "seconds are detected), for --model t1-ir."),
+    ("flip_angles", Path, "Relaxometry: text file of flip angles, one per volume (degrees; "
+     "radians are detected), for --model t1-vfa (with --repetition-time)."),
+    ("repetition_time", float, "Relaxometry: the repetition time TR in ms (below 1: seconds)."),
+)
+
+
+def field_options(command):
+    """``command`` with the :data:`FIELD_OPTIONS` in place of its ``fields`` parameter: it
+    receives them as one :class:`~mixmap.io.fields.FieldFiles` (None without any). Put it
+    under :func:`handle_errors`, which then turns a bad combination into one line."""
+    sig = inspect.signature(command, eval_str=True)
+    params = list(sig.parameters.values())
+    at = [p.name for p in params].index("fields")
+    extra = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                               default=typer.Option(None, help=text), annotation=kind | None)
+             for name, kind, text in FIELD_OPTIONS]
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        from mixmap.io.fields import FieldFiles
+
+        given = [kwargs.pop(name, None) for name, _, _ in FIELD_OPTIONS]
+        return command(*args, fields=FieldFiles.of(*given), **kwargs)
+
+    wrapper.__signature__ = sig.replace(parameters=params[:at] + extra + params[at + 1:])
+    return wrapper
 MASK_THRESHOLD_HELP = ("Mask voxels with a value >= this are fitted (default: > 0, or >= 0.5 for "
                        "a probabilistic mask with values between 0 and 1).")
 MAX_B_HELP = ("Leave out the volumes with b above this (s/mm²), e.g. 3000 for MSDKI on a "

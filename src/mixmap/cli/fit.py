@@ -10,17 +10,14 @@ import typer
 
 from mixmap.cli.common import (
     COHORT_HELP,
-    ECHO_TIMES_HELP,
-    FLIP_ANGLES_HELP,
     GRAD_HELP,
     IGNORE_MASK_AFFINE_HELP,
-    INVERSION_TIMES_HELP,
     MASK_PATTERN_HELP,
     MASK_THRESHOLD_HELP,
     MAX_B_HELP,
-    REPETITION_TIME_HELP,
     Device,
     build_fitter,
+    field_options,
     handle_errors,
     parse_bounds,
     parse_constants,
@@ -48,6 +45,7 @@ def learned_options() -> list[inspect.Parameter]:
 
 
 @handle_errors
+@field_options
 def fit(
     dwi: list[Path] = typer.Argument(..., help=COHORT_HELP),
     bvals: Path | None = typer.Option(
@@ -56,10 +54,7 @@ def fit(
     bvecs: Path | None = typer.Option(
         None, help="FSL bvec file (3 rows, or 3 columns). Cohort: like --bvals."),
     grad: Path | None = typer.Option(None, help=GRAD_HELP),
-    echo_times: Path | None = typer.Option(None, help=ECHO_TIMES_HELP),
-    inversion_times: Path | None = typer.Option(None, help=INVERSION_TIMES_HELP),
-    flip_angles: Path | None = typer.Option(None, help=FLIP_ANGLES_HELP),
-    repetition_time: float | None = typer.Option(None, help=REPETITION_TIME_HELP),
+    fields=None,
     mask: Path | None = typer.Option(None, help="3-D brain mask on the DWI grid (one scan)."),
     mask_pattern: str | None = typer.Option(None, help=MASK_PATTERN_HELP),
     mask_threshold: float | None = typer.Option(None, help=MASK_THRESHOLD_HELP),
@@ -120,11 +115,9 @@ def fit(
       mixmap fit vfa.nii.gz --flip-angles fa.txt --repetition-time 15 --model t1-vfa --out maps/
     """
     from mixmap import pipeline
-    from mixmap.io.fields import FieldFiles
     from mixmap.models import get_model
 
     setup_logging(quiet)
-    fields = FieldFiles.of(echo_times, inversion_times, flip_angles, repetition_time)
     signal_model = get_model(model).with_constants(parse_constants(constant))
     options = dict(learned)
     options.update(bounds=parse_bounds(bounds), device=device.value, seed=seed, quiet=quiet)

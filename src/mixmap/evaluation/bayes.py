@@ -148,7 +148,12 @@ class _Posterior:
         """Posterior mean (c, k) and covariance (c, k, k) from per-voxel points (c, Q, k) with
         equal quadrature weights; ``means`` (c, G) are the voxels' group means."""
         lp = _log_prior(self.preset, self.names, list(np.moveaxis(pts, -1, 0)), self.model)
-        s = self.signal(list(np.moveaxis(pts, -1, 0)))  # (c, Q, G)
+        # a local grid may reach past the bounds (prior 0 there): the signal is taken at the
+        # bound, so that it stays finite (a decay time below 0 overflows)
+        lo_hi = np.array([(self.model.parameter(n).lower, self.model.parameter(n).upper)
+                          for n in self.names])
+        inside = np.clip(pts, lo_hi[:, 0], lo_hi[:, 1])
+        s = self.signal(list(np.moveaxis(inside, -1, 0)))  # (c, Q, G)
         lp = lp - ((means[:, None, :] - s) ** 2 * self.counts).sum(-1) / (2 * self.sigma**2)
         if self.noise == "rician":
             for g, h in enumerate(self.rician_h(y)):
@@ -168,19 +173,24 @@ class _Posterior:
 #: On ivim-body at SNR 20 (Rician) the RMSEs with 32, 40 and 64 nodes agree to 0.2 %.
 GRID_NODES_3D = 40
 REFINE_POINTS_3D = 16
+#: The most nodes of one axis over one or two parameters: a coarser step where the range in
+#: the parameter's unit is wide (T1 over 50-6000 ms: about 10 ms; narrower posteriors are
+#: refined locally), so a grid over MSDKI's (D, K) keeps its 0.01 step.
+GRID_NODES_MAX = 601
 
 
 def _global_grid(preset: Preset, model, names: list[str], step: float):
     """The trapezoid grid over the varying parameters' bounds: axes, mesh (one contiguous
     (P,) array per parameter) and the log prior times the trapezoid weights (P,). Over one or
     two parameters the step is ``step`` in each one's unit; over three, each range in
-    :data:`GRID_NODES_3D` nodes."""
+    :data:`GRID_NODES_3D` nodes; never more than :data:`GRID_NODES_MAX` on an axis."""
     axes = []
     for name in names:
         p = model.parameter(name)
-        if len(names) == 3:
-            step = (p.upper - p.lower) / (GRID_NODES_3D - 1)
-        axes.append(node_axis(p.lower, p.upper, step))
+        span = p.upper - p.lower
+        axis_step = (span / (GRID_NODES_3D - 1) if len(names) == 3
+                     else max(step, span / (GRID_NODES_MAX - 1)))
+        axes.append(node_axis(p.lower, p.upper, axis_step))
     mesh = list(np.ascontiguousarray(grid_points(axes).numpy().T))
     log_prior = _log_prior(preset, names, mesh, model) + trapezoid_log_weights(axes, mesh)
     return axes, mesh, log_prior

@@ -116,8 +116,8 @@ def evaluate_dirs(fit_dir: str | Path, sim_dir: str | Path, *, bayes: bool = Tru
     """Score the maps in ``fit_dir`` against the simulation in ``sim_dir``.
 
     ``sim_dir`` is a folder written by :func:`mixmap.simulation.write_simulation`; ``fit_dir``
-    holds ``<entities>_model-<model>_param-<name>_dwimap.nii.gz`` maps (as ``mixmap fit``
-    writes them) of the simulation's model. Maps are read inside the simulation's mask; where
+    holds the maps of the simulation's model as ``mixmap fit`` names them
+    (:func:`mixmap.io.naming.map_name`). Maps are read inside the simulation's mask; where
     the fit wrote ``_desc-std`` maps, the calibration of its standard deviations is scored too
     (``std`` of :func:`metrics`). For the MSDKI presets (``bayes`` true) the Bayes-optimal
     reference (posterior mean and standard deviation) is computed from the simulated scan and

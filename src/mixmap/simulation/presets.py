@@ -179,13 +179,13 @@ PRESETS: dict[str, Preset] = {
         (
             Cluster("WM", 0.45, {"T1": 900.0, "k": 1.95}, {"T1": 60.0, "k": 0.03}),
             Cluster("GM", 0.40, {"T1": 1500.0, "k": 1.95}, {"T1": 120.0, "k": 0.03}),
-            Cluster("CSF", 0.15, {"T1": 4300.0, "k": 2.1}, {"T1": 300.0, "k": 0.05}),
+            Cluster("CSF", 0.15, {"T1": 4300.0, "k": 1.82}, {"T1": 300.0, "k": 0.04}),
         ),
         description="T1 at 3 T: white matter 900 ms and grey matter 1500 ms (between "
         "Wansapura et al. 1999, JMRI 9:531: 832 and 1331 ms, and Stanisz et al. 2005: 1084 "
-        "and 1820 ms), CSF about 4.3 s; inversion factor k near 2 (CSF above 2: incomplete "
-        "recovery); M0 = 1. Ten inversion times 50-4500 ms (ir-10) by default; ir-4 is "
-        "Barral et al. 2010's four",
+        "and 1820 ms), CSF about 4.3 s; inversion factor k 1.95 (inversion efficiency 0.95) "
+        "and, for CSF, 1.82 (incomplete recovery at TR 10 s); M0 = 1. Ten inversion times "
+        "50-4500 ms (ir-10) by default; ir-4 is Barral et al. 2010's four",
         scheme="ir-10",
     ),
     "t1-vfa-brain": Preset(

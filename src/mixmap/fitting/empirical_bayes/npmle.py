@@ -280,7 +280,12 @@ def _refined(prior: GridPrior, model: SignalModel, shells: Scheme, yw: torch.Ten
     offsets = grid_points([u] * k)  # (S, k)
     pts = mean[:, None, :k] + offsets[None] * half[:, None]  # (c, S, k)
     density = _interpolate(prior, pts)
-    f = _signal(model, prior.names, pts.reshape(-1, k), shells).reshape(c, -1, yw.shape[1])
+    # the signal at the bound where the local grid reaches past it (density 0 there), so that
+    # it stays finite (a decay time below 0 overflows)
+    lo_hi = torch.tensor([(model.parameter(n).lower, model.parameter(n).upper)
+                          for n in prior.names], dtype=pts.dtype)
+    inside = torch.maximum(torch.minimum(pts, lo_hi[:, 1]), lo_hi[:, 0])
+    f = _signal(model, prior.names, inside.reshape(-1, k), shells).reshape(c, -1, yw.shape[1])
     n_b = shells.weights.double().cpu()
     A = (n_b * f * f).sum(-1).clamp_min(1e-300)  # (c, S)
     B = torch.einsum("cb,csb->cs", yw * n_b, f)

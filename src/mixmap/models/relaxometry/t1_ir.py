@@ -4,9 +4,12 @@ al. 2010 (the form of qMRLab's ``inversion_recovery``):
 S(TI) = |M0 · (1 − k · exp(−TI/T1))|, TI and T1 in ms,
 
 with k = 2 for a perfect inversion and full recovery between repetitions; k absorbs an
-imperfect inversion and a finite TR, so no TR is needed. The magnitude makes the sign of the
-signal before the null unknown: least squares starts from a grid over (T1, k) with M0 solved in
-closed form, which restores the polarity without a separate search.
+imperfect inversion and a finite TR (S ∝ 1 − 2·exp(−TI/T1) + exp(−TR/T1) gives
+k = 2 / (1 + exp(−TR/T1)) < 2), so no TR is needed; its range, 1 to 2.2, keeps the fit out of
+the (long T1, small k) valley that magnitude data near the null otherwise fall into. The
+magnitude makes the sign of the signal before the null unknown: least squares starts from a
+grid over (T1, k) with M0 solved in closed form, which restores the polarity without a
+separate search.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ class InversionRecoveryT1(RelaxometryModel):
         Parameter("M0", "a.u.", 0.0, 4.0, "signal at full recovery (bounds relative to the scan "
                   "scale)", scaled=True, bids_suffix="M0map"),
         Parameter("T1", "ms", 50.0, 6000.0, "longitudinal relaxation time", bids_suffix="T1map"),
-        Parameter("k", "1", 0.5, 4.0, "inversion factor −b/a (2: perfect inversion, full "
+        Parameter("k", "1", 1.0, 2.2, "inversion factor −b/a (2: perfect inversion, full "
                   "recovery)"),
     )
     scale_parameter = "M0"
