@@ -18,7 +18,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import nibabel as nib
@@ -26,7 +25,7 @@ import numpy as np
 
 from mixmap.evaluation import evaluate_dirs
 from mixmap.io.naming import map_name
-from mixmap.paper.report import machine_description, markdown_table, update_section
+from mixmap.paper.report import markdown_table, update_section
 from mixmap.plots import map_panels, to_ras
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,15 +63,12 @@ def run(work: Path) -> tuple[dict, dict]:
         scores[preset] = {"snr": snr, "param": param, "methods": {}}
         for method in METHODS:
             out = work / f"{preset}-{method}"
-            t = time.perf_counter()
             mixmap("fit", sim / "dwi.nii.gz", option, sim / field, "--mask", sim / "mask.nii.gz",
                    "--model", model, "--method", method, "--out", out, "--quiet", "--no-report")
-            seconds = time.perf_counter() - t
             img = nib.load(out / map_name("", model, param))
             vols[method] = {param: to_ras(np.asarray(img.dataobj, np.float32), img.affine)}
             report = evaluate_dirs(out, sim, bayes=False, floor=False)
-            scores[preset]["methods"][method] = {"seconds": seconds,
-                                                 "metrics": report["metrics"][param]}
+            scores[preset]["methods"][method] = {"metrics": report["metrics"][param]}
         volumes[preset] = vols
     return volumes, scores
 
@@ -100,18 +96,17 @@ def section(scores: dict) -> str:
     body = ["## Relaxometry example: brain-shaped T2 and myelin-water phantoms", "",
             "Regenerate: `python benchmarks/relaxometry_example.py` (the README's commands: "
             f"`mixmap simulate --layout brain --grid {GRID}`, `mixmap fit`, `mixmap evaluate`). "
-            "Rician noise; RMSE per tissue class (ms; MWF 1), and the ±1.96 sd coverage. Times "
-            f"on {machine_description()}.", "",
+            "Rician noise; RMSE per tissue class (ms; MWF 1), and the ±1.96 sd coverage (the "
+            "speed of each method is in the section above).", "",
             "![T2 and MWF maps: truth, lsq, vae-gmm](figures/relaxometry_example.png)", ""]
     rows = []
     for preset, e in scores.items():
         for method, r in e["methods"].items():
             m = r["metrics"]
-            rows.append([preset, f"{e['snr']:g}", e["param"], method, f"{r['seconds']:.0f}",
-                         m["all"]["rmse"], *(m["clusters"][c]["rmse"]
-                                             for c in ("WM", "GM", "CSF")),
+            rows.append([preset, f"{e['snr']:g}", e["param"], method, m["all"]["rmse"],
+                         *(m["clusters"][c]["rmse"] for c in ("WM", "GM", "CSF")),
                          m["all"].get("coverage_95")])
-    body.append(markdown_table(["phantom", "SNR", "map", "method", "seconds", "RMSE all", "WM",
+    body.append(markdown_table(["phantom", "SNR", "map", "method", "RMSE all", "WM",
                                 "GM", "CSF", "within ±1.96 sd"], rows, floatfmt=".4g"))
     return "\n".join(body) + "\n"
 

@@ -192,14 +192,14 @@ PRESETS: dict[str, Preset] = {
         "t1-vfa-brain",
         "t1-vfa",
         (
-            Cluster("WM", 0.45, {"M0": 7.0, "T1": 900.0}, {"M0": 0.3, "T1": 60.0}),
-            Cluster("GM", 0.40, {"M0": 8.0, "T1": 1500.0}, {"M0": 0.3, "T1": 120.0}),
-            Cluster("CSF", 0.15, {"M0": 10.0, "T1": 4300.0}, {"M0": 0.3, "T1": 300.0}),
+            Cluster("WM", 0.45, {"M0": 10.0, "T1": 900.0}, {"T1": 60.0}),
+            Cluster("GM", 0.40, {"M0": 10.0, "T1": 1500.0}, {"T1": 120.0}),
+            Cluster("CSF", 0.15, {"M0": 10.0, "T1": 4300.0}, {"T1": 300.0}),
         ),
-        description="T1 at 3 T as t1-ir-brain, by variable flip angle at TR 15 ms; M0 = 10 × "
-        "proton density (0.7, 0.8, 1.0), so that the largest signal is 0.4-0.65 and the SNR "
-        "is relative to a signal near the Ernst angle's. Six flip angles 2-25° (vfa-6) by "
-        "default; vfa-2 is a DESPOT1 pair (4°, 18°)",
+        description="T1 at 3 T as t1-ir-brain, by variable flip angle at TR 15 ms; M0 = 10 in "
+        "every class (one scale, as the Bayes reference needs), so that the largest signal is "
+        "0.4-0.9 and the SNR is relative to a signal near the Ernst angle's. Six flip angles "
+        "2-25° (vfa-6) by default; vfa-2 is a DESPOT1 pair (4°, 18°)",
         scheme="vfa-6",
     ),
 }
