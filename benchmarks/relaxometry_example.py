@@ -48,10 +48,10 @@ def mixmap(*args) -> str:
     return r.stdout
 
 
-def run(work: Path) -> tuple[dict, dict]:
-    """(volumes for the figure, scores and seconds per example and method)."""
+def run(work: Path, examples=EXAMPLES) -> tuple[dict, dict]:
+    """(volumes for the figure, scores per example and method)."""
     volumes, scores = {}, {}
-    for preset, model, option, field, snr, param, _ in EXAMPLES:
+    for preset, model, option, field, snr, param, _ in examples:
         sim = work / preset
         mixmap("simulate", sim, "--preset", preset, "--layout", "brain", "--grid", GRID, "--snr",
                snr, "--noise", "rician", "--quiet")
@@ -73,16 +73,16 @@ def run(work: Path) -> tuple[dict, dict]:
     return volumes, scores
 
 
-def figure(volumes: dict) -> None:
+def figure(volumes: dict, examples=EXAMPLES) -> None:
     from matplotlib.figure import Figure
 
     panels = []
-    for preset, _, _, _, _, param, (lo, hi) in EXAMPLES:
+    for preset, _, _, _, _, param, (lo, hi) in examples:
         vols = volumes[preset]
         z = vols["truth"][param].shape[2] // 2 + 4
         panels.append(map_panels(vols, z, [param], {param: lo}, {param: hi}))
     # the two rows side by side in one image
-    fig = Figure(figsize=(9, 5.4), layout="constrained")
+    fig = Figure(figsize=(9, 2.7 * len(panels)), layout="constrained")
     for i, sub in enumerate(panels):
         sub.canvas.draw()
         ax = fig.add_subplot(len(panels), 1, i + 1)
@@ -111,10 +111,16 @@ def section(scores: dict) -> str:
     return "\n".join(body) + "\n"
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--presets", nargs="+", default=[e[0] for e in EXAMPLES],
+                    choices=[e[0] for e in EXAMPLES])
+    examples = [e for e in EXAMPLES if e[0] in ap.parse_args(argv).presets]
     with tempfile.TemporaryDirectory() as tmp:
-        volumes, scores = run(Path(tmp))
-    figure(volumes)
+        volumes, scores = run(Path(tmp), examples)
+    figure(volumes, examples)
     update_section(RESULTS, "relaxometry-example", section(scores))
 
 
