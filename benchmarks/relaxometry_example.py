@@ -74,6 +74,7 @@ def run(work: Path, examples=EXAMPLES) -> tuple[dict, dict]:
 
 
 def figure(volumes: dict, examples=EXAMPLES) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     panels = []
@@ -84,9 +85,10 @@ def figure(volumes: dict, examples=EXAMPLES) -> None:
     # the two rows side by side in one image
     fig = Figure(figsize=(9, 2.7 * len(panels)), layout="constrained")
     for i, sub in enumerate(panels):
-        sub.canvas.draw()
+        canvas = FigureCanvasAgg(sub)
+        canvas.draw()
         ax = fig.add_subplot(len(panels), 1, i + 1)
-        ax.imshow(np.asarray(sub.canvas.buffer_rgba()))
+        ax.imshow(np.asarray(canvas.buffer_rgba()))
         ax.set_axis_off()
     FIGURE.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(FIGURE, dpi=110)
