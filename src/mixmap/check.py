@@ -106,8 +106,9 @@ def check_dataset(
     rep.lines.append(
         f"voxels fitted: {data.signals.shape[0]} of {n_grid} "
         f"({100 * data.signals.shape[0] / n_grid:.1f} %)"
-        + (f" from mask {mask}" if mask else " (no mask: voxels with positive "
-       f"{'b=0' if acq.is_diffusion else 'mean'} signal)")
+        + (f" from mask {mask}" if mask
+           else f" (no mask: voxels with positive {'b=0' if acq.is_diffusion else 'mean'} "
+                "signal)")
     )
     if data.n_dropped:
         rep.lines.append(f"voxels left out for NaN/Inf: {data.n_dropped}")
@@ -116,7 +117,7 @@ def check_dataset(
     neg = float((data.signals < 0).mean())
     if neg > 0:
         rep.lines.append(f"negative values: {100 * neg:.2f} % of the fitted data")
-    sigma = noise_sigma_from_repeats(data.signals, acq)
+    sigma = noise_sigma_from_repeats(data.signals, acq) if acq.is_diffusion else None
     if not acq.is_diffusion:
         rep.lines.append("noise: σ will be estimated from the fit's residuals")
     elif sigma is not None and sigma > 0:
